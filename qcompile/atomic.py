@@ -1,0 +1,96 @@
+"""Atomic writes: a killed build never leaves a file, or an artifact folder, that looks complete.
+
+Files are written under a temporary name in the same folder and renamed into place. Artifact folders
+are built in a hidden staging folder beside `--out` and swapped in at the end, so a failed build
+leaves the user's previous `--out` exactly as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from qcompile.errors import UserError
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "item"):  # numpy scalars
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+ARTIFACT_MARKER = "manifest.json"
+
+
+class StagedFolder:
+    """Build an output folder in a hidden sibling, then swap it in with `commit()`.
+
+    An existing `out` is replaced only when it is empty or a previous qcompile artifact folder (it has
+    a manifest.json); any other non-empty folder is refused, so the user's files are never clobbered.
+    Without `commit()` (an error, Ctrl-C) the staging folder is removed and `out` is untouched.
+    """
+
+    def __init__(self, out: Path):
+        self.out = Path(out)
+        if self.out.exists() and not self.out.is_dir():
+            raise UserError(f"--out {self.out}: exists and is not a folder")
+        if self.out.is_dir() and any(self.out.iterdir()) and not (self.out / ARTIFACT_MARKER).exists():
+            raise UserError(
+                f"--out {self.out}: folder is not empty and is not a qcompile artifact; choose another"
+            )
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.path = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".staging", dir=self.out.parent))
+        self._committed = False
+
+    def __enter__(self) -> StagedFolder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._committed:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+    def commit(self) -> Path:
+        old = None
+        if self.out.exists():
+            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
+            os.replace(self.out, old)
+        os.replace(self.path, self.out)
+        self._committed = True
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return self.out

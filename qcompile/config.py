@@ -1,0 +1,124 @@
+"""CompileConfig: every choice a build makes, frozen, typed, keyword-only.
+
+Strings from the command line are parsed into enums here, once; inside the code only enums travel.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qcompile.errors import UserError
+
+
+class TargetName(enum.Enum):
+    ORT_INT8 = "ort-int8"
+    TFLITE_INT8 = "tflite-int8"
+    TFLITE_FP32 = "tflite-fp32"
+    QNN_W8A8 = "qnn-w8a8"
+    QNN_W8A16 = "qnn-w8a16"
+    TRT_INT8 = "trt-int8"
+    TRT_FP8 = "trt-fp8"
+
+    @classmethod
+    def parse(cls, text: str) -> TargetName:
+        return _parse_enum(cls, text, "--target")
+
+
+class Estimator(enum.Enum):
+    """How a bucket's statistics become a clipping range."""
+
+    MAX = "max"
+
+    @classmethod
+    def parse(cls, text: str) -> Estimator:
+        return _parse_enum(cls, text, "--estimator")
+
+
+class CalibKind(enum.Enum):
+    SYNTHETIC = "synthetic"  # inputs built from the model's config: latents noised to spread timesteps
+    FILE = "file"  # the user's .npz: arrays keyed by ONNX input name, samples on axis 0
+
+
+@dataclass(frozen=True)
+class CalibSpec:
+    kind: CalibKind
+    count: int = 0
+    path: Path | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> CalibSpec:
+        """`synthetic:N` or a path to an .npz file."""
+        if text.startswith("synthetic:"):
+            raw = text.split(":", 1)[1]
+            try:
+                count = int(raw)
+            except ValueError:
+                raise UserError(f"--calib {text}: the count after 'synthetic:' must be an integer") from None
+            if count <= 0:
+                raise UserError(f"--calib {text}: calibration needs at least one sample")
+            return cls(CalibKind.SYNTHETIC, count=count)
+        path = Path(text)
+        if path.suffix != ".npz":
+            raise UserError(f"--calib {text}: expected 'synthetic:N' or a .npz file")
+        if not path.is_file():
+            raise UserError(f"--calib {text}: no such file")
+        return cls(CalibKind.FILE, path=path)
+
+    def describe(self) -> str:
+        return f"synthetic:{self.count}" if self.kind is CalibKind.SYNTHETIC else str(self.path)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """A build fails (exit 1) when a summary metric is below its threshold; None disables one."""
+
+    eps_sqnr_db_mean: float | None = 10.0
+    eps_cos_mean: float | None = None
+    sample_psnr_db: float | None = None
+
+    def check(self, summary: Mapping[str, Any]) -> dict[str, bool]:
+        """Which thresholds the summary meets (metrics a build did not measure are left out)."""
+        out = {}
+        for key, limit in asdict(self).items():
+            if limit is None or summary.get(key) is None:
+                continue
+            out[key] = bool(summary[key] >= limit)
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompileConfig:
+    model: str  # folder, pipeline folder (with component) or builtin:<name>
+    component: str | None = None
+    target: TargetName = TargetName.ORT_INT8
+    out_dir: Path
+    calib: CalibSpec = field(default_factory=lambda: CalibSpec(CalibKind.SYNTHETIC, count=16))
+    estimator: Estimator = Estimator.MAX
+    buckets: int = 1
+    # Module-path regexes kept in float, on top of (or instead of) the family's defaults.
+    exclude: tuple[str, ...] = ()
+    full_integer: bool = False  # quantize every layer; ignore the family's default float layers
+    validate_count: int = 8  # held-back inputs for the report
+    seed: int = 0
+    opset: int = 20
+    thresholds: Thresholds = field(default_factory=Thresholds)
+
+    def __post_init__(self) -> None:
+        if self.buckets < 1:
+            raise UserError(f"--buckets {self.buckets}: needs at least one bucket")
+        if self.validate_count < 1:
+            raise UserError(f"--validate {self.validate_count}: needs at least one input")
+        if self.opset < 18:
+            raise UserError(f"--opset {self.opset}: qcompile needs opset 18 or newer")
+
+
+def _parse_enum(cls: type[enum.Enum], text: str, option: str):
+    for member in cls:
+        if member.value == text:
+            return member
+    valid = ", ".join(m.value for m in cls)
+    raise UserError(f"{option} {text}: unknown; choose one of {valid}")

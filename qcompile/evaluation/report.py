@@ -1,0 +1,131 @@
+"""report.json (the contract in DESIGN §4), report.html with plots, and the short table the CLI prints."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qcompile.atomic import write_json, write_text
+from qcompile.config import Thresholds
+from qcompile.evaluation.validate import StepResult
+
+
+def summarize(steps: Sequence[StepResult], *, size_bytes: int, fp32_size_bytes: int,
+              extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    sqnr = np.array([s.eps_sqnr_db for s in steps])
+    cos = np.array([s.eps_cos for s in steps])
+    summary: dict[str, Any] = {
+        "eps_sqnr_db_min": round(float(sqnr.min()), 4),
+        "eps_sqnr_db_mean": round(float(sqnr.mean()), 4),
+        "eps_cos_min": round(float(cos.min()), 6),
+        "eps_cos_mean": round(float(cos.mean()), 6),
+        "sample_psnr_db": None,
+        "sample_ssim": None,
+        "size_bytes": int(size_bytes),
+        "fp32_size_bytes": int(fp32_size_bytes),
+        "size_ratio": round(size_bytes / fp32_size_bytes, 4) if fp32_size_bytes else None,
+    }
+    summary.update(extra or {})
+    return summary
+
+
+def make_report(*, target: str, precision: str, buckets: Sequence[Mapping[str, Any]], runtime: Mapping[str, str],
+                steps: Sequence[StepResult], summary: Mapping[str, Any], thresholds: Thresholds) -> dict[str, Any]:
+    checks = thresholds.check(summary)
+    return {
+        "target": target,
+        "precision": precision,
+        "buckets": [{"index": b["index"], "timestep_range": b["timestep_range"]} for b in buckets],
+        "runtime": dict(runtime),
+        "per_step": [s.as_dict() for s in steps],
+        "summary": dict(summary),
+        "thresholds": {k: v for k, v in asdict(thresholds).items() if v is not None},
+        "checks": checks,
+        "passed": all(checks.values()),
+    }
+
+
+def format_table(report: Mapping[str, Any]) -> str:
+    s = report["summary"]
+    lines = [
+        f"target {report['target']} ({report['precision']}) on {report['runtime']['name']} "
+        f"{report['runtime']['version']}, {len(report['buckets'])} bucket(s)",
+        f"  eps SQNR dB   min {s['eps_sqnr_db_min']:7.2f}   mean {s['eps_sqnr_db_mean']:7.2f}",
+        f"  eps cosine    min {s['eps_cos_min']:.5f}   mean {s['eps_cos_mean']:.5f}",
+    ]
+    if s.get("sample_psnr_db") is not None:
+        lines.append(f"  sample PSNR dB {s['sample_psnr_db']:.2f}   SSIM {s.get('sample_ssim') or float('nan'):.4f}")
+    lines.append(f"  size {s['size_bytes'] / 1e6:.2f} MB vs fp32 {s['fp32_size_bytes'] / 1e6:.2f} MB "
+                 f"({s['size_ratio']:.3f}x)")
+    verdict = "PASSED" if report["passed"] else "FAILED"
+    failed = [k for k, ok in report["checks"].items() if not ok]
+    lines.append(f"  {verdict}" + (f": below threshold {', '.join(failed)}" if failed else ""))
+    return "\n".join(lines)
+
+
+def write_reports(folder: Path, report: Mapping[str, Any], *, json_name: str, html_name: str) -> None:
+    write_json(folder / json_name, report)
+    write_text(folder / html_name, render_html(report))
+
+
+def _plot_png(report: Mapping[str, Any]) -> str | None:
+    steps = [s for s in report["per_step"] if s["timestep"] is not None]
+    if not steps:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = [s["timestep"] for s in steps]
+    fig, ax = plt.subplots(figsize=(7, 3.2), dpi=100)
+    ax.plot(t, [s["eps_sqnr_db"] for s in steps], "o-", label="eps SQNR (dB)")
+    gaps = [(s["timestep"], s["cfg_gap_ratio"]) for s in steps if s.get("cfg_gap_ratio") is not None]
+    if gaps:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*gaps, strict=True), "s--", color="tab:red", label="CFG gap ratio")
+        ax2.set_ylabel("CFG gap ratio")
+    ax.set_xlabel("timestep")
+    ax.set_ylabel("eps SQNR (dB)")
+    ax.invert_xaxis()
+    ax.grid(alpha=0.3)
+    ax.set_title("Error per timestep (sampling order, left to right)")
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def render_html(report: Mapping[str, Any], images: Mapping[str, str] | None = None) -> str:
+    """A single self-contained page: summary table, error-per-timestep plot, per-step table."""
+    esc = html.escape
+    rows = "".join(f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>" for k, v in report["summary"].items())
+    checks = "".join(f"<li>{esc(k)}: {'ok' if ok else 'BELOW THRESHOLD'}</li>" for k, ok in report["checks"].items())
+    plot = _plot_png(report)
+    figures = [("Error per timestep", plot)] if plot else []
+    figures += list((images or {}).items())
+    figs = "".join(f"<h2>{esc(title)}</h2><img src='data:image/png;base64,{data}'>" for title, data in figures)
+    head = "".join(f"<th>{k}</th>" for k in ("timestep", "bucket", "eps_sqnr_db", "eps_cos", "cfg_gap_ratio"))
+    steps = "".join(
+        "<tr>" + "".join(f"<td>{esc(str(s.get(k)))}</td>" for k in
+                         ("timestep", "bucket", "eps_sqnr_db", "eps_cos", "cfg_gap_ratio")) + "</tr>"
+        for s in report["per_step"]
+    )
+    verdict = "passed" if report["passed"] else "FAILED"
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>qcompile report</title>
+<style>body{{font-family:sans-serif;max-width:960px;margin:2em auto}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:2px 8px;text-align:left}}</style></head><body>
+<h1>qcompile: {esc(report['target'])} ({esc(report['precision'])}): {verdict}</h1>
+<p>runtime {esc(report['runtime']['name'])} {esc(report['runtime']['version'])},
+{len(report['buckets'])} timestep bucket(s)</p>
+<h2>Summary</h2><table>{rows}</table><ul>{checks}</ul>{figs}
+<h2>Per step (teacher-forced)</h2><table><tr>{head}</tr>{steps}</table></body></html>
+"""

@@ -1,0 +1,225 @@
+"""Load and save ONNX graphs as onnx-graphsurgeon IR without pulling weights into memory.
+
+Diffusion models pass 2 GB (the protobuf limit) easily, so weights always live in an external data
+file. On load, every external initializer becomes an `ExternalValues`: nothing is read until a pass
+asks for the values, and then through a read-only memory map. On save, untouched weights are copied
+file to file in chunks; only tensors a pass created or changed are serialised from memory. Node
+metadata (the exporter's module path, the pass that made a node) rides along on `node.meta`, because
+onnx-graphsurgeon itself drops `metadata_props`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx.external_data_helper import uses_external_data
+from onnx_graphsurgeon.ir.tensor import LazyValues
+
+from qcompile.atomic import atomic_path
+from qcompile.errors import UserError
+
+# Tensors smaller than this stay inside the protobuf (scales, zero points, shapes).
+INLINE_LIMIT_BYTES = 1024
+COPY_CHUNK_BYTES = 64 << 20
+# Node metadata kept through load/save. Exporters attach stack traces to every node; carrying those
+# through each pass and bucket copy would bloat every graph we write.
+META_PREFIX = "qcompile."
+MODULE_KEY = "qcompile.module"
+PASS_KEY = "qcompile.pass"
+
+
+class ExternalValues(LazyValues):
+    """Constant values still in an external data file: memory-mapped on access, never copied into the proto."""
+
+    def __init__(self, tensor: onnx.TensorProto, data_path: Path, offset: int, length: int):
+        super().__init__(tensor)
+        self.data_path = data_path
+        self.offset = offset
+        self.length = length
+
+    def load(self) -> np.ndarray:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(self.tensor.data_type)
+        if self.length == 0:
+            return np.zeros(self.shape, dtype=dtype)
+        return np.memmap(self.data_path, dtype=dtype, mode="r", offset=self.offset, shape=tuple(self.shape))
+
+
+def node_meta(node: gs.Node) -> dict[str, str]:
+    """The node's metadata_props as a dict (created empty when missing)."""
+    meta = node.__dict__.get("meta")
+    if meta is None:
+        meta = {}
+        node.__dict__["meta"] = meta
+    return meta
+
+
+def module_path(node: gs.Node) -> str:
+    """Dotted torch module path the node was exported from ('' when unknown)."""
+    return node_meta(node).get(MODULE_KEY, "")
+
+
+def tag_new_node(node: gs.Node, pass_name: str, like: gs.Node | None = None) -> gs.Node:
+    """Record which pass made `node` (provenance) and inherit the module path of the node it replaces."""
+    meta = node_meta(node)
+    meta[PASS_KEY] = pass_name
+    if like is not None and module_path(like):
+        meta[MODULE_KEY] = module_path(like)
+    return node
+
+
+def replace_input(consumer: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
+    """Make `consumer` read `new` wherever it read `old` (graphsurgeon lists refuse slice assignment)."""
+    for i, t in enumerate(consumer.inputs):
+        if t is old:
+            consumer.inputs[i] = new
+
+
+def redirect_consumers(old: gs.Tensor, new: gs.Tensor, consumers: list[gs.Node] | None = None) -> None:
+    """Every consumer of `old` (or the given ones) reads `new` instead."""
+    for consumer in list(old.outputs) if consumers is None else consumers:
+        replace_input(consumer, old, new)
+
+
+def load_graph(path: Path) -> gs.Graph:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such ONNX file")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises several unrelated types on bad files
+        raise UserError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from exc
+    graph = gs.import_onnx(model)
+    _attach_external_values(graph, path.parent)
+    for gs_node, proto in zip(graph.nodes, model.graph.node, strict=True):
+        kept = {p.key: p.value for p in proto.metadata_props if p.key.startswith(META_PREFIX)}
+        if kept:
+            node_meta(gs_node).update(kept)
+    return graph
+
+
+def _attach_external_values(graph: gs.Graph, base_dir: Path) -> None:
+    for tensor in graph.tensors().values():
+        if not isinstance(tensor, gs.Constant):
+            continue
+        values = tensor._values
+        if type(values) is not LazyValues or not uses_external_data(values.tensor):
+            continue
+        info = {e.key: e.value for e in values.tensor.external_data}
+        data_path = base_dir / info["location"]
+        if not data_path.is_file():
+            raise UserError(f"{data_path}: external data file of tensor '{tensor.name}' is missing")
+        tensor._values = ExternalValues(
+            values.tensor, data_path, int(info.get("offset", 0)), int(info.get("length", values.nbytes))
+        )
+
+
+def save_graph(graph: gs.Graph, path: Path, *, data_name: str | None = None) -> Path:
+    """Save `graph` to `path` with every non-trivial tensor in one external file `data_name`.
+
+    Both files are written under temporary names and renamed at the end.
+    """
+    path = Path(path)
+    data_name = data_name or path.name + ".data"
+    model = to_model_proto(graph)
+    with atomic_path(path.parent / data_name) as data_tmp:
+        _externalize(model, graph, data_tmp, data_name)
+        with atomic_path(path) as model_tmp:
+            onnx.save_model(model, str(model_tmp))
+    return path
+
+
+def to_model_proto(graph: gs.Graph) -> onnx.ModelProto:
+    model = gs.export_onnx(graph, do_type_check=False)
+    for gs_node, proto in zip(graph.nodes, model.graph.node, strict=True):
+        meta = gs_node.__dict__.get("meta")
+        if meta:
+            del proto.metadata_props[:]
+            for key, value in meta.items():
+                proto.metadata_props.add(key=key, value=value)
+    return model
+
+
+def _externalize(model: onnx.ModelProto, graph: gs.Graph, data_tmp: Path, data_name: str) -> None:
+    sources = {
+        name: t._values
+        for name, t in graph.tensors().items()
+        if isinstance(t, gs.Constant) and isinstance(t._values, ExternalValues)
+    }
+    moved: dict[str, tuple[int, int]] = {}
+    with open(data_tmp, "wb") as out:
+        for tensor in _all_initializers(model):
+            if uses_external_data(tensor):
+                src = sources.get(tensor.name)
+                if src is None:
+                    raise RuntimeError(f"tensor '{tensor.name}' refers to external data with no known source")
+                offset = _align(out)
+                _copy_range(src.data_path, src.offset, src.length, out)
+                _set_external(tensor, data_name, offset, src.length)
+                moved[tensor.name] = (offset, src.length)
+            elif tensor.HasField("raw_data") and len(tensor.raw_data) >= INLINE_LIMIT_BYTES:
+                offset = _align(out)
+                out.write(tensor.raw_data)
+                length = len(tensor.raw_data)
+                tensor.ClearField("raw_data")
+                _set_external(tensor, data_name, offset, length)
+    final = data_tmp.parent / data_name
+    for name, (offset, length) in moved.items():
+        src = sources[name]
+        if src.data_path.resolve() == final.resolve():
+            # Saving over the file we read from: point the graph at the new layout.
+            src.offset, src.length = offset, length
+
+
+def _all_initializers(model: onnx.ModelProto) -> Iterable[onnx.TensorProto]:
+    yield from model.graph.initializer
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+
+
+def _align(out, alignment: int = 64) -> int:
+    pos = out.tell()
+    pad = (-pos) % alignment
+    if pad:
+        out.write(b"\0" * pad)
+    return pos + pad
+
+
+def _copy_range(src: Path, offset: int, length: int, out) -> None:
+    with open(src, "rb") as f:
+        f.seek(offset)
+        left = length
+        while left:
+            chunk = f.read(min(COPY_CHUNK_BYTES, left))
+            if not chunk:
+                raise UserError(f"{src}: external data file is shorter than its model says")
+            out.write(chunk)
+            left -= len(chunk)
+
+
+def _set_external(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    del tensor.external_data[:]
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        tensor.external_data.add(key=key, value=value)
+
+
+def constant_values(tensor: gs.Tensor) -> np.ndarray | None:
+    """Values of a Constant (or of a Constant node's output), else None."""
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values)
+    if len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant":
+        value = tensor.inputs[0].attrs.get("value")
+        if isinstance(value, gs.Constant):
+            return np.asarray(value.values)
+    return None
+
+
+def file_sizes(paths: Sequence[Path]) -> int:
+    return sum(os.path.getsize(p) for p in paths if Path(p).exists())

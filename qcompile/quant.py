@@ -1,0 +1,103 @@
+"""Quantization arithmetic: dtypes, ranges, scales and zero points. No graph code here."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+
+class QuantDType(enum.Enum):
+    INT8 = "int8"
+    UINT8 = "uint8"
+    INT16 = "int16"
+    UINT16 = "uint16"
+    INT32 = "int32"
+
+    @property
+    def numpy(self) -> np.dtype:
+        return np.dtype(self.value)
+
+    @property
+    def onnx(self) -> int:
+        return onnx.helper.np_dtype_to_tensor_dtype(self.numpy)
+
+    @property
+    def qmin(self) -> int:
+        return int(np.iinfo(self.numpy).min)
+
+    @property
+    def qmax(self) -> int:
+        return int(np.iinfo(self.numpy).max)
+
+    @property
+    def bits(self) -> int:
+        return self.numpy.itemsize * 8
+
+
+@dataclass(frozen=True)
+class TensorRange:
+    """The float range an activation is clipped to (from an estimator over calibration statistics)."""
+
+    lo: float
+    hi: float
+
+
+@dataclass(frozen=True, eq=False)
+class QParams:
+    """Scale and zero point; per-tensor when `axis` is None, else one per index along `axis`."""
+
+    scale: np.ndarray  # float32, shape () or (C,)
+    zero_point: np.ndarray  # dtype's numpy type, same shape as scale
+    dtype: QuantDType
+    axis: int | None = None
+
+
+# Smallest usable scale: a constant-zero tensor still needs a valid (positive) scale.
+MIN_SCALE = 1e-8
+
+
+def activation_qparams(rng: TensorRange, dtype: QuantDType, *, symmetric: bool) -> QParams:
+    """Per-tensor parameters covering `rng`; asymmetric ranges always include 0 (exact zero padding)."""
+    lo, hi = min(float(rng.lo), 0.0), max(float(rng.hi), 0.0)
+    if symmetric:
+        amax = max(abs(lo), abs(hi))
+        scale = max(amax / dtype.qmax, MIN_SCALE)
+        zero = 0 if dtype.qmin < 0 else (dtype.qmax + 1) // 2
+    else:
+        scale = max((hi - lo) / (dtype.qmax - dtype.qmin), MIN_SCALE)
+        zero = int(np.clip(round(dtype.qmin - lo / scale), dtype.qmin, dtype.qmax))
+    return QParams(np.array(scale, np.float32), np.array(zero, dtype.numpy), dtype)
+
+
+def weight_qparams(weight: np.ndarray, axis: int, dtype: QuantDType) -> QParams:
+    """Symmetric per-channel parameters (zero point 0, the restricted range [-qmax, qmax])."""
+    moved = np.moveaxis(np.asarray(weight, np.float32), axis, 0).reshape(weight.shape[axis], -1)
+    amax = np.abs(moved).max(axis=1)
+    scale = np.maximum(amax / dtype.qmax, MIN_SCALE).astype(np.float32)
+    return QParams(scale, np.zeros_like(scale, dtype=dtype.numpy), dtype, axis)
+
+
+def _broadcast(values: np.ndarray, qp: QParams, ndim: int) -> np.ndarray:
+    if qp.axis is None:
+        return values
+    shape = [1] * ndim
+    shape[qp.axis] = -1
+    return values.reshape(shape)
+
+
+def quantize(x: np.ndarray, qp: QParams, *, symmetric_range: bool = False) -> np.ndarray:
+    """Round half to even, as ONNX QuantizeLinear does; `symmetric_range` clips to [-qmax, qmax]."""
+    scale = _broadcast(qp.scale, qp, x.ndim)
+    zero = _broadcast(qp.zero_point.astype(np.int64), qp, x.ndim)
+    q = np.rint(np.asarray(x, np.float64) / scale) + zero
+    qmin = -qp.dtype.qmax if symmetric_range else qp.dtype.qmin
+    return np.clip(q, qmin, qp.dtype.qmax).astype(qp.dtype.numpy)
+
+
+def dequantize(q: np.ndarray, qp: QParams) -> np.ndarray:
+    scale = _broadcast(qp.scale, qp, q.ndim)
+    zero = _broadcast(qp.zero_point.astype(np.int64), qp, q.ndim)
+    return ((q.astype(np.int64) - zero) * scale).astype(np.float32)

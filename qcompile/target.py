@@ -1,0 +1,58 @@
+"""The Target contract and the table of targets, imported lazily.
+
+Each target lives in its own folder under `targets/` and may need an SDK (LiteRT, QNN, TensorRT).
+The table maps names to import paths, so a missing SDK breaks only its own target, with one clear
+message, never the CLI or the other targets.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import onnx_graphsurgeon as gs
+
+from qcompile.caps import TargetCaps
+from qcompile.config import TargetName
+from qcompile.errors import UserError
+from qcompile.pass_manager import Pass
+from qcompile.quant import TensorRange
+
+
+class Runner(Protocol):
+    input_names: tuple[str, ...]
+
+    def run(self, inputs: dict[str, Any]) -> Any: ...
+
+
+class Target(Protocol):
+    name: TargetName
+    caps: TargetCaps
+    runtime_name: str
+
+    def runtime_version(self) -> str: ...
+
+    def pipeline(self, plan: Any, ranges: Mapping[str, TensorRange]) -> list[Pass]:
+        """Passes that turn the canonical float graph into this target's quantized graph."""
+
+    def emit(self, graph: gs.Graph, out_dir: Path, stem: str) -> list[Path]:
+        """Write the target's files for one bucket's graph; return their paths."""
+
+    def runner(self, artifact_dir: Path, manifest: Mapping[str, Any]) -> Runner: ...
+
+
+TARGETS: dict[TargetName, str] = {
+    TargetName.ORT_INT8: "qcompile.targets.ort_int8.target:OrtInt8Target",
+}
+
+
+def load_target(name: TargetName) -> Target:
+    spec = TARGETS.get(name)
+    if spec is None:
+        ready = ", ".join(t.value for t in TARGETS)
+        raise UserError(f"--target {name.value}: not available in this version; available: {ready}")
+    module_name, cls_name = spec.split(":")
+    module = importlib.import_module(module_name)
+    return getattr(module, cls_name)()
