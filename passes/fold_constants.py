@@ -23,6 +23,8 @@ NEVER_FOLD = frozenset(
 )
 # A folded output may not grow past this, nor past its inputs (Expand/Tile of a scalar into a huge tensor).
 MAX_GROWTH_BYTES = 1 << 20
+# onnx writes the newest IR version by default, which onnxruntime may not read yet.
+EVAL_IR_VERSION = 10
 
 
 class FoldConstants(Pass):
@@ -43,7 +45,7 @@ class FoldConstants(Pass):
                 folded += _constant_node_to_initializer(node)
             elif node.op == "Shape":
                 folded += _fold_static_shape(node)
-            elif node.op not in NEVER_FOLD and node.domain in ("", "ai.onnx") and node.inputs:
+            elif node.op not in NEVER_FOLD and node.domain in (None, "", "ai.onnx") and node.inputs:
                 folded += _fold_node(node, opset)
         if folded:
             graph.cleanup(remove_unused_graph_inputs=False).toposort()
@@ -109,10 +111,11 @@ def _evaluate(node: gs.Node, values: list[np.ndarray | None], opset: int) -> lis
         onnx.helper.make_tensor_value_info(n, onnx.helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
         for n, v in zip(in_names, values, strict=True) if v is not None
     ]
-    outputs = [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.UNDEFINED, None) for n in out_names]
+    outputs = [onnx.helper.make_empty_tensor_value_info(n) for n in out_names]
     model = onnx.helper.make_model(
         onnx.helper.make_graph([proto_node], "fold", inputs, outputs),
         opset_imports=[onnx.helper.make_opsetid("", opset)],
+        ir_version=EVAL_IR_VERSION,
     )
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL

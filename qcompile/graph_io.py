@@ -211,9 +211,14 @@ def _set_external(tensor: onnx.TensorProto, location: str, offset: int, length: 
 
 
 def constant_values(tensor: gs.Tensor) -> np.ndarray | None:
-    """Values of a Constant (or of a Constant node's output), else None."""
+    """Values of a Constant (or of a Constant node's output), else None.
+
+    Lazy values are loaded without caching them on the tensor (graphsurgeon's `.values` would), so a
+    pass that only looks at a weight leaves it external, to be copied file to file on save.
+    """
     if isinstance(tensor, gs.Constant):
-        return np.asarray(tensor.values)
+        values = tensor._values
+        return np.asarray(values.load() if isinstance(values, LazyValues) else values)
     if len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant":
         value = tensor.inputs[0].attrs.get("value")
         if isinstance(value, gs.Constant):

@@ -42,7 +42,7 @@ class OrtInt8Target:
         return ort.__version__
 
     def pipeline(self, plan: QuantPlan, ranges: Mapping[str, TensorRange]) -> list[Pass]:
-        return [InsertQDQ(plan, ranges, self.caps), NameNodes(), InferShapes()]
+        return [NameNodes(), InsertQDQ(plan, ranges, self.caps), InferShapes()]
 
     def emit(self, graph: gs.Graph, out_dir: Path, stem: str) -> list[Path]:
         onnx_path = save_graph(graph, out_dir / f"{stem}.onnx")

@@ -1,0 +1,52 @@
+"""Small ONNX graphs built in the tests, and helpers to run them in onnxruntime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from qcompile.runtime import make_session
+
+
+def save_with_external_data(model: onnx.ModelProto, path: Path) -> Path:
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=256)
+    return path
+
+
+def conv_mlp_model(seed: int = 0, channels: int = 8) -> onnx.ModelProto:
+    """x[N,3,8,8] -> Conv(+bias) -> Relu -> Identity -> Conv -> Reshape -> MatMul -> Add: the ops
+    quantization cares about, plus a foldable weight Transpose and an Identity to clean up."""
+    rng = np.random.default_rng(seed)
+    w1 = rng.standard_normal((channels, 3, 3, 3)).astype(np.float32) * 0.3
+    b1 = rng.standard_normal(channels).astype(np.float32) * 0.1
+    w2 = rng.standard_normal((channels, channels, 3, 3)).astype(np.float32) * 0.2
+    fc_t = rng.standard_normal((10, channels * 64)).astype(np.float32) * 0.05  # transposed; folded
+    fc_b = rng.standard_normal(10).astype(np.float32) * 0.1
+    inits = [numpy_helper.from_array(a, n) for a, n in
+             ((w1, "conv1.weight"), (b1, "conv1.bias"), (w2, "conv2.weight"), (fc_t, "fc.weight_t"),
+              (fc_b, "fc.bias"), (np.array([-1, channels * 64], np.int64), "flat_shape"))]
+    nodes = [
+        helper.make_node("Conv", ["x", "conv1.weight", "conv1.bias"], ["c1"], "conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], "relu1"),
+        helper.make_node("Identity", ["r1"], ["r1_id"], "ident"),
+        helper.make_node("Conv", ["r1_id", "conv2.weight"], ["c2"], "conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Reshape", ["c2", "flat_shape"], ["flat"], "flatten"),
+        helper.make_node("Transpose", ["fc.weight_t"], ["fc.weight"], "fc_w_transpose", perm=[1, 0]),
+        helper.make_node("MatMul", ["flat", "fc.weight"], ["mm"], "fc"),
+        helper.make_node("Add", ["mm", "fc.bias"], ["y"], "fc_bias"),
+    ]
+    graph = helper.make_graph(
+        nodes, "conv_mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
+
+
+def run(path: Path, feed: dict[str, np.ndarray]) -> np.ndarray:
+    return make_session(path).run(None, feed)[0]
