@@ -98,7 +98,8 @@ def calibration_sets(cfg: CompileConfig, adapter) -> tuple[InputSet, InputSet]:
         return calib, synthetic_inputs(adapter, cfg.validate_count, seed=cfg.seed + 10_007)
     names = [s.name for s in adapter.input_specs()]
     _, timestep = input_roles(adapter)
-    data = load_npz(cfg.calib.path, names, timestep)
+    unbatched = frozenset(s.name for s in adapter.input_specs() if not s.batched)
+    data = load_npz(cfg.calib.path, names, timestep, unbatched)
     if data.count >= 4:
         held = max(1, data.count // 4)
         return data.split(data.count - held)

@@ -20,22 +20,26 @@ from qcompile.errors import UserError
 class InputSet:
     arrays: dict[str, np.ndarray]
     timesteps: np.ndarray | None  # (N,) float, or None for models without a timestep
+    # Inputs without a batch axis (Flux's positional ids): passed whole with every batch.
+    unbatched: frozenset[str] = frozenset()
 
     @property
     def count(self) -> int:
-        return len(next(iter(self.arrays.values())))
+        return len(next(v for k, v in self.arrays.items() if k not in self.unbatched))
+
+    def take(self, sl: slice) -> dict[str, np.ndarray]:
+        return {k: (v if k in self.unbatched else v[sl]) for k, v in self.arrays.items()}
 
     def batches(self, batch: int) -> Iterator[tuple[slice, dict[str, np.ndarray]]]:
         for start in range(0, self.count, batch):
             sl = slice(start, min(start + batch, self.count))
-            yield sl, {k: v[sl] for k, v in self.arrays.items()}
+            yield sl, self.take(sl)
 
     def split(self, first: int) -> tuple[InputSet, InputSet]:
-        head = {k: v[:first] for k, v in self.arrays.items()}
-        tail = {k: v[first:] for k, v in self.arrays.items()}
         ts = self.timesteps
-        return (InputSet(head, None if ts is None else ts[:first]),
-                InputSet(tail, None if ts is None else ts[first:]))
+        head, tail = slice(0, first), slice(first, None)
+        return (InputSet(self.take(head), None if ts is None else ts[head], self.unbatched),
+                InputSet(self.take(tail), None if ts is None else ts[tail], self.unbatched))
 
 
 def spread_timesteps(count: int, scale: float, seed: int) -> np.ndarray:
@@ -54,10 +58,15 @@ def synthetic_inputs(adapter, count: int, seed: int) -> InputSet:
     arrays = adapter.synthetic_inputs(ts, seed=seed)
     has_t = adapter.noise_schedule is not NoiseSchedule.NONE and any(
         s.role is InputRole.TIMESTEP for s in adapter.input_specs())
-    return InputSet(arrays, ts if has_t else None)
+    return InputSet(arrays, ts if has_t else None, _unbatched(adapter))
 
 
-def load_npz(path: Path, input_names: Sequence[str], timestep_name: str | None) -> InputSet:
+def _unbatched(adapter) -> frozenset[str]:
+    return frozenset(s.name for s in adapter.input_specs() if not s.batched)
+
+
+def load_npz(path: Path, input_names: Sequence[str], timestep_name: str | None,
+             unbatched: frozenset[str] = frozenset()) -> InputSet:
     """The user's own inputs; every ONNX input must be present, all with the same sample count."""
     try:
         data = np.load(path, allow_pickle=False)
@@ -69,7 +78,7 @@ def load_npz(path: Path, input_names: Sequence[str], timestep_name: str | None) 
             raise UserError(f"--calib {path}: missing arrays for inputs {', '.join(missing)} "
                             f"(found {', '.join(data.files) or 'none'})")
         arrays = {n: np.asarray(data[n]) for n in input_names}
-    counts = {n: (a.shape[0] if a.ndim else 0) for n, a in arrays.items()}
+    counts = {n: (a.shape[0] if a.ndim else 0) for n, a in arrays.items() if n not in unbatched}
     if len(set(counts.values())) != 1:
         raise UserError(f"--calib {path}: inputs have different sample counts {counts}")
     if next(iter(counts.values())) == 0:
@@ -78,4 +87,4 @@ def load_npz(path: Path, input_names: Sequence[str], timestep_name: str | None) 
     if timestep_name is not None:
         ts = np.broadcast_to(arrays[timestep_name].reshape(counts[timestep_name], -1)[:, 0],
                              (counts[timestep_name],)).astype(np.float32)
-    return InputSet(arrays, ts)
+    return InputSet(arrays, ts, unbatched)

@@ -1,0 +1,113 @@
+"""The command line as a user meets it: exit codes, one-line errors, nothing half-written."""
+
+import json
+
+import numpy as np
+import pytest
+
+from qcompile.cli import main
+
+TINY = "builtin:tiny-sd-unet"
+REPORT_KEYS = {"target", "precision", "buckets", "runtime", "per_step", "summary", "thresholds", "passed"}
+SUMMARY_KEYS = {"eps_sqnr_db_min", "eps_sqnr_db_mean", "sample_psnr_db", "sample_ssim", "size_bytes",
+                "fp32_size_bytes"}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "artifact"
+    code = main(["build", TINY, "--out", str(out), "--calib", "synthetic:12", "--validate", "6"])
+    return code, out
+
+
+def test_build_writes_the_artifact_contract(built):
+    code, out = built
+    assert code == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    report = json.loads((out / "report.json").read_text())
+    assert (out / "report.html").read_text().startswith("<!doctype html>")
+    assert REPORT_KEYS <= report.keys() and SUMMARY_KEYS <= report["summary"].keys()
+    assert report["runtime"]["name"] == "onnxruntime" and report["passed"]
+    assert len(report["per_step"]) == 6
+    assert {"timestep", "bucket", "eps_sqnr_db", "eps_cos", "cfg_gap_ratio"} <= report["per_step"][0].keys()
+    # Quantized well: these are measured numbers with margin, not "it ran".
+    assert report["summary"]["eps_sqnr_db_mean"] > 20.0
+    assert min(s["eps_cos"] for s in report["per_step"]) > 0.99
+    # int8 weights: the artifact is well under half the fp32 size.
+    assert report["summary"]["size_bytes"] < 0.45 * report["summary"]["fp32_size_bytes"]
+    assert manifest["export"]["exporter"] in ("dynamo", "legacy")
+    assert manifest["export"]["max_abs_diff_vs_torch"] <= 1e-4
+    assert manifest["buckets"][0]["files"] == ["model.onnx", "model.onnx.data"]
+    assert all((out / f).is_file() for f in manifest["buckets"][0]["files"])
+    assert manifest["quantization"]["float_layers"]  # the family's default float layers
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+
+def test_inspect_reads_artifact_and_onnx(built, capsys):
+    _, out = built
+    assert main(["inspect", str(out)]) == 0
+    assert "target ort-int8" in capsys.readouterr().out
+    assert main(["inspect", str(out / "model.onnx")]) == 0
+    text = capsys.readouterr().out
+    assert "QuantizeLinear" in text and "INT8" in text
+
+
+def test_rebuild_replaces_a_previous_artifact_and_npz_calibration(built, tmp_path):
+    from qcompile.calibration.inputs import synthetic_inputs
+    from qcompile.models.source import resolve_model
+
+    _, out = built
+    adapter = resolve_model(TINY)
+    calib = synthetic_inputs(adapter, 8, seed=3)
+    npz = tmp_path / "calib.npz"
+    np.savez(npz, **calib.arrays)
+    code = main(["build", TINY, "--out", str(out), "--calib", str(npz), "--validate", "4"])
+    assert code == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["calibration"]["spec"] == str(npz) and manifest["calibration"]["count"] == 6
+
+
+def _bad(capsys, args, tmp_path, match):
+    out = tmp_path / "out"
+    code = main([*args, "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and match in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args,match", [
+    (["build", "/no/such/folder"], "/no/such/folder"),
+    (["build", TINY, "--target", "gpu-int3"], "--target gpu-int3"),
+    (["build", TINY, "--calib", "synthetic:0"], "at least one sample"),
+    (["build", TINY, "--calib", "missing.npz"], "missing.npz"),
+    (["build", "builtin:no-such-model"], "builtin:no-such-model"),
+    (["build", TINY, "--buckets", "0"], "--buckets"),
+    (["build", TINY, "--nonsense"], "unrecognized arguments"),
+])
+def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, args, match):
+    _bad(capsys, args, tmp_path, match)
+
+
+def test_folders_that_are_not_models(capsys, tmp_path):
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    _bad(capsys, ["build", str(plain)], tmp_path, "plain")
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "config.json").write_text(json.dumps({"_class_name": "NotADiffusersModel"}))
+    _bad(capsys, ["build", str(odd)], tmp_path, "NotADiffusersModel")
+    pipe = tmp_path / "pipe"
+    pipe.mkdir()
+    (pipe / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline",
+                                                       "unet": ["diffusers", "UNet2DConditionModel"]}))
+    _bad(capsys, ["build", str(pipe), "--component", "feature_extractor"], tmp_path, "feature_extractor")
+
+
+def test_out_folder_with_user_files_is_never_clobbered(capsys, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    code = main(["build", TINY, "--out", str(out)])
+    assert code == 2 and "not a qcompile artifact" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "keep me" and len(list(out.iterdir())) == 1
