@@ -7,6 +7,7 @@ failed or interrupted build leaves nothing that looks complete and loses nothing
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,12 +71,12 @@ def export_canonical(adapter, folder: Path, *, opset: int, ctx: PassContext) -> 
     """Export the float model and canonicalize it; returns the canonical model path and the export record."""
     from qcompile.export import export_onnx
 
-    raw = export_onnx(adapter, folder / "exported.onnx", opset=opset)
+    scratch = folder / ".export"
+    raw = export_onnx(adapter, scratch / "exported.onnx", opset=opset)
     graph = load_graph(raw.onnx_path)
     PassManager(canonicalize_passes(), fixed_point=True).run(graph, ctx)
     path = save_graph(graph, folder / "model.onnx")
-    for p in (raw.onnx_path, raw.onnx_path.with_name(raw.onnx_path.name + ".data")):
-        p.unlink(missing_ok=True)
+    shutil.rmtree(scratch)
     return path, raw
 
 

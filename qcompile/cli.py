@@ -122,6 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"qcompile: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except BrokenPipeError:  # `qcompile inspect ... | head`
+        sys.stderr.close()
+        return EXIT_OK
     except KeyboardInterrupt:
         print("qcompile: interrupted; nothing was written to --out", file=sys.stderr)
         return 130
