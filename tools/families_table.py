@@ -1,0 +1,56 @@
+"""Build every built-in tiny family for a target and write a markdown table of the results.
+
+    python tools/families_table.py [--target ort-int8] [--out out/families] [--calib synthetic:16]
+
+Used for the README's results table and the foundation issue's acceptance numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from qcompile.build import build
+from qcompile.config import CalibSpec, CompileConfig, TargetName, Thresholds
+
+FAMILIES = (
+    "builtin:tiny-unet2d", "builtin:tiny-sd-unet", "builtin:tiny-sdxl-unet", "builtin:tiny-dit",
+    "builtin:tiny-pixart", "builtin:tiny-sd3", "builtin:tiny-flux", "builtin:tiny-vae-decoder",
+    "builtin:tiny-vae-encoder", "builtin:tiny-clip-text",
+)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target", default="ort-int8")
+    ap.add_argument("--out", type=Path, default=Path("out/families"))
+    ap.add_argument("--calib", default="synthetic:16")
+    ap.add_argument("--only", nargs="*", default=None)
+    args = ap.parse_args()
+    rows = []
+    for model in args.only or FAMILIES:
+        t0 = time.perf_counter()
+        cfg = CompileConfig(model=model, target=TargetName.parse(args.target), calib=CalibSpec.parse(args.calib),
+                            out_dir=args.out / model.split(":")[1], thresholds=Thresholds(eps_sqnr_db_mean=None))
+        result = build(cfg)
+        s, m = result.report["summary"], result.manifest
+        rows.append({"model": model, "class": m["source"]["class"], "exporter": m["export"]["exporter"],
+                     "export_max_abs_diff": m["export"]["max_abs_diff_vs_torch"],
+                     "eps_cos_mean": s["eps_cos_mean"], "eps_cos_min": s["eps_cos_min"],
+                     "eps_sqnr_db_mean": s["eps_sqnr_db_mean"], "eps_sqnr_db_min": s["eps_sqnr_db_min"],
+                     "size_ratio": s["size_ratio"], "float_layers": len(m["quantization"]["float_layers"]),
+                     "seconds": round(time.perf_counter() - t0, 1)})
+    print("\n| model | class | exporter | export max abs diff | eps cos mean (min) | eps SQNR dB mean (min) "
+          "| size vs fp32 | float layers | build s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['class']} | {r['exporter']} | {r['export_max_abs_diff']:.1e} | "
+              f"{r['eps_cos_mean']:.4f} ({r['eps_cos_min']:.4f}) | {r['eps_sqnr_db_mean']:.1f} "
+              f"({r['eps_sqnr_db_min']:.1f}) | {r['size_ratio']:.3f} | {r['float_layers']} | {r['seconds']} |")
+    (args.out / "families.json").write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
