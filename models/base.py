@@ -53,6 +53,9 @@ class InputSpec:
     shape: tuple[int, ...]
     dtype: str  # numpy dtype name: "float32" or "int64"
     role: InputRole
+    # False for inputs with no batch axis (Flux `img_ids`/`txt_ids` are (tokens, 3) in diffusers
+    # 0.42): `shape` is then the full shape and stays fixed when the batch changes.
+    batched: bool = True
 
 
 class ModelAdapter(abc.ABC):
@@ -108,7 +111,7 @@ class ModelAdapter(abc.ABC):
         rng = np.random.default_rng(seed)
         out: dict[str, np.ndarray] = {}
         for spec in self.input_specs():
-            shape = (batch, *spec.shape[1:])
+            shape = (batch, *spec.shape[1:]) if spec.batched else spec.shape
             out[spec.name] = self._random_input(spec, shape, rng)
         return out
 
