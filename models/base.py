@@ -100,6 +100,11 @@ class ModelAdapter(abc.ABC):
         """Regexes over module paths (node metadata `qcompile.module`) kept in float by default."""
         return ()
 
+    def sampling(self) -> Any | None:
+        """A SamplingSetup (qcompile.evaluation.fidelity) when the model can be sampled end to end
+        (conditioning, scheduler, a judge of its outputs); None for a bare component."""
+        return None
+
     @property
     def timestep_scale(self) -> float:
         """Timesteps the model is fed span [0, timestep_scale) (1000 for DDPM/SD3; 1 for Flux)."""

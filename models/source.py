@@ -115,7 +115,7 @@ def _reference() -> ModelAdapter:
         if exc.name not in ("qcompile.models.reference_model",):
             raise
         raise UserError("builtin:reference is not available in this install") from exc
-    from .unet2d_condition import UNet2DConditionAdapter
+    from .reference_setup import ReferenceAdapter
 
     weights = reference_model.reference_dir() / "unet"
     if not (weights / "config.json").is_file():  # checked first: diffusers would try the network
@@ -129,4 +129,4 @@ def _reference() -> ModelAdapter:
     options = {"text_len": reference_model.LABEL_TOKENS}  # label tokens stand in for text tokens
     if schedule:
         options["schedule"] = schedule
-    return UNet2DConditionAdapter(unet, **options)
+    return ReferenceAdapter(unet, **options)

@@ -18,11 +18,8 @@ import numpy as np
 from qcompile.artifact import (
     MANIFEST,
     MANIFEST_FORMAT,
-    REPORT_HTML,
-    REPORT_JSON,
     arrays_fingerprint,
     file_fingerprint,
-    files_size,
     tool_versions,
 )
 from qcompile.atomic import StagedFolder, write_json
@@ -31,13 +28,12 @@ from qcompile.calibration.observe import collect_minmax
 from qcompile.calibration.ranges import estimate_ranges
 from qcompile.config import CalibKind, CompileConfig
 from qcompile.errors import UserError
-from qcompile.evaluation.report import format_table, make_report, summarize, write_reports
-from qcompile.evaluation.validate import compare_on_inputs
+from qcompile.evaluation.evaluate import evaluate_artifact, held_out_inputs
+from qcompile.evaluation.report import format_table
 from qcompile.graph_io import load_graph, save_graph
 from qcompile.pass_manager import PassContext, PassManager
 from qcompile.passes.canonicalize import canonicalize_passes
 from qcompile.passes.insert_qdq import plan_quantization
-from qcompile.runtime import OnnxRunner
 from qcompile.target import load_target
 
 log = logging.getLogger("qcompile.build")
@@ -96,7 +92,7 @@ def calibration_sets(cfg: CompileConfig, adapter) -> tuple[InputSet, InputSet]:
     """(calibration, validation): validation inputs are never used for calibration."""
     if cfg.calib.kind is CalibKind.SYNTHETIC:
         calib = synthetic_inputs(adapter, cfg.calib.count, seed=cfg.seed)
-        return calib, synthetic_inputs(adapter, cfg.validate_count, seed=cfg.seed + 10_007)
+        return calib, held_out_inputs(adapter, cfg.validate_count, cfg.seed)
     names = [s.name for s in adapter.input_specs()]
     _, timestep = input_roles(adapter)
     unbatched = frozenset(s.name for s in adapter.input_specs() if not s.batched)
@@ -104,7 +100,7 @@ def calibration_sets(cfg: CompileConfig, adapter) -> tuple[InputSet, InputSet]:
     if data.count >= 4:
         held = max(1, data.count // 4)
         return data.split(data.count - held)
-    return data, synthetic_inputs(adapter, cfg.validate_count, seed=cfg.seed + 10_007)
+    return data, held_out_inputs(adapter, cfg.validate_count, cfg.seed)
 
 
 def exclusions(cfg: CompileConfig, adapter) -> tuple[str, ...]:
@@ -144,22 +140,10 @@ def build(cfg: CompileConfig) -> BuildResult:
                              sample_name, timestep_name)
         write_json(work / MANIFEST, manifest)
 
-        _stage(f"validating on {held_out.count} held-back inputs")
-        reference = OnnxRunner([fp32_path], timestep_name=timestep_name, sample_name=sample_name)
-        runner = target.runner(work, manifest)
-        steps = compare_on_inputs(reference, runner, held_out)
-        fp32_files = [fp32_path.name, fp32_path.name + ".data"]
-        summary = summarize(
-            steps,
-            size_bytes=files_size(work, bucket["files"]),
-            fp32_size_bytes=files_size(work / FP32_DIR, fp32_files),
-            extra={"calibration_seconds": round(t_calib, 3),
-                   "build_seconds": round(time.perf_counter() - t_start, 3)},
-        )
-        report = make_report(target=target.name.value, precision=_precision(target), buckets=[bucket],
-                             runtime={"name": target.runtime_name, "version": target.runtime_version()},
-                             steps=steps, summary=summary, thresholds=cfg.thresholds)
-        write_reports(work, report, json_name=REPORT_JSON, html_name=REPORT_HTML)
+        _stage("evaluating the artifact against the float model")
+        report = evaluate_artifact(work, adapter, held_out=held_out, thresholds=cfg.thresholds, fidelity=cfg.fidelity,
+                                   extra={"calibration_seconds": round(t_calib, 3),
+                                          "build_seconds": round(time.perf_counter() - t_start, 3)})
         out = stage.commit()
     print(format_table(report), flush=True)
     return BuildResult(out, report, manifest)
@@ -180,6 +164,7 @@ def _manifest(cfg, adapter, target, exported, fp32_path: Path, calib: InputSet, 
         "source": {
             "model": cfg.model,
             "component": cfg.component,
+            "seed": cfg.seed,
             "family": adapter.family.value,
             "class": type(adapter.module).__name__,
             "fp32_model": f"{FP32_DIR}/{fp32_path.name}",

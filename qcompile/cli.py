@@ -48,8 +48,33 @@ def _quant_args(p: argparse.ArgumentParser) -> None:
                    help="keep layers whose module path or node name matches in float (repeatable)")
     g.add_argument("--full-integer", action="store_true",
                    help="quantize every layer, ignoring the model family's default float layers")
-    g.add_argument("--validate", type=int, default=8, help="held-back inputs for the report")
-    g.add_argument("--min-sqnr-db", type=float, default=10.0, help="threshold on mean eps SQNR (exit 1 below)")
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    from qcompile.config import FidelitySettings, SamplerSettings, SchedulerKind, Thresholds
+
+    s, f, t = SamplerSettings(), FidelitySettings(), Thresholds()
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--validate", type=int, default=8, help="held-back inputs (models without a sampler)")
+    g.add_argument("--scheduler", default=s.scheduler.value, help=f"one of {', '.join(k.value for k in SchedulerKind)}")
+    g.add_argument("--steps", type=int, default=s.steps, help="sampling steps (models with a sampler)")
+    g.add_argument("--guidance", type=float, default=s.guidance, help="classifier-free guidance scale")
+    g.add_argument("--per-class", type=int, default=f.per_class, help="samples per class for sample metrics")
+    g.add_argument("--min-sqnr-db", type=float, default=t.eps_sqnr_db_mean,
+                   help="threshold on mean eps SQNR in dB (exit 1 below)")
+    g.add_argument("--min-psnr-db", type=float, default=t.sample_psnr_db,
+                   help="threshold on mean sample PSNR in dB, models with a sampler (exit 1 below)")
+
+
+def _fidelity(args: argparse.Namespace):
+    from qcompile.config import FidelitySettings, SamplerSettings, SchedulerKind, Thresholds
+    from qcompile.errors import UserError
+
+    if args.steps < 1 or args.per_class < 1:
+        raise UserError("--steps and --per-class must be at least 1")
+    sampler = SamplerSettings(scheduler=SchedulerKind.parse(args.scheduler), steps=args.steps, guidance=args.guidance)
+    return (FidelitySettings(sampler=sampler, per_class=args.per_class),
+            Thresholds(eps_sqnr_db_mean=args.min_sqnr_db, sample_psnr_db=args.min_psnr_db))
 
 
 def _log_args(p: argparse.ArgumentParser) -> None:
@@ -63,18 +88,23 @@ def make_parser() -> argparse.ArgumentParser:
     _model_args(b)
     _out_args(b)
     _quant_args(b)
+    _eval_args(b)
     _log_args(b)
     e = sub.add_parser("export", help="export the float model to canonical ONNX, verified against torch")
     _model_args(e)
     _out_args(e)
     _log_args(e)
+    v = sub.add_parser("eval", help="evaluate an artifact folder against its float model; rewrites its report")
+    v.add_argument("artifact", type=Path)
+    _eval_args(v)
+    _log_args(v)
     i = sub.add_parser("inspect", help="summarise an artifact folder or an ONNX file")
     i.add_argument("path", type=Path)
     return parser
 
 
 def _config(args: argparse.Namespace, *, with_quant: bool):
-    from qcompile.config import CalibSpec, CompileConfig, Estimator, TargetName, Thresholds
+    from qcompile.config import CalibSpec, CompileConfig, Estimator, TargetName
     from qcompile.errors import UserError
 
     common = {"model": args.model, "component": args.component, "out_dir": args.out, "seed": args.seed,
@@ -84,10 +114,11 @@ def _config(args: argparse.Namespace, *, with_quant: bool):
     if args.buckets != 1:
         raise UserError(f"--buckets {args.buckets}: timestep buckets come with timestep-aware calibration, "
                         "not in this version; use --buckets 1")
+    fidelity, thresholds = _fidelity(args)
     return CompileConfig(**common, target=TargetName.parse(args.target), calib=CalibSpec.parse(args.calib),
                          estimator=Estimator.parse(args.estimator), buckets=args.buckets,
                          exclude=tuple(args.exclude), full_integer=args.full_integer,
-                         validate_count=args.validate, thresholds=Thresholds(eps_sqnr_db_mean=args.min_sqnr_db))
+                         validate_count=args.validate, thresholds=thresholds, fidelity=fidelity)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -102,10 +133,29 @@ def _run(args: argparse.Namespace) -> int:
 
         export_only(_config(args, with_quant=False))
         return EXIT_OK
+    if args.command == "eval":
+        return _eval(args)
     from qcompile.inspect import inspect_path
 
     print(inspect_path(args.path))
     return EXIT_OK
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from qcompile.artifact import read_manifest
+    from qcompile.evaluation.evaluate import evaluate_artifact, held_out_inputs
+    from qcompile.evaluation.report import format_table
+    from qcompile.models.source import resolve_model
+
+    manifest = read_manifest(args.artifact)
+    src = manifest["source"]
+    adapter = resolve_model(src["model"], src.get("component"), seed=src.get("seed", 0))
+    fidelity, thresholds = _fidelity(args)
+    report = evaluate_artifact(args.artifact, adapter, held_out=held_out_inputs(adapter, args.validate,
+                                                                                  src.get("seed", 0)),
+                               thresholds=thresholds, fidelity=fidelity)
+    print(format_table(report))
+    return EXIT_OK if report["passed"] else EXIT_THRESHOLD
 
 
 def main(argv: Sequence[str] | None = None) -> int:

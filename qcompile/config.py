@@ -72,6 +72,30 @@ class CalibSpec:
         return f"synthetic:{self.count}" if self.kind is CalibKind.SYNTHETIC else str(self.path)
 
 
+class SchedulerKind(enum.Enum):
+    DDIM = "ddim"
+    EULER = "euler"
+    DPMPP_2M = "dpm++2m"
+
+    @classmethod
+    def parse(cls, text: str) -> SchedulerKind:
+        return _parse_enum(cls, text, "--scheduler")
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    scheduler: SchedulerKind = SchedulerKind.DDIM
+    steps: int = 20
+    guidance: float = 3.0  # 1.0 disables classifier-free guidance
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class FidelitySettings:
+    sampler: SamplerSettings = field(default_factory=SamplerSettings)
+    per_class: int = 20
+
+
 @dataclass(frozen=True)
 class Thresholds:
     """A build fails (exit 1) when a summary metric is below its threshold; None disables one."""
@@ -106,6 +130,7 @@ class CompileConfig:
     seed: int = 0
     opset: int = 20
     thresholds: Thresholds = field(default_factory=Thresholds)
+    fidelity: FidelitySettings = field(default_factory=FidelitySettings)  # models that can sample
 
     def __post_init__(self) -> None:
         if self.buckets < 1:

@@ -70,9 +70,10 @@ def format_table(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_reports(folder: Path, report: Mapping[str, Any], *, json_name: str, html_name: str) -> None:
+def write_reports(folder: Path, report: Mapping[str, Any], *, json_name: str, html_name: str,
+                  images: Mapping[str, str] | None = None) -> None:
     write_json(folder / json_name, report)
-    write_text(folder / html_name, render_html(report))
+    write_text(folder / html_name, render_html(report, images))
 
 
 def _plot_png(report: Mapping[str, Any]) -> str | None:

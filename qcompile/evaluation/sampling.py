@@ -8,7 +8,6 @@ which, which is what calibration recording and teacher-forced evaluation need.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -16,17 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-
-class SchedulerKind(enum.Enum):
-    DDIM = "ddim"
-    EULER = "euler"
-    DPMPP_2M = "dpm++2m"
-
-    @classmethod
-    def parse(cls, text: str) -> SchedulerKind:
-        from qcompile.config import _parse_enum
-
-        return _parse_enum(cls, text, "--scheduler")
+from qcompile.config import SamplerSettings, SchedulerKind
 
 
 def make_scheduler(kind: SchedulerKind, config: dict[str, Any]):
@@ -43,14 +32,6 @@ def make_scheduler(kind: SchedulerKind, config: dict[str, Any]):
 class Denoiser(Protocol):
     def __call__(self, sample: np.ndarray, timestep: np.ndarray, cond: np.ndarray) -> np.ndarray:
         """Noise prediction for a batch; `timestep` is (B,) float32, `cond` the conditioning input."""
-
-
-@dataclass(frozen=True)
-class SamplerSettings:
-    scheduler: SchedulerKind = SchedulerKind.DDIM
-    steps: int = 20
-    guidance: float = 3.0  # 1.0 disables classifier-free guidance
-    seed: int = 0
 
 
 @dataclass(frozen=True, eq=False)
