@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 import shutil
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +19,15 @@ import numpy as np
 from qcompile.artifact import (
     MANIFEST,
     MANIFEST_FORMAT,
-    arrays_fingerprint,
-    file_fingerprint,
     tool_versions,
 )
 from qcompile.atomic import StagedFolder, write_json
-from qcompile.calibration.inputs import InputSet, load_npz, synthetic_inputs
-from qcompile.calibration.observe import collect_minmax
-from qcompile.calibration.ranges import estimate_ranges
-from qcompile.config import CalibKind, CompileConfig
+from qcompile.calibration.buckets import choose_buckets
+from qcompile.calibration.cache import CalibrationCache
+from qcompile.calibration.calibrate import default_calib, open_or_calibrate, user_inputs
+from qcompile.calibration.estimators import estimate_ranges
+from qcompile.calibration.inputs import InputSet
+from qcompile.config import CalibKind, CalibSpec, CompileConfig
 from qcompile.errors import UserError
 from qcompile.evaluation.evaluate import evaluate_artifact, held_out_inputs
 from qcompile.evaluation.report import format_table
@@ -88,19 +89,21 @@ def input_roles(adapter) -> tuple[str | None, str | None]:
     return sample, timestep
 
 
-def calibration_sets(cfg: CompileConfig, adapter) -> tuple[InputSet, InputSet]:
-    """(calibration, validation): validation inputs are never used for calibration."""
-    if cfg.calib.kind is CalibKind.SYNTHETIC:
-        calib = synthetic_inputs(adapter, cfg.calib.count, seed=cfg.seed)
-        return calib, held_out_inputs(adapter, cfg.validate_count, cfg.seed)
-    names = [s.name for s in adapter.input_specs()]
-    _, timestep = input_roles(adapter)
-    unbatched = frozenset(s.name for s in adapter.input_specs() if not s.batched)
-    data = load_npz(cfg.calib.path, names, timestep, unbatched)
+def calibration_plan(cfg: CompileConfig, adapter) -> tuple[CalibSpec, InputSet | None, InputSet]:
+    """(spec, inputs to record or None to let the spec decide, held-back validation inputs).
+
+    A user's .npz with four or more samples gives its last quarter to validation; validation inputs
+    are never used for calibration.
+    """
+    spec = cfg.calib or default_calib(adapter)
+    held_out = held_out_inputs(adapter, cfg.validate_count, cfg.seed)
+    if spec.kind is not CalibKind.FILE:
+        return spec, None, held_out
+    data = user_inputs(spec, adapter, input_roles(adapter)[1])
     if data.count >= 4:
-        held = max(1, data.count // 4)
-        return data.split(data.count - held)
-    return data, held_out_inputs(adapter, cfg.validate_count, cfg.seed)
+        calib, held_out = data.split(data.count - max(1, data.count // 4))
+        return spec, calib, held_out
+    return spec, data, held_out
 
 
 def exclusions(cfg: CompileConfig, adapter) -> tuple[str, ...]:
@@ -115,38 +118,54 @@ def build(cfg: CompileConfig) -> BuildResult:
     t_start = time.perf_counter()
     target = load_target(cfg.target)  # an unknown target fails before any work
     adapter = resolve(cfg)
-    calib, held_out = calibration_sets(cfg, adapter)
-    with StagedFolder(cfg.out_dir) as stage:
+    spec, calib_inputs, held_out = calibration_plan(cfg, adapter)
+    excluded = exclusions(cfg, adapter)
+    with StagedFolder(cfg.out_dir) as stage, tempfile.TemporaryDirectory(prefix="qcompile-calib-") as tmp:
         work = stage.path
         ctx = PassContext()
         _stage(f"exporting {type(adapter.module).__name__} ({adapter.family.value}) to ONNX")
         fp32_path, exported = export_canonical(adapter, work / FP32_DIR, opset=cfg.opset, ctx=ctx)
-        sample_name, timestep_name = input_roles(adapter)
-
+        names = input_roles(adapter)
         graph = load_graph(fp32_path)
-        excluded = exclusions(cfg, adapter)
         plan = plan_quantization(graph, target.caps, excluded)
-        t0 = _stage(f"calibrating {len(plan.activations)} activations on {calib.count} inputs ({cfg.calib.describe()})")
-        stats = collect_minmax(fp32_path, plan.activations, calib)
-        t_calib = time.perf_counter() - t0
-        ranges = estimate_ranges(stats, cfg.estimator)
 
-        _stage(f"quantizing for {target.name.value}")
-        PassManager(target.pipeline(plan, ranges)).run(graph, ctx)
-        files = target.emit(graph, work, "model")
-        bucket = {"index": 0, "timestep_range": [0.0, float(adapter.timestep_scale)],
-                  "files": [p.name for p in files]}
-        manifest = _manifest(cfg, adapter, target, exported, fp32_path, calib, plan, ctx, [bucket],
-                             sample_name, timestep_name)
+        _stage(f"calibrating ({spec.describe()})" + (f", cache {cfg.calib_cache}" if cfg.calib_cache else ""))
+        cache, t_calib, reused = open_or_calibrate(spec, adapter, fp32_path, graph, cfg.calib_cache or Path(tmp),
+                                                   names=names, sampler=cfg.fidelity.sampler, seed=cfg.seed,
+                                                   inputs=calib_inputs)
+        if reused:
+            print(f"[qcompile] reused calibration cache {cfg.calib_cache} ({t_calib:.2f}s, no model run)")
+        table = cache.table()
+        buckets = choose_buckets(table, cfg.buckets, cfg.bucket_method, timestep_scale=adapter.timestep_scale)
+
+        _stage(f"quantizing for {target.name.value}: {len(buckets)} bucket(s), estimator {cfg.estimator.value}")
+        levels = target.caps.activation_dtype.qmax - target.caps.activation_dtype.qmin
+        graphs = []
+        for bucket in buckets:
+            g = graph if bucket.index == len(buckets) - 1 else load_graph(fp32_path)
+            ranges = estimate_ranges(table, cfg.estimator, bucket.timestep_indices, names=plan.activations,
+                                     levels=levels)
+            PassManager(target.pipeline(plan, ranges)).run(g, ctx)
+            graphs.append(g)
+        files = target.emit(graphs, work)
+        manifest = _manifest(cfg, spec, adapter, target, exported, fp32_path, cache, plan, ctx,
+                             _bucket_entries(buckets, table, files), names)
         write_json(work / MANIFEST, manifest)
 
         _stage("evaluating the artifact against the float model")
         report = evaluate_artifact(work, adapter, held_out=held_out, thresholds=cfg.thresholds, fidelity=cfg.fidelity,
-                                   extra={"calibration_seconds": round(t_calib, 3),
+                                   extra={"calibration_seconds": round(t_calib, 3), "calibration_reused": reused,
                                           "build_seconds": round(time.perf_counter() - t_start, 3)})
         out = stage.commit()
     print(format_table(report), flush=True)
     return BuildResult(out, report, manifest)
+
+
+def _bucket_entries(buckets, table, files: list[list[str]]) -> list[dict[str, Any]]:
+    return [{"index": b.index, "timestep_range": list(b.timestep_range),
+             "calibration_timesteps": [float(table.timesteps[i]) for i in sorted(b.timestep_indices)
+                                       if not np.isnan(table.timesteps[i])],
+             "files": f} for b, f in zip(buckets, files, strict=True)]
 
 
 def _precision(target) -> str:
@@ -154,8 +173,9 @@ def _precision(target) -> str:
     return f"w{caps.weight_dtype.bits}a{caps.activation_dtype.bits}"
 
 
-def _manifest(cfg, adapter, target, exported, fp32_path: Path, calib: InputSet, plan, ctx: PassContext,
-              buckets: list[dict[str, Any]], sample_name: str | None, timestep_name: str | None) -> dict[str, Any]:
+def _manifest(cfg, spec: CalibSpec, adapter, target, exported, fp32_path: Path, cache: CalibrationCache, plan,
+              ctx: PassContext, buckets: list[dict[str, Any]], names: tuple[str | None, str | None]) -> dict[str, Any]:
+    sample_name, timestep_name = names
     return {
         "format": MANIFEST_FORMAT,
         "qcompile_version": tool_versions()["qcompile"],
@@ -168,7 +188,7 @@ def _manifest(cfg, adapter, target, exported, fp32_path: Path, calib: InputSet, 
             "family": adapter.family.value,
             "class": type(adapter.module).__name__,
             "fp32_model": f"{FP32_DIR}/{fp32_path.name}",
-            "fingerprint": file_fingerprint([fp32_path, fp32_path.with_name(fp32_path.name + ".data")]),
+            "fingerprint": cache.graph_fingerprint,
         },
         "model": {
             "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype, "role": s.role.value}
@@ -181,11 +201,14 @@ def _manifest(cfg, adapter, target, exported, fp32_path: Path, calib: InputSet, 
         "export": {"exporter": exported.exporter, "opset": exported.opset,
                    "max_abs_diff_vs_torch": exported.max_abs_diff, "notes": list(exported.notes)},
         "calibration": {
-            "spec": cfg.calib.describe(),
-            "count": calib.count,
+            "spec": spec.describe(),
+            "rows": cache.meta["samples"]["rows"],
+            "calls": cache.meta["samples"]["calls"],
             "estimator": cfg.estimator.value,
-            "fingerprint": arrays_fingerprint(calib.arrays),
-            "timesteps": None if calib.timesteps is None else [float(t) for t in np.sort(calib.timesteps)],
+            "bucket_method": cfg.bucket_method.value,
+            "cache_fingerprint": cache.fingerprint,
+            "recording_fingerprint": cache.meta["fingerprints"]["recording"],
+            "timesteps": [t for t in cache.meta["timesteps"] if t is not None] or None,
         },
         "quantization": {
             "weights": target.caps.weight_dtype.value + " symmetric per-channel",
@@ -201,6 +224,24 @@ def _manifest(cfg, adapter, target, exported, fp32_path: Path, calib: InputSet, 
         "pass_log": [e.as_dict() for e in ctx.log],
         "tools": tool_versions(),
     }
+
+
+def write_calibration_cache(model: str, component: str | None, *, seed: int, opset: int, spec: CalibSpec | None,
+                            cache_dir: Path, sampler) -> CalibrationCache:
+    """`qcompile calibrate`: record and compute statistics once; any number of builds reuse them."""
+    if CalibrationCache.exists(cache_dir):
+        raise UserError(f"--calib-cache {cache_dir}: already holds a calibration cache; choose a new folder")
+    cfg = CompileConfig(model=model, component=component, out_dir=Path(cache_dir), seed=seed, opset=opset)
+    adapter = resolve(cfg)
+    spec, inputs, _ = calibration_plan(replace(cfg, calib=spec), adapter)
+    with tempfile.TemporaryDirectory(prefix="qcompile-export-") as tmp:
+        _stage(f"exporting {type(adapter.module).__name__} ({adapter.family.value}) to ONNX")
+        fp32_path, _ = export_canonical(adapter, Path(tmp), opset=opset, ctx=PassContext())
+        _stage(f"calibrating ({spec.describe()}) into {cache_dir}")
+        cache, seconds, _ = open_or_calibrate(spec, adapter, fp32_path, load_graph(fp32_path), Path(cache_dir),
+                                              names=input_roles(adapter), sampler=sampler, seed=seed, inputs=inputs)
+    print(f"[qcompile] calibration took {seconds:.2f}s")
+    return cache
 
 
 def export_only(cfg: CompileConfig) -> Path:

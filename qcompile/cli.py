@@ -41,9 +41,9 @@ def _quant_args(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("quantization")
     g.add_argument("--target", default="ort-int8", help=f"one of {', '.join(t.value for t in TargetName)}")
-    g.add_argument("--calib", default="synthetic:16", help="synthetic:N, or an .npz of inputs keyed by ONNX input name")
     g.add_argument("--estimator", default="max", help=f"one of {', '.join(e.value for e in Estimator)}")
     g.add_argument("--buckets", type=int, default=1, help="timestep buckets, each with its own activation scales")
+    g.add_argument("--bucket-method", default="data", help="uniform, or data (edges chosen from the statistics)")
     g.add_argument("--exclude", action="append", default=[], metavar="REGEX",
                    help="keep layers whose module path or node name matches in float (repeatable)")
     g.add_argument("--full-integer", action="store_true",
@@ -77,6 +77,15 @@ def _fidelity(args: argparse.Namespace):
             Thresholds(eps_sqnr_db_mean=args.min_sqnr_db, sample_psnr_db=args.min_psnr_db))
 
 
+def _calib_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("calibration")
+    g.add_argument("--calib", default=None,
+                   help="sample:N (N trajectories of the model's own sampler), synthetic:N, or an .npz of inputs "
+                        "keyed by ONNX input name; default sample:32 for models that can sample, else synthetic:16")
+    g.add_argument("--calib-cache", type=Path, default=None,
+                   help="statistics folder: reused when it exists (same graph only), written otherwise")
+
+
 def _log_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="log every pass")
 
@@ -87,6 +96,7 @@ def make_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="export, calibrate, quantize, emit and validate")
     _model_args(b)
     _out_args(b)
+    _calib_args(b)
     _quant_args(b)
     _eval_args(b)
     _log_args(b)
@@ -94,29 +104,32 @@ def make_parser() -> argparse.ArgumentParser:
     _model_args(e)
     _out_args(e)
     _log_args(e)
+    c = sub.add_parser("calibrate", help="record inputs and write a calibration cache (statistics per timestep)")
+    _model_args(c)
+    _calib_args(c)
+    _eval_args(c)
+    _log_args(c)
     v = sub.add_parser("eval", help="evaluate an artifact folder against its float model; rewrites its report")
     v.add_argument("artifact", type=Path)
     _eval_args(v)
     _log_args(v)
-    i = sub.add_parser("inspect", help="summarise an artifact folder or an ONNX file")
+    i = sub.add_parser("inspect", help="summarise an artifact folder, a calibration cache or an ONNX file")
     i.add_argument("path", type=Path)
     return parser
 
 
 def _config(args: argparse.Namespace, *, with_quant: bool):
-    from qcompile.config import CalibSpec, CompileConfig, Estimator, TargetName
-    from qcompile.errors import UserError
+    from qcompile.config import BucketMethod, CalibSpec, CompileConfig, Estimator, TargetName
 
     common = {"model": args.model, "component": args.component, "out_dir": args.out, "seed": args.seed,
               "opset": args.opset}
     if not with_quant:
         return CompileConfig(**common)
-    if args.buckets != 1:
-        raise UserError(f"--buckets {args.buckets}: timestep buckets come with timestep-aware calibration, "
-                        "not in this version; use --buckets 1")
     fidelity, thresholds = _fidelity(args)
-    return CompileConfig(**common, target=TargetName.parse(args.target), calib=CalibSpec.parse(args.calib),
+    calib = CalibSpec.parse(args.calib) if args.calib is not None else None
+    return CompileConfig(**common, target=TargetName.parse(args.target), calib=calib, calib_cache=args.calib_cache,
                          estimator=Estimator.parse(args.estimator), buckets=args.buckets,
+                         bucket_method=BucketMethod.parse(args.bucket_method),
                          exclude=tuple(args.exclude), full_integer=args.full_integer,
                          validate_count=args.validate, thresholds=thresholds, fidelity=fidelity)
 
@@ -135,9 +148,26 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.command == "eval":
         return _eval(args)
+    if args.command == "calibrate":
+        return _calibrate(args)
     from qcompile.inspect import inspect_path
 
     print(inspect_path(args.path))
+    return EXIT_OK
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from qcompile.build import write_calibration_cache
+    from qcompile.config import CalibSpec
+    from qcompile.errors import UserError
+
+    if args.calib_cache is None:
+        raise UserError("qcompile calibrate needs --calib-cache DIR (where the statistics go)")
+    fidelity, _ = _fidelity(args)
+    cache = write_calibration_cache(args.model, args.component, seed=args.seed, opset=args.opset,
+                                    spec=CalibSpec.parse(args.calib) if args.calib else None,
+                                    cache_dir=args.calib_cache, sampler=fidelity.sampler)
+    print(cache.summary())
     return EXIT_OK
 
 

@@ -28,10 +28,24 @@ class TargetName(enum.Enum):
         return _parse_enum(cls, text, "--target")
 
 
+class BucketMethod(enum.Enum):
+    """How timesteps are grouped into buckets (qcompile.calibration.buckets)."""
+
+    UNIFORM = "uniform"
+    DATA = "data"
+
+    @classmethod
+    def parse(cls, text: str) -> BucketMethod:
+        return _parse_enum(cls, text, "--bucket-method")
+
+
 class Estimator(enum.Enum):
     """How a bucket's statistics become a clipping range."""
 
     MAX = "max"
+    PERCENTILE = "percentile"
+    MSE = "mse"
+    ENTROPY = "entropy"
 
     @classmethod
     def parse(cls, text: str) -> Estimator:
@@ -41,6 +55,7 @@ class Estimator(enum.Enum):
 class CalibKind(enum.Enum):
     SYNTHETIC = "synthetic"  # inputs built from the model's config: latents noised to spread timesteps
     FILE = "file"  # the user's .npz: arrays keyed by ONNX input name, samples on axis 0
+    SAMPLE = "sample"  # record the model's own sampling loop (models that can sample)
 
 
 @dataclass(frozen=True)
@@ -51,25 +66,26 @@ class CalibSpec:
 
     @classmethod
     def parse(cls, text: str) -> CalibSpec:
-        """`synthetic:N` or a path to an .npz file."""
-        if text.startswith("synthetic:"):
-            raw = text.split(":", 1)[1]
-            try:
-                count = int(raw)
-            except ValueError:
-                raise UserError(f"--calib {text}: the count after 'synthetic:' must be an integer") from None
-            if count <= 0:
-                raise UserError(f"--calib {text}: calibration needs at least one sample")
-            return cls(CalibKind.SYNTHETIC, count=count)
+        """`synthetic:N`, `sample:N` (N sampled trajectories) or a path to an .npz file."""
+        for kind in (CalibKind.SYNTHETIC, CalibKind.SAMPLE):
+            prefix = kind.value + ":"
+            if text.startswith(prefix):
+                try:
+                    count = int(text[len(prefix):])
+                except ValueError:
+                    raise UserError(f"--calib {text}: the count after '{prefix}' must be an integer") from None
+                if count <= 0:
+                    raise UserError(f"--calib {text}: calibration needs at least one sample")
+                return cls(kind, count=count)
         path = Path(text)
         if path.suffix != ".npz":
-            raise UserError(f"--calib {text}: expected 'synthetic:N' or a .npz file")
+            raise UserError(f"--calib {text}: expected 'synthetic:N', 'sample:N' or a .npz file")
         if not path.is_file():
             raise UserError(f"--calib {text}: no such file")
         return cls(CalibKind.FILE, path=path)
 
     def describe(self) -> str:
-        return f"synthetic:{self.count}" if self.kind is CalibKind.SYNTHETIC else str(self.path)
+        return str(self.path) if self.kind is CalibKind.FILE else f"{self.kind.value}:{self.count}"
 
 
 class SchedulerKind(enum.Enum):
@@ -120,9 +136,11 @@ class CompileConfig:
     component: str | None = None
     target: TargetName = TargetName.ORT_INT8
     out_dir: Path
-    calib: CalibSpec = field(default_factory=lambda: CalibSpec(CalibKind.SYNTHETIC, count=16))
+    calib: CalibSpec | None = None  # None: the model's default (sample:32 if it can sample, else synthetic:16)
+    calib_cache: Path | None = None  # reuse the statistics there (same graph only), or write them there
     estimator: Estimator = Estimator.MAX
     buckets: int = 1
+    bucket_method: BucketMethod = BucketMethod.DATA
     # Module-path regexes kept in float, on top of (or instead of) the family's defaults.
     exclude: tuple[str, ...] = ()
     full_integer: bool = False  # quantize every layer; ignore the family's default float layers

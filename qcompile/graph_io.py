@@ -10,6 +10,7 @@ onnx-graphsurgeon itself drops `metadata_props`.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -124,13 +125,76 @@ def save_graph(graph: gs.Graph, path: Path, *, data_name: str | None = None) -> 
     Both files are written under temporary names and renamed at the end.
     """
     path = Path(path)
-    data_name = data_name or path.name + ".data"
-    model = to_model_proto(graph)
-    with atomic_path(path.parent / data_name) as data_tmp:
-        _externalize(model, graph, data_tmp, data_name)
-        with atomic_path(path) as model_tmp:
-            onnx.save_model(model, str(model_tmp))
-    return path
+    return save_graphs([(graph, path)], path.parent / (data_name or path.name + ".data"))[0]
+
+
+def save_graphs(items: Sequence[tuple[gs.Graph, Path]], data_path: Path) -> list[Path]:
+    """Save several graphs (one per timestep bucket) that share one external data file.
+
+    A tensor with the same name and bytes in several graphs (the quantized weights) is stored once,
+    so K buckets cost K small protobufs plus one set of weights.
+    """
+    data_path = Path(data_path)
+    if any(Path(p).parent != data_path.parent for _, p in items):
+        raise ValueError("models and their shared data file must sit in one folder")
+    with atomic_path(data_path) as data_tmp, open(data_tmp, "wb") as out:
+        writer = _DataWriter(out, data_path.name)
+        protos = [(writer.externalize(to_model_proto(graph), graph), Path(p)) for graph, p in items]
+        out.flush()
+        for model, p in protos:
+            with atomic_path(p) as model_tmp:
+                onnx.save_model(model, str(model_tmp))
+        writer.rebind_sources(data_path)
+    return [p for _, p in protos]
+
+
+class _DataWriter:
+    """Appends tensors to one data file, each (name, bytes) once, aligned for memory mapping."""
+
+    def __init__(self, out, location: str):
+        self.out = out
+        self.location = location
+        self.stored: dict[tuple[str, str], tuple[int, int]] = {}
+        self.moved: list[tuple[ExternalValues, int, int]] = []
+
+    def externalize(self, model: onnx.ModelProto, graph: gs.Graph) -> onnx.ModelProto:
+        sources = {
+            name: t._values
+            for name, t in graph.tensors().items()
+            if isinstance(t, gs.Constant) and isinstance(t._values, ExternalValues)
+        }
+        for tensor in _all_initializers(model):
+            if uses_external_data(tensor):
+                src = sources.get(tensor.name)
+                if src is None:
+                    raise RuntimeError(f"tensor '{tensor.name}' refers to external data with no known source")
+                key = (tensor.name, f"{src.data_path}:{src.offset}:{src.length}")
+                if key not in self.stored:
+                    self.stored[key] = (self._align(), src.length)
+                    _copy_range(src.data_path, src.offset, src.length, self.out)
+                    self.moved.append((src, *self.stored[key]))
+                _set_external(tensor, self.location, *self.stored[key])
+            elif tensor.HasField("raw_data") and len(tensor.raw_data) >= INLINE_LIMIT_BYTES:
+                key = (tensor.name, hashlib.sha256(tensor.raw_data).hexdigest())
+                if key not in self.stored:
+                    self.stored[key] = (self._align(), len(tensor.raw_data))
+                    self.out.write(tensor.raw_data)
+                tensor.ClearField("raw_data")
+                _set_external(tensor, self.location, *self.stored[key])
+        return model
+
+    def _align(self, alignment: int = 64) -> int:
+        pos = self.out.tell()
+        pad = (-pos) % alignment
+        if pad:
+            self.out.write(b"\0" * pad)
+        return pos + pad
+
+    def rebind_sources(self, final: Path) -> None:
+        """When saving over the file we read from, point the graph's lazy weights at the new layout."""
+        for src, offset, length in self.moved:
+            if src.data_path.resolve() == final.resolve():
+                src.offset, src.length = offset, length
 
 
 def to_model_proto(graph: gs.Graph) -> onnx.ModelProto:
@@ -144,51 +208,12 @@ def to_model_proto(graph: gs.Graph) -> onnx.ModelProto:
     return model
 
 
-def _externalize(model: onnx.ModelProto, graph: gs.Graph, data_tmp: Path, data_name: str) -> None:
-    sources = {
-        name: t._values
-        for name, t in graph.tensors().items()
-        if isinstance(t, gs.Constant) and isinstance(t._values, ExternalValues)
-    }
-    moved: dict[str, tuple[int, int]] = {}
-    with open(data_tmp, "wb") as out:
-        for tensor in _all_initializers(model):
-            if uses_external_data(tensor):
-                src = sources.get(tensor.name)
-                if src is None:
-                    raise RuntimeError(f"tensor '{tensor.name}' refers to external data with no known source")
-                offset = _align(out)
-                _copy_range(src.data_path, src.offset, src.length, out)
-                _set_external(tensor, data_name, offset, src.length)
-                moved[tensor.name] = (offset, src.length)
-            elif tensor.HasField("raw_data") and len(tensor.raw_data) >= INLINE_LIMIT_BYTES:
-                offset = _align(out)
-                out.write(tensor.raw_data)
-                length = len(tensor.raw_data)
-                tensor.ClearField("raw_data")
-                _set_external(tensor, data_name, offset, length)
-    final = data_tmp.parent / data_name
-    for name, (offset, length) in moved.items():
-        src = sources[name]
-        if src.data_path.resolve() == final.resolve():
-            # Saving over the file we read from: point the graph at the new layout.
-            src.offset, src.length = offset, length
-
-
 def _all_initializers(model: onnx.ModelProto) -> Iterable[onnx.TensorProto]:
     yield from model.graph.initializer
     for node in model.graph.node:
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.TENSOR:
                 yield attr.t
-
-
-def _align(out, alignment: int = 64) -> int:
-    pos = out.tell()
-    pad = (-pos) % alignment
-    if pad:
-        out.write(b"\0" * pad)
-    return pos + pad
 
 
 def _copy_range(src: Path, offset: int, length: int, out) -> None:

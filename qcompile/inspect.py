@@ -15,6 +15,10 @@ from qcompile.errors import UserError
 
 def inspect_path(path: Path) -> str:
     path = Path(path)
+    if path.is_dir() and (path / "meta.json").is_file():
+        from qcompile.calibration.cache import CalibrationCache
+
+        return CalibrationCache.open(path).summary()
     if path.is_dir():
         return inspect_artifact(path)
     if path.suffix == ".onnx":

@@ -8,7 +8,7 @@ message, never the CLI or the other targets.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -37,8 +37,9 @@ class Target(Protocol):
     def pipeline(self, plan: Any, ranges: Mapping[str, TensorRange]) -> list[Pass]:
         """Passes that turn the canonical float graph into this target's quantized graph."""
 
-    def emit(self, graph: gs.Graph, out_dir: Path, stem: str) -> list[Path]:
-        """Write the target's files for one bucket's graph; return their paths."""
+    def emit(self, graphs: Sequence[gs.Graph], out_dir: Path) -> list[list[str]]:
+        """Write the target's files for the buckets' graphs (one per bucket, weights shared);
+        return each bucket's file names, relative to `out_dir`, the model file first."""
 
     def runner(self, artifact_dir: Path, manifest: Mapping[str, Any]) -> Runner: ...
 

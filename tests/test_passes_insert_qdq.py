@@ -2,18 +2,19 @@ import numpy as np
 import onnx
 import pytest
 from graphs import conv_mlp_model, run, save_with_external_data
-from qcompile.passes.canonicalize import canonicalize_passes
-from qcompile.passes.insert_qdq import plan_quantization
-from qcompile.targets.ort_int8.target import OrtInt8Target
 
+from qcompile.calibration.estimators import estimate_ranges
 from qcompile.calibration.inputs import InputSet
-from qcompile.calibration.observe import collect_minmax
-from qcompile.calibration.ranges import estimate_ranges
+from qcompile.calibration.recorder import record_input_set
+from qcompile.calibration.stats import collect_stats
 from qcompile.config import Estimator
 from qcompile.evaluation.metrics import cosine, sqnr_db
 from qcompile.graph_io import load_graph, save_graph
 from qcompile.pass_manager import PassContext, PassManager
+from qcompile.passes.canonicalize import canonicalize_passes
+from qcompile.passes.insert_qdq import plan_quantization
 from qcompile.runtime import make_session
+from qcompile.targets.ort_int8.target import OrtInt8Target
 
 
 @pytest.fixture
@@ -31,10 +32,13 @@ def _quantize(canonical, out, exclude=()):
     target = OrtInt8Target()
     graph = load_graph(canonical)
     plan = plan_quantization(graph, target.caps, exclude)
-    ranges = estimate_ranges(collect_minmax(canonical, plan.activations, _inputs(32, 0)), Estimator.MAX)
+    recording = record_input_set(_inputs(32, 0), out.parent / "recording", {})
+    table = collect_stats(canonical, graph, recording, names=plan.activations)
+    ranges = estimate_ranges(table, Estimator.MAX)
     ctx = PassContext()
     PassManager(target.pipeline(plan, ranges)).run(graph, ctx)
-    return plan, target.emit(graph, out.parent, out.stem)[0], ctx
+    files = target.emit([graph], out.parent)[0]
+    return plan, out.parent / files[0], ctx
 
 
 def test_plan_covers_weighted_ops_and_respects_exclusions(canonical):

@@ -8,20 +8,20 @@ Q/DQ graph it cannot fuse runs slower than FP32.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
-from qcompile.passes.cleanup import NameNodes
-from qcompile.passes.infer_shapes import InferShapes
-from qcompile.passes.insert_qdq import InsertQDQ, QuantPlan
 
 from qcompile.caps import WEIGHTED_OPS, TargetCaps
 from qcompile.config import TargetName
-from qcompile.graph_io import save_graph
+from qcompile.graph_io import save_graph, save_graphs
 from qcompile.pass_manager import Pass
+from qcompile.passes.cleanup import NameNodes
+from qcompile.passes.infer_shapes import InferShapes
+from qcompile.passes.insert_qdq import InsertQDQ, QuantPlan
 from qcompile.quant import QuantDType, TensorRange
 from qcompile.runtime import OnnxRunner
 
@@ -44,9 +44,14 @@ class OrtInt8Target:
     def pipeline(self, plan: QuantPlan, ranges: Mapping[str, TensorRange]) -> list[Pass]:
         return [NameNodes(), InsertQDQ(plan, ranges, self.caps), InferShapes()]
 
-    def emit(self, graph: gs.Graph, out_dir: Path, stem: str) -> list[Path]:
-        onnx_path = save_graph(graph, out_dir / f"{stem}.onnx")
-        return [onnx_path, onnx_path.with_name(onnx_path.name + ".data")]
+    def emit(self, graphs: Sequence[gs.Graph], out_dir: Path) -> list[list[str]]:
+        """One QDQ model per bucket, all reading one weight file (weights stored once)."""
+        if len(graphs) == 1:
+            save_graph(graphs[0], out_dir / "model.onnx")
+            return [["model.onnx", "model.onnx.data"]]
+        names = [f"model_t{k}.onnx" for k in range(len(graphs))]
+        save_graphs([(g, out_dir / n) for g, n in zip(graphs, names, strict=True)], out_dir / "model.data")
+        return [[n, "model.data"] for n in names]
 
     def runner(self, artifact_dir: Path, manifest: Mapping[str, Any]) -> OnnxRunner:
         buckets = manifest["buckets"]

@@ -1,0 +1,81 @@
+"""The calibration stage: record inputs, replay them through the float graph, cache the statistics.
+
+Calibration runs the model, so it is a stage, not a pass. Its product is a CalibrationCache; scales
+are decided later, per target, estimator and bucket, from the cached statistics alone.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import onnx_graphsurgeon as gs
+
+from qcompile.artifact import file_fingerprint
+from qcompile.calibration.cache import RECORDING_DIR, CalibrationCache
+from qcompile.calibration.inputs import InputSet, load_npz, synthetic_inputs
+from qcompile.calibration.recorder import Recording, record_input_set, record_sampling
+from qcompile.calibration.stats import collect_stats
+from qcompile.config import CalibKind, CalibSpec, SamplerSettings
+from qcompile.errors import UserError
+from qcompile.runtime import OnnxRunner
+
+# Calibration sampling uses other seeds than evaluation, so a build is never judged on its own data.
+CALIB_SEED_OFFSET = 50_021
+
+
+def default_calib(adapter) -> CalibSpec:
+    """Real trajectories for models that can sample, synthetic inputs otherwise."""
+    return CalibSpec(CalibKind.SAMPLE, count=32) if adapter.sampling() is not None else \
+        CalibSpec(CalibKind.SYNTHETIC, count=16)
+
+
+def graph_fingerprint(fp32_path: Path) -> str:
+    return file_fingerprint([fp32_path, fp32_path.with_name(fp32_path.name + ".data")])
+
+
+def user_inputs(spec: CalibSpec, adapter, timestep_name: str | None) -> InputSet:
+    specs = adapter.input_specs()
+    unbatched = frozenset(s.name for s in specs if not s.batched)
+    return load_npz(spec.path, [s.name for s in specs], timestep_name, unbatched)
+
+
+def record(spec: CalibSpec, adapter, fp32_path: Path, folder: Path, *, names: tuple[str | None, str | None],
+           sampler: SamplerSettings, seed: int, inputs: InputSet | None = None) -> Recording:
+    """Write the recording of `spec` into `folder`. `inputs` overrides what a FILE spec would load
+    (the build holds part of the user's file back for validation)."""
+    sample_name, timestep_name = names
+    source = {"calib": spec.describe()}
+    if spec.kind is CalibKind.SAMPLE:
+        setup = adapter.sampling()
+        if setup is None or timestep_name is None:
+            raise UserError(f"--calib {spec.describe()}: this model has no sampling loop; use synthetic:N or an .npz")
+        runner = OnnxRunner([fp32_path], timestep_name=timestep_name, sample_name=sample_name)
+        settings = SamplerSettings(scheduler=sampler.scheduler, steps=sampler.steps, guidance=sampler.guidance,
+                                   seed=sampler.seed + CALIB_SEED_OFFSET)
+        return record_sampling(runner.run, setup, settings, spec.count, folder, sample_name=sample_name,
+                               timestep_name=timestep_name, source=source)
+    if inputs is None:
+        inputs = synthetic_inputs(adapter, spec.count, seed) if spec.kind is CalibKind.SYNTHETIC else \
+            user_inputs(spec, adapter, timestep_name)
+    return record_input_set(inputs, folder, source)
+
+
+def calibrate(spec: CalibSpec, adapter, fp32_path: Path, graph: gs.Graph, cache_dir: Path, **kwargs
+              ) -> CalibrationCache:
+    """Record and compute statistics into `cache_dir` (a new cache)."""
+    recording = record(spec, adapter, fp32_path, Path(cache_dir) / RECORDING_DIR, **kwargs)
+    table = collect_stats(fp32_path, graph, recording)
+    return CalibrationCache.create(cache_dir, graph_fingerprint=graph_fingerprint(fp32_path), recording=recording,
+                                   table=table, source=recording.meta["source"])
+
+
+def open_or_calibrate(spec: CalibSpec, adapter, fp32_path: Path, graph: gs.Graph, cache_dir: Path,
+                      **kwargs) -> tuple[CalibrationCache, float, bool]:
+    """(cache, seconds, reused): an existing cache in `cache_dir` is reused, but only for the same graph."""
+    t0 = time.perf_counter()
+    if CalibrationCache.exists(cache_dir):
+        cache = CalibrationCache.open(cache_dir, expect_graph=graph_fingerprint(fp32_path))
+        return cache, time.perf_counter() - t0, True
+    cache = calibrate(spec, adapter, fp32_path, graph, cache_dir, **kwargs)
+    return cache, time.perf_counter() - t0, False

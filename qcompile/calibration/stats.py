@@ -1,0 +1,204 @@
+"""Activation statistics per tensor per timestep, from replaying a recording through the float graph.
+
+For every tensor a target may quantize (every float activation) and every recorded timestep value:
+element count, min, max, per-channel absmax and a histogram. The histogram bins are fixed in
+advance (log2-spaced magnitudes, sign kept apart), so statistics computed on separate shards, or on
+separate machines, merge exactly by addition; no estimator or target choice is baked in.
+
+Memory stays bounded: tensors are exposed as graph outputs in groups whose size for one batch fits
+a byte budget, and each group replays the recording once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from tqdm import tqdm
+
+from qcompile.calibration.recorder import Recording
+from qcompile.runtime import make_session
+
+# Histogram of |x|: bin 0 holds |x| < 2**LOG2_MIN (zeros included); then BINS_PER_OCTAVE bins per
+# octave up to 2**LOG2_MAX; the last bin also takes anything larger.
+LOG2_MIN, LOG2_MAX, BINS_PER_OCTAVE = -16, 16, 8
+N_BINS = (LOG2_MAX - LOG2_MIN) * BINS_PER_OCTAVE + 1
+EXPOSED_BYTES_BUDGET = 512 << 20
+
+
+def bin_edges() -> np.ndarray:
+    """Magnitude edges of bins 1..N_BINS-1 (bin i spans edges[i-1]..edges[i])."""
+    return 2.0 ** (LOG2_MIN + np.arange(N_BINS) / BINS_PER_OCTAVE)
+
+
+def magnitude_histogram(x: np.ndarray) -> np.ndarray:
+    """(2, N_BINS) counts: row 0 negative values, row 1 positive (and zero) values."""
+    mag = np.abs(x, dtype=np.float32).ravel()
+    with np.errstate(divide="ignore"):
+        idx = np.floor((np.log2(mag) - LOG2_MIN) * BINS_PER_OCTAVE).astype(np.int64) + 1
+    idx = np.clip(idx, 0, N_BINS - 1)
+    neg = x.ravel() < 0
+    return np.stack([np.bincount(idx[neg], minlength=N_BINS), np.bincount(idx[~neg], minlength=N_BINS)])
+
+
+@dataclass(eq=False)
+class TensorStats:
+    """One tensor's statistics, one row per timestep of `StatsTable.timesteps`."""
+
+    channel_axis: int
+    count: np.ndarray  # (T,) int64 elements seen
+    lo: np.ndarray  # (T,) float32
+    hi: np.ndarray  # (T,) float32
+    chan_absmax: np.ndarray  # (T, C) float32
+    hist: np.ndarray  # (T, 2, N_BINS) int64
+
+    @classmethod
+    def empty(cls, timesteps: int, channels: int, channel_axis: int) -> TensorStats:
+        return cls(channel_axis, np.zeros(timesteps, np.int64), np.full(timesteps, np.inf, np.float32),
+                   np.full(timesteps, -np.inf, np.float32), np.zeros((timesteps, channels), np.float32),
+                   np.zeros((timesteps, 2, N_BINS), np.int64))
+
+    def observe(self, t: int, x: np.ndarray) -> None:
+        if x.size == 0:
+            return
+        self.count[t] += x.size
+        self.lo[t] = min(self.lo[t], float(x.min()))
+        self.hi[t] = max(self.hi[t], float(x.max()))
+        axis = self.channel_axis % x.ndim if x.ndim else 0
+        if x.ndim:
+            per_channel = np.abs(np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1)).max(axis=1)
+            if per_channel.shape[0] == self.chan_absmax.shape[1]:
+                np.maximum(self.chan_absmax[t], per_channel, out=self.chan_absmax[t])
+        self.hist[t] += magnitude_histogram(x)
+
+
+@dataclass(eq=False)
+class StatsTable:
+    timesteps: np.ndarray  # (T,) float, descending; NaN for models without a timestep
+    tensors: dict[str, TensorStats]
+
+    def merge(self, other: StatsTable) -> StatsTable:
+        """Exact merge of statistics computed on separate shards (union of timesteps)."""
+        ts = np.union1d(_key(self.timesteps), _key(other.timesteps))[::-1]
+        out: dict[str, TensorStats] = {}
+        for name in sorted(set(self.tensors) | set(other.tensors)):
+            parts = [(tab, tab.tensors[name]) for tab in (self, other) if name in tab.tensors]
+            first = parts[0][1]
+            merged = TensorStats.empty(len(ts), first.chan_absmax.shape[1], first.channel_axis)
+            for tab, st in parts:
+                idx = np.searchsorted(-ts, -_key(tab.timesteps))
+                merged.count[idx] += st.count
+                merged.lo[idx] = np.minimum(merged.lo[idx], st.lo)
+                merged.hi[idx] = np.maximum(merged.hi[idx], st.hi)
+                merged.chan_absmax[idx] = np.maximum(merged.chan_absmax[idx], st.chan_absmax)
+                merged.hist[idx] += st.hist
+            out[name] = merged
+        return StatsTable(_unkey(ts), out)
+
+
+def _key(ts: np.ndarray) -> np.ndarray:
+    """NaN (no timestep) sorts as -1 so set operations work."""
+    return np.where(np.isnan(ts), -1.0, ts)
+
+
+def _unkey(ts: np.ndarray) -> np.ndarray:
+    return np.where(ts == -1.0, np.nan, ts)
+
+
+def quantizable_tensors(graph: gs.Graph) -> list[str]:
+    """Every float activation (graph inputs and node outputs), in graph order."""
+    names: dict[str, None] = {}
+    for t in graph.inputs:
+        if t.dtype is not None and np.dtype(t.dtype).kind == "f":
+            names[t.name] = None
+    for node in graph.nodes:
+        if node.op in ("QuantizeLinear", "DequantizeLinear", "Constant", "Shape"):
+            continue
+        for t in node.outputs:
+            if t.dtype is not None and np.dtype(t.dtype).kind == "f" and t.outputs:
+                names[t.name] = None
+    return list(names)
+
+
+def channel_axis(tensor: gs.Tensor) -> int:
+    """The axis a per-channel statistic runs along: 1 for what Conv reads (NCHW), else the last."""
+    if any(c.op == "Conv" for c in tensor.outputs):
+        return 1
+    rank = len(tensor.shape) if tensor.shape is not None else 0
+    return 1 if rank == 4 else -1
+
+
+def _row_bytes(tensor: gs.Tensor) -> int:
+    if tensor.shape is None:
+        return 1 << 20
+    dims = [d if isinstance(d, int) and d > 0 else 1 for d in tensor.shape[1:]]
+    return 4 * math.prod(dims)
+
+
+def _channels(tensor: gs.Tensor, axis: int) -> int:
+    shape = tensor.shape
+    if not shape:
+        return 1
+    d = shape[axis % len(shape)]
+    return d if isinstance(d, int) and d > 0 else 1
+
+
+def expose_tensors(onnx_path: Path, names: Sequence[str]) -> Path:
+    """A copy of the model (beside it, sharing its external data) with `names` as extra outputs."""
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    present = {o.name for o in model.graph.output}
+    for name in names:
+        if name not in present:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    exposed = onnx_path.with_name(f".{onnx_path.stem}.observe.onnx")
+    onnx.save_model(model, str(exposed))
+    return exposed
+
+
+def collect_stats(onnx_path: Path, graph: gs.Graph, recording: Recording, *, names: Sequence[str] | None = None,
+                  batch: int = 16, budget_bytes: int = EXPOSED_BYTES_BUDGET) -> StatsTable:
+    names = list(names) if names is not None else quantizable_tensors(graph)
+    tensors = graph.tensors()
+    timesteps = recording.timesteps()
+    t_index = {float(t): i for i, t in enumerate(_key(timesteps))}
+    table = {}
+    for n in names:
+        axis = channel_axis(tensors[n])
+        table[n] = TensorStats.empty(len(timesteps), _channels(tensors[n], axis), axis)
+    groups = _groups(names, [_row_bytes(tensors[n]) * batch for n in names], budget_bytes)
+    progress = tqdm(total=recording.rows * len(groups), desc="statistics", unit="row", leave=False)
+    for group in groups:
+        exposed = expose_tensors(onnx_path, group)
+        try:
+            sess = make_session(exposed)
+            for inputs, meta in recording.shards():
+                keys = _key(meta.timestep)
+                for t in np.unique(keys):
+                    rows = np.nonzero(keys == t)[0]
+                    for start in range(0, len(rows), batch):
+                        idx = rows[start:start + batch]
+                        values = sess.run(group, inputs.take(idx))
+                        for name, v in zip(group, values, strict=True):
+                            table[name].observe(t_index[float(t)], np.asarray(v, np.float32))
+                        progress.update(len(idx))
+        finally:
+            exposed.unlink()
+    progress.close()
+    return StatsTable(timesteps, table)
+
+
+def _groups(names: list[str], sizes: list[int], budget: int) -> list[list[str]]:
+    groups: list[list[str]] = [[]]
+    used = 0
+    for name, size in zip(names, sizes, strict=True):
+        if groups[-1] and used + size > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += size
+    return groups
