@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+from qcompile.pass_manager import Pass
 from qcompile.passes.cleanup import EliminateDeadNodes, NameNodes, RemoveIdentity
 from qcompile.passes.fold_constants import FoldConstants
 from qcompile.passes.infer_shapes import InferShapes
-
-from qcompile.pass_manager import Pass
 
 
 def canonicalize_passes() -> list[Pass]:

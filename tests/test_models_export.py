@@ -14,15 +14,15 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+
+from qcompile.errors import UserError
+from qcompile.export import MODULE_KEY, ExportError, export_onnx
 from qcompile.models.autoencoder_kl import VaeDecoderAdapter, VaeEncoderAdapter
 from qcompile.models.base import InputRole, ModelAdapter, ModelFamily, NoiseSchedule
 from qcompile.models.clip_text import ClipTextAdapter, ClipTextWithProjectionAdapter
 from qcompile.models.source import resolve_model
 from qcompile.models.table import ADAPTERS, BUILTINS, adapter_for_class, adapter_for_family
 from qcompile.models.unet2d_condition import UNet2DConditionAdapter
-
-from qcompile.errors import UserError
-from qcompile.export import MODULE_KEY, ExportError, export_onnx
 
 TOL = 1e-4
 WEIGHT_OPS = ("Conv", "MatMul", "Gemm")

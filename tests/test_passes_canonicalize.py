@@ -1,11 +1,11 @@
 import numpy as np
 from graphs import conv_mlp_model, run, save_with_external_data
-from qcompile.passes.canonicalize import canonicalize_passes
-from qcompile.passes.cleanup import RemoveIdentity
-from qcompile.passes.fold_constants import FoldConstants
 
 from qcompile.graph_io import load_graph, save_graph
 from qcompile.pass_manager import GraphProperty, PassContext, PassManager
+from qcompile.passes.canonicalize import canonicalize_passes
+from qcompile.passes.cleanup import RemoveIdentity
+from qcompile.passes.fold_constants import FoldConstants
 
 
 def _canonical(tmp_path):
@@ -44,10 +44,10 @@ def test_single_passes_report_modified_correctly(tmp_path):
 
 def test_pass_order_is_checked(tmp_path):
     import pytest
-    from qcompile.passes.insert_qdq import InsertQDQ, QuantPlan
 
     from qcompile.caps import TargetCaps
     from qcompile.pass_manager import PassOrderError
+    from qcompile.passes.insert_qdq import InsertQDQ, QuantPlan
     from qcompile.quant import QuantDType
 
     graph = load_graph(save_with_external_data(conv_mlp_model(), tmp_path / "m.onnx"))
