@@ -144,7 +144,7 @@ def build(cfg: CompileConfig) -> BuildResult:
         for bucket in buckets:
             g = graph if bucket.index == len(buckets) - 1 else load_graph(fp32_path)
             ranges = estimate_ranges(table, cfg.estimator, bucket.timestep_indices, names=plan.activations,
-                                     levels=levels)
+                                     levels=levels, symmetric=target.caps.activation_symmetric)
             PassManager(target.pipeline(plan, ranges)).run(g, ctx)
             graphs.append(g)
         files = target.emit(graphs, work)

@@ -46,6 +46,8 @@ class Target(Protocol):
 
 TARGETS: dict[TargetName, str] = {
     TargetName.ORT_INT8: "qcompile.targets.ort_int8.target:OrtInt8Target",
+    TargetName.TFLITE_INT8: "qcompile.targets.tflite.target:TfliteInt8Target",
+    TargetName.TFLITE_FP32: "qcompile.targets.tflite.target:TfliteFp32Target",
 }
 
 

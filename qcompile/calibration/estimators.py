@@ -43,20 +43,28 @@ def _side_percentile(hist: np.ndarray, total: int, q: float) -> float:
     return float(_edges()[1][above[-1]])
 
 
-def _mse_scale(hist: np.ndarray, lo: float, hi: float, levels: int) -> float:
-    """The factor in (0, 1] on (lo, hi) minimising expected squared quantization error."""
+def _mse_range(hist: np.ndarray, lo: float, hi: float, levels: int, symmetric: bool) -> tuple[float, float]:
+    """Clipping (a, b) minimising expected squared error: rounding noise step^2/12 inside the range,
+    squared clipping distance outside. Each side is searched independently (activations after
+    SiLU or GELU are far from symmetric); symmetric targets search one magnitude."""
     centers = _centers()
     values = np.concatenate([-centers, centers])
     counts = np.concatenate([hist[0], hist[1]]).astype(np.float64)
-    best, best_err = 1.0, np.inf
-    for alpha in np.linspace(0.02, 1.0, 50):
-        a, b = alpha * lo, alpha * hi
-        step = max(b - a, 1e-12) / levels
-        clipped = np.clip(values, a, b)
-        err = np.sum(counts * ((values - clipped) ** 2 + (values == clipped) * step**2 / 12.0))
-        if err < best_err:
-            best, best_err = alpha, err
-    return best
+    alphas = np.linspace(0.02, 1.0, 50)
+    if symmetric:
+        amax = max(abs(lo), abs(hi))
+        a = -alphas[:, None] * amax
+        b = alphas[:, None] * amax
+    else:
+        a = (alphas[:, None] * lo)[:, None, :]  # (A, 1, 1)
+        b = (alphas[:, None] * hi)[None, :, :]  # (1, A, 1)
+    step = np.maximum(b - a, 1e-12) / levels
+    clipped = np.clip(values, a, b)
+    err = np.sum(counts * ((values - clipped) ** 2 + (values == clipped) * step**2 / 12.0), axis=-1)
+    best = np.unravel_index(int(np.argmin(err)), err.shape)
+    if symmetric:
+        return float(a[best[0], 0]), float(b[best[0], 0])
+    return float(alphas[best[0]] * lo), float(alphas[best[1]] * hi)
 
 
 def _kl_threshold(hist: np.ndarray, amax: float) -> float:
@@ -81,7 +89,8 @@ def _kl_threshold(hist: np.ndarray, amax: float) -> float:
     return min(amax, (best_i + 0.5) * width)
 
 
-def estimate_range(st: TensorStats, idx: np.ndarray, estimator: Estimator, *, levels: int = 255) -> TensorRange:
+def estimate_range(st: TensorStats, idx: np.ndarray, estimator: Estimator, *, levels: int = 255,
+                   symmetric: bool = False) -> TensorRange:
     lo, hi = float(np.min(st.lo[idx])), float(np.max(st.hi[idx]))
     if estimator is Estimator.MAX:
         return TensorRange(lo, hi)
@@ -91,14 +100,14 @@ def estimate_range(st: TensorStats, idx: np.ndarray, estimator: Estimator, *, le
         return TensorRange(max(lo, -_side_percentile(hist[0], total, PERCENTILE)),
                            min(hi, _side_percentile(hist[1], total, PERCENTILE)))
     if estimator is Estimator.MSE:
-        alpha = _mse_scale(hist, min(lo, 0.0), max(hi, 0.0), levels)
-        return TensorRange(alpha * lo, alpha * hi)
+        return TensorRange(*_mse_range(hist, min(lo, 0.0), max(hi, 0.0), levels, symmetric))
     thr = _kl_threshold(hist, max(abs(lo), abs(hi)))
     return TensorRange(max(lo, -thr), min(hi, thr))
 
 
 def estimate_ranges(table: StatsTable, estimator: Estimator, timestep_indices: Sequence[int] | None = None, *,
-                    names: Sequence[str] | None = None, levels: int = 255) -> dict[str, TensorRange]:
+                    names: Sequence[str] | None = None, levels: int = 255,
+                    symmetric: bool = False) -> dict[str, TensorRange]:
     """Ranges for `names` (all tensors) over the given timesteps (all of them)."""
     idx = np.arange(len(table.timesteps)) if timestep_indices is None else np.asarray(timestep_indices)
     out = {}
@@ -106,7 +115,7 @@ def estimate_ranges(table: StatsTable, estimator: Estimator, timestep_indices: S
         st = table.tensors.get(name)
         if st is None or not np.any(st.count[idx]):
             continue
-        out[name] = estimate_range(st, idx, estimator, levels=levels)
+        out[name] = estimate_range(st, idx, estimator, levels=levels, symmetric=symmetric)
     return out
 
 

@@ -113,6 +113,7 @@ def _unkey(ts: np.ndarray) -> np.ndarray:
 def quantizable_tensors(graph: gs.Graph) -> list[str]:
     """Every float activation (graph inputs and node outputs), in graph order."""
     names: dict[str, None] = {}
+    outputs = {t.name for t in graph.outputs}
     for t in graph.inputs:
         if t.dtype is not None and np.dtype(t.dtype).kind == "f":
             names[t.name] = None
@@ -120,7 +121,7 @@ def quantizable_tensors(graph: gs.Graph) -> list[str]:
         if node.op in ("QuantizeLinear", "DequantizeLinear", "Constant", "Shape"):
             continue
         for t in node.outputs:
-            if t.dtype is not None and np.dtype(t.dtype).kind == "f" and t.outputs:
+            if t.dtype is not None and np.dtype(t.dtype).kind == "f" and (t.outputs or t.name in outputs):
                 names[t.name] = None
     return list(names)
 
