@@ -12,6 +12,7 @@ Weights load from local files only: nothing here reaches the network.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -109,12 +110,10 @@ def _has_part(class_name: str, part: str) -> bool:
 
 
 def _reference() -> ModelAdapter:
-    try:
-        from qcompile.models import reference_model
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("qcompile.models.reference_model",):
-            raise
-        raise UserError("builtin:reference is not available in this install") from exc
+    if importlib.util.find_spec("qcompile.models.reference_model") is None:
+        raise UserError("builtin:reference is not available in this install")
+    from qcompile.models import reference_model
+
     from .reference_setup import ReferenceAdapter
 
     weights = reference_model.reference_dir() / "unet"

@@ -16,12 +16,15 @@ Why the steps are what they are:
 from __future__ import annotations
 
 import ast
+import contextlib
 import inspect
 import logging
 import os
 import re
 import tempfile
 import time
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,8 +110,31 @@ def _example_args(adapter, batch: int) -> tuple[torch.Tensor, ...]:
     return tuple(torch.from_numpy(feeds[s.name]) for s in adapter.input_specs())
 
 
+@contextlib.contextmanager
+def _quiet_exporters() -> Iterator[None]:
+    """torch.export and torch.onnx print deprecation and registry warnings on every export; they
+    say nothing to our users and would bury qcompile's own one-line messages on stderr."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
 def _export(adapter, module: torch.nn.Module, exporter: str, opset: int, dynamic_batch: bool,
             tmp: Path) -> ir.Model:
+    with _quiet_exporters():
+        return _export_loud(adapter, module, exporter, opset, dynamic_batch, tmp)
+
+
+def _export_loud(adapter, module: torch.nn.Module, exporter: str, opset: int, dynamic_batch: bool,
+                 tmp: Path) -> ir.Model:
     specs = adapter.input_specs()
     names = [s.name for s in specs]
     outputs = list(adapter.output_names)

@@ -111,3 +111,51 @@ def test_out_folder_with_user_files_is_never_clobbered(capsys, tmp_path):
     code = main(["build", TINY, "--out", str(out)])
     assert code == 2 and "not a qcompile artifact" in capsys.readouterr().err
     assert (out / "notes.txt").read_text() == "keep me" and len(list(out.iterdir())) == 1
+
+
+def test_calibration_cache_reused_across_builds_and_refused_for_another_graph(capsys, tmp_path):
+    cache = tmp_path / "cache"
+    assert main(["calibrate", TINY, "--calib-cache", str(cache), "--calib", "synthetic:8"]) == 0
+    assert "calibration cache" in capsys.readouterr().out
+    out = tmp_path / "k2"
+    assert main(["build", TINY, "--out", str(out), "--calib-cache", str(cache), "--buckets", "2",
+                 "--estimator", "percentile", "--validate", "4"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert report["summary"]["calibration_reused"] is True
+    assert [b["files"] for b in manifest["buckets"]] == [["model_t0.onnx", "model.data"],
+                                                          ["model_t1.onnx", "model.data"]]
+    lo, hi = (b["timestep_range"] for b in manifest["buckets"])
+    assert lo[0] == 0.0 and lo[1] == hi[0] and hi[1] == 1000.0
+    # Weights are stored once: the shared data file holds one copy of the int8 weights.
+    assert (out / "model.data").stat().st_size < 0.3 * (out / "fp32" / "model.onnx.data").stat().st_size
+    assert main(["inspect", str(cache)]) == 0
+    capsys.readouterr()
+    other = tmp_path / "other"
+    code = main(["build", "builtin:tiny-unet2d", "--out", str(other), "--calib-cache", str(cache)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "made for another graph" in err and len(err.splitlines()) == 1
+    assert not other.exists()
+
+
+def test_bucket_runner_routes_each_timestep_to_its_model(tmp_path):
+    from qcompile.artifact import read_manifest
+    from qcompile.runtime import OnnxRunner
+    from qcompile.targets.ort_int8.target import OrtInt8Target
+
+    out = tmp_path / "k3"
+    assert main(["build", TINY, "--out", str(out), "--calib", "synthetic:12", "--buckets", "3",
+                 "--bucket-method", "uniform", "--validate", "4"]) == 0
+    manifest = read_manifest(out)
+    runner = OrtInt8Target().runner(out, manifest)
+    rng = np.random.default_rng(0)
+    t = np.array([5.0, 500.0, 990.0, 6.0], np.float32)
+    feed = {"sample": rng.standard_normal((4, 4, 16, 16)).astype(np.float32), "timestep": t,
+            "encoder_hidden_states": rng.standard_normal((4, 77, 32)).astype(np.float32)}
+    mixed = runner.run(feed)
+    for i, ti in enumerate(t):
+        b = runner.bucket_of(float(ti))
+        lo, hi = manifest["buckets"][b]["timestep_range"]
+        assert lo <= ti < hi
+        alone = OnnxRunner([out / manifest["buckets"][b]["files"][0]])
+        np.testing.assert_array_equal(mixed[i], alone.run({k: v[i:i + 1] for k, v in feed.items()})[0])
