@@ -77,6 +77,25 @@ def export_canonical(adapter, folder: Path, *, opset: int, ctx: PassContext) -> 
     return path, raw
 
 
+def reuse_export(source: Path, folder: Path) -> tuple[Path, Any]:
+    """Copy the canonical float model of an earlier `qcompile export` or build folder: rebuilding for
+    another target, estimator or bucket count from a calibration cache then runs no model at all."""
+    from qcompile.artifact import read_manifest
+    from qcompile.export import ExportResult
+
+    m = read_manifest(source)
+    rel = m.get("source", {}).get("fp32_model") or (m.get("files") or [None])[0]
+    model = Path(source) / rel if rel else None
+    if model is None or not model.is_file():
+        raise UserError(f"--from-export {source}: no canonical float model listed in its manifest")
+    folder.mkdir(parents=True, exist_ok=True)
+    for p in (model, model.with_name(model.name + ".data")):
+        shutil.copy2(p, folder / p.name.replace(model.stem, "model", 1))
+    e = m["export"]
+    return folder / "model.onnx", ExportResult(folder / "model.onnx", e["exporter"], e["opset"],
+                                               e["max_abs_diff_vs_torch"], 0.0, tuple(e.get("notes", ())))
+
+
 def input_roles(adapter) -> tuple[str | None, str | None]:
     """Names of the sample and timestep inputs (None when the model has none)."""
     from qcompile.models.base import InputRole, NoiseSchedule
@@ -123,8 +142,12 @@ def build(cfg: CompileConfig) -> BuildResult:
     with StagedFolder(cfg.out_dir) as stage, tempfile.TemporaryDirectory(prefix="qcompile-calib-") as tmp:
         work = stage.path
         ctx = PassContext()
-        _stage(f"exporting {type(adapter.module).__name__} ({adapter.family.value}) to ONNX")
-        fp32_path, exported = export_canonical(adapter, work / FP32_DIR, opset=cfg.opset, ctx=ctx)
+        if cfg.export_from is not None:
+            _stage(f"reusing the float model of {cfg.export_from}")
+            fp32_path, exported = reuse_export(cfg.export_from, work / FP32_DIR)
+        else:
+            _stage(f"exporting {type(adapter.module).__name__} ({adapter.family.value}) to ONNX")
+            fp32_path, exported = export_canonical(adapter, work / FP32_DIR, opset=cfg.opset, ctx=ctx)
         names = input_roles(adapter)
         graph = load_graph(fp32_path)
         plan = plan_quantization(graph, target.caps, excluded)
@@ -227,7 +250,7 @@ def _manifest(cfg, spec: CalibSpec, adapter, target, exported, fp32_path: Path, 
 
 
 def write_calibration_cache(model: str, component: str | None, *, seed: int, opset: int, spec: CalibSpec | None,
-                            cache_dir: Path, sampler) -> CalibrationCache:
+                            cache_dir: Path, sampler, export_from: Path | None = None) -> CalibrationCache:
     """`qcompile calibrate`: record and compute statistics once; any number of builds reuse them."""
     if CalibrationCache.exists(cache_dir):
         raise UserError(f"--calib-cache {cache_dir}: already holds a calibration cache; choose a new folder")
@@ -235,8 +258,11 @@ def write_calibration_cache(model: str, component: str | None, *, seed: int, ops
     adapter = resolve(cfg)
     spec, inputs, _ = calibration_plan(replace(cfg, calib=spec), adapter)
     with tempfile.TemporaryDirectory(prefix="qcompile-export-") as tmp:
-        _stage(f"exporting {type(adapter.module).__name__} ({adapter.family.value}) to ONNX")
-        fp32_path, _ = export_canonical(adapter, Path(tmp), opset=opset, ctx=PassContext())
+        if export_from is not None:
+            fp32_path, _ = reuse_export(export_from, Path(tmp))
+        else:
+            _stage(f"exporting {type(adapter.module).__name__} ({adapter.family.value}) to ONNX")
+            fp32_path, _ = export_canonical(adapter, Path(tmp), opset=opset, ctx=PassContext())
         _stage(f"calibrating ({spec.describe()}) into {cache_dir}")
         cache, seconds, _ = open_or_calibrate(spec, adapter, fp32_path, load_graph(fp32_path), Path(cache_dir),
                                               names=input_roles(adapter), sampler=sampler, seed=seed, inputs=inputs)

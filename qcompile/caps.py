@@ -22,3 +22,10 @@ class TargetCaps:
     quantize_bias: bool = True
     # Quantize MatMuls whose two inputs are both activations (attention batched matmuls).
     activation_matmul: bool = False
+    # Ops without weights that the target runs in integer: their inputs and output get Q/DQ, when every
+    # input is an activation (an op with a constant operand stays float: its constant would need
+    # quantizing too). TFLite has int8 kernels for Add/Mul/Softmax/Logistic/Gelu, for instance.
+    int8_ops: frozenset[str] = frozenset()
+    # (op, scale, zero point) for outputs whose parameters an integer kernel fixes rather than
+    # calibration: TFLite's int8 LOGISTIC and SOFTMAX need (1/256, -128), TANH (1/128, 0).
+    fixed_output_qparams: tuple[tuple[str, float, int], ...] = ()

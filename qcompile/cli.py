@@ -84,6 +84,8 @@ def _calib_args(p: argparse.ArgumentParser) -> None:
                         "keyed by ONNX input name; default sample:32 for models that can sample, else synthetic:16")
     g.add_argument("--calib-cache", type=Path, default=None,
                    help="statistics folder: reused when it exists (same graph only), written otherwise")
+    g.add_argument("--from-export", type=Path, default=None, metavar="DIR",
+                   help="reuse the float model of a `qcompile export` or artifact folder instead of exporting")
 
 
 def _log_args(p: argparse.ArgumentParser) -> None:
@@ -128,6 +130,7 @@ def _config(args: argparse.Namespace, *, with_quant: bool):
     fidelity, thresholds = _fidelity(args)
     calib = CalibSpec.parse(args.calib) if args.calib is not None else None
     return CompileConfig(**common, target=TargetName.parse(args.target), calib=calib, calib_cache=args.calib_cache,
+                         export_from=args.from_export,
                          estimator=Estimator.parse(args.estimator), buckets=args.buckets,
                          bucket_method=BucketMethod.parse(args.bucket_method),
                          exclude=tuple(args.exclude), full_integer=args.full_integer,
@@ -166,7 +169,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     fidelity, _ = _fidelity(args)
     cache = write_calibration_cache(args.model, args.component, seed=args.seed, opset=args.opset,
                                     spec=CalibSpec.parse(args.calib) if args.calib else None,
-                                    cache_dir=args.calib_cache, sampler=fidelity.sampler)
+                                    cache_dir=args.calib_cache, sampler=fidelity.sampler,
+                                    export_from=args.from_export)
     print(cache.summary())
     return EXIT_OK
 

@@ -138,6 +138,7 @@ class CompileConfig:
     out_dir: Path
     calib: CalibSpec | None = None  # None: the model's default (sample:32 if it can sample, else synthetic:16)
     calib_cache: Path | None = None  # reuse the statistics there (same graph only), or write them there
+    export_from: Path | None = None  # reuse the canonical float model of an export or artifact folder
     estimator: Estimator = Estimator.MAX
     buckets: int = 1
     bucket_method: BucketMethod = BucketMethod.DATA
