@@ -117,6 +117,7 @@ def make_parser() -> argparse.ArgumentParser:
     _log_args(v)
     i = sub.add_parser("inspect", help="summarise an artifact folder, a calibration cache or an ONNX file")
     i.add_argument("path", type=Path)
+    i.add_argument("--plot", type=Path, default=None, help="for a calibration cache: write a PNG of ranges vs timestep")
     return parser
 
 
@@ -155,7 +156,7 @@ def _run(args: argparse.Namespace) -> int:
         return _calibrate(args)
     from qcompile.inspect import inspect_path
 
-    print(inspect_path(args.path))
+    print(inspect_path(args.path, args.plot))
     return EXIT_OK
 
 

@@ -13,12 +13,12 @@ from qcompile.artifact import MANIFEST, REPORT_JSON, read_manifest
 from qcompile.errors import UserError
 
 
-def inspect_path(path: Path) -> str:
+def inspect_path(path: Path, plot: Path | None = None) -> str:
     path = Path(path)
     if path.is_dir() and (path / "meta.json").is_file():
-        from qcompile.calibration.cache import CalibrationCache
-
-        return CalibrationCache.open(path).summary()
+        return inspect_cache(path, plot)
+    if plot is not None:
+        raise UserError(f"--plot: only a calibration cache can be plotted, and {path} is not one")
     if path.is_dir():
         return inspect_artifact(path)
     if path.suffix == ".onnx":
@@ -76,3 +76,57 @@ def inspect_artifact(folder: Path) -> str:
         s = json.loads(report.read_text())["summary"]
         lines.append("  report: " + ", ".join(f"{k} {v}" for k, v in s.items() if v is not None))
     return "\n".join(lines)
+
+
+def range_variation(table, top: int = 8) -> list[tuple[str, np.ndarray]]:
+    """The tensors whose absmax range varies most across timesteps (max/min ratio), with their curves."""
+    curves = []
+    for name, st in table.tensors.items():
+        amax = np.maximum(np.abs(st.lo), np.abs(st.hi))
+        ok = np.isfinite(amax) & (amax > 0)
+        if ok.sum() >= 2:
+            curves.append((float(amax[ok].max() / amax[ok].min()), name, amax))
+    curves.sort(key=lambda c: -c[0])
+    return [(name, amax) for _, name, amax in curves[:top]]
+
+
+def inspect_cache(folder: Path, plot: Path | None) -> str:
+    from qcompile.calibration.cache import CalibrationCache
+
+    cache = CalibrationCache.open(folder)
+    table = cache.table()
+    lines = [cache.summary()]
+    labels = {t["name"]: f"{t['name']}: {t.get('producer') or '?'}" for t in cache.meta["tensors"]}
+    varying = [(labels.get(name, name), amax) for name, amax in range_variation(table)]
+    if varying and not np.isnan(table.timesteps).all():
+        lines.append("  ranges that vary most with the timestep (absmax max/min):")
+        for label, amax in varying:
+            lines.append(f"    {amax.max() / amax.min():6.2f}x  {label}")
+    if plot is not None:
+        _plot_ranges(table.timesteps, varying, plot)
+        lines.append(f"  plot: {plot}")
+    return "\n".join(lines)
+
+
+def _plot_ranges(timesteps: np.ndarray, varying, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from qcompile.atomic import atomic_path
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    order = np.argsort(timesteps)
+    for name, amax in varying:
+        ax.plot(timesteps[order], amax[order], marker=".", label=name[-60:])
+    ax.set_yscale("log")
+    ax.set_xlabel("timestep")
+    ax.set_ylabel("activation absmax")
+    ax.set_title("Activation range against timestep (tensors that vary most)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(Path(path)) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)

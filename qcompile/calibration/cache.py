@@ -77,7 +77,8 @@ class CalibrationCache:
 
     @classmethod
     def create(cls, folder: Path, *, graph_fingerprint: str, recording: Recording, table: StatsTable,
-               source: dict[str, Any]) -> CalibrationCache:
+               source: dict[str, Any], producers: dict[str, str] | None = None) -> CalibrationCache:
+        """`producers` names, per tensor, the module path and op that computed it (for people)."""
         folder = Path(folder)
         rec_fp = recording_fingerprint(recording)
         names = list(table.tensors)
@@ -96,7 +97,8 @@ class CalibrationCache:
             "source": source,
             "settings": SETTINGS,
             "timesteps": [None if np.isnan(t) else float(t) for t in table.timesteps],
-            "tensors": [{"name": n, "channel_axis": table.tensors[n].channel_axis} for n in names],
+            "tensors": [{"name": n, "channel_axis": table.tensors[n].channel_axis,
+                         "producer": (producers or {}).get(n, "")} for n in names],
             "samples": {"rows": recording.rows, "calls": recording.meta["calls"]},
         }
         write_json(folder / META, meta)  # written last: a cache without meta.json is not a cache

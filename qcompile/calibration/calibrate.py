@@ -18,6 +18,7 @@ from qcompile.calibration.recorder import Recording, record_input_set, record_sa
 from qcompile.calibration.stats import collect_stats
 from qcompile.config import CalibKind, CalibSpec, SamplerSettings
 from qcompile.errors import UserError
+from qcompile.graph_io import module_path
 from qcompile.runtime import OnnxRunner
 
 # Calibration sampling uses other seeds than evaluation, so a build is never judged on its own data.
@@ -67,7 +68,16 @@ def calibrate(spec: CalibSpec, adapter, fp32_path: Path, graph: gs.Graph, cache_
     recording = record(spec, adapter, fp32_path, Path(cache_dir) / RECORDING_DIR, **kwargs)
     table = collect_stats(fp32_path, graph, recording)
     return CalibrationCache.create(cache_dir, graph_fingerprint=graph_fingerprint(fp32_path), recording=recording,
-                                   table=table, source=recording.meta["source"])
+                                   table=table, source=recording.meta["source"], producers=producers(graph))
+
+
+def producers(graph: gs.Graph) -> dict[str, str]:
+    """'module.path (Op)' of the node computing each tensor; 'input' for graph inputs."""
+    out = {t.name: "input" for t in graph.inputs}
+    for node in graph.nodes:
+        label = f"{module_path(node) or node.name} ({node.op})"
+        out.update({t.name: label for t in node.outputs})
+    return out
 
 
 def open_or_calibrate(spec: CalibSpec, adapter, fp32_path: Path, graph: gs.Graph, cache_dir: Path,
