@@ -35,6 +35,7 @@ from qcompile.graph_io import load_graph, save_graph
 from qcompile.pass_manager import PassContext, PassManager
 from qcompile.passes.canonicalize import canonicalize_passes
 from qcompile.passes.insert_qdq import plan_quantization
+from qcompile.sensitivity import MixedPrecision, exact, mixed_precision
 from qcompile.target import load_target
 
 log = logging.getLogger("qcompile.build")
@@ -159,10 +160,16 @@ def build(cfg: CompileConfig) -> BuildResult:
         if reused:
             print(f"[qcompile] reused calibration cache {cfg.calib_cache} ({t_calib:.2f}s, no model run)")
         table = cache.table()
+        levels = target.caps.activation_dtype.qmax - target.caps.activation_dtype.qmin
+        mixed = None
+        if cfg.mixed_precision_sqnr_db is not None or cfg.max_float_layers is not None:
+            mixed = _mixed_precision(cfg, target, fp32_path, table, cache, excluded, levels)
+            excluded = (*excluded, *exact(mixed.float_layers))
+            graph = load_graph(fp32_path)
+            plan = plan_quantization(graph, target.caps, excluded)
         buckets = choose_buckets(table, cfg.buckets, cfg.bucket_method, timestep_scale=adapter.timestep_scale)
 
         _stage(f"quantizing for {target.name.value}: {len(buckets)} bucket(s), estimator {cfg.estimator.value}")
-        levels = target.caps.activation_dtype.qmax - target.caps.activation_dtype.qmin
         graphs = []
         for bucket in buckets:
             g = graph if bucket.index == len(buckets) - 1 else load_graph(fp32_path)
@@ -172,16 +179,35 @@ def build(cfg: CompileConfig) -> BuildResult:
             graphs.append(g)
         files = target.emit(graphs, work)
         manifest = _manifest(cfg, spec, adapter, target, exported, fp32_path, cache, plan, ctx,
-                             _bucket_entries(buckets, table, files), names)
+                             _bucket_entries(buckets, table, files), names, excluded, mixed)
         write_json(work / MANIFEST, manifest)
 
         _stage("evaluating the artifact against the float model")
+        extra = {"calibration_seconds": round(t_calib, 3), "calibration_reused": reused,
+                 "float_layers": len(plan.excluded), "build_seconds": round(time.perf_counter() - t_start, 3)}
+        if mixed is not None:
+            extra.update({"mixed_precision_float_layers": len(mixed.float_layers),
+                          "mixed_precision_probe_sqnr_db": round(mixed.sqnr_db, 3),
+                          "all_quantized_probe_sqnr_db": round(mixed.all_quantized_sqnr_db, 3)})
         report = evaluate_artifact(work, adapter, held_out=held_out, thresholds=cfg.thresholds, fidelity=cfg.fidelity,
-                                   extra={"calibration_seconds": round(t_calib, 3), "calibration_reused": reused,
-                                          "build_seconds": round(time.perf_counter() - t_start, 3)})
+                                   extra=extra,
+                                   sensitivity=None if mixed is None else [s.as_dict() for s in mixed.ranking[:20]])
         out = stage.commit()
     print(format_table(report), flush=True)
     return BuildResult(out, report, manifest)
+
+
+def _mixed_precision(cfg: CompileConfig, target, fp32_path: Path, table, cache: CalibrationCache,
+                     excluded: tuple[str, ...], levels: int) -> MixedPrecision:
+    probe = cache.recording().spread_rows(64)
+    ranges = estimate_ranges(table, cfg.estimator, levels=levels, symmetric=target.caps.activation_symmetric)
+    budget = cfg.max_float_layers if cfg.max_float_layers is not None else 10**6
+    _stage(f"measuring layer sensitivity on {probe.count} recorded inputs")
+    mixed = mixed_precision(fp32_path, target, ranges, probe, excluded, target_sqnr_db=cfg.mixed_precision_sqnr_db,
+                            max_float=budget)
+    print(f"[qcompile] mixed precision: {len(mixed.float_layers)} float layer(s), probe SQNR "
+          f"{mixed.all_quantized_sqnr_db:.2f} -> {mixed.sqnr_db:.2f} dB", flush=True)
+    return mixed
 
 
 def _bucket_entries(buckets, table, files: list[list[str]]) -> list[dict[str, Any]]:
@@ -197,7 +223,8 @@ def _precision(target) -> str:
 
 
 def _manifest(cfg, spec: CalibSpec, adapter, target, exported, fp32_path: Path, cache: CalibrationCache, plan,
-              ctx: PassContext, buckets: list[dict[str, Any]], names: tuple[str | None, str | None]) -> dict[str, Any]:
+              ctx: PassContext, buckets: list[dict[str, Any]], names: tuple[str | None, str | None],
+              excluded: tuple[str, ...], mixed: MixedPrecision | None) -> dict[str, Any]:
     sample_name, timestep_name = names
     return {
         "format": MANIFEST_FORMAT,
@@ -240,8 +267,13 @@ def _manifest(cfg, spec: CalibSpec, adapter, target, exported, fp32_path: Path, 
             "quantized_activations": len(plan.activations),
             "quantized_weights": len(plan.weights),
             "float_layers": list(plan.excluded),
-            "exclusion_patterns": list(exclusions(cfg, adapter)),
+            "exclusion_patterns": list(excluded),
             "full_integer": cfg.full_integer,
+            "mixed_precision": None if mixed is None else {
+                "target_sqnr_db": mixed.target_sqnr_db, "reached_sqnr_db": round(mixed.sqnr_db, 3),
+                "all_quantized_sqnr_db": round(mixed.all_quantized_sqnr_db, 3),
+                "float_layers": list(mixed.float_layers),
+                "sensitivity_top20": [s.as_dict() for s in mixed.ranking[:20]]},
         },
         "buckets": buckets,
         "pass_log": [e.as_dict() for e in ctx.log],

@@ -145,6 +145,10 @@ class CompileConfig:
     # Module-path regexes kept in float, on top of (or instead of) the family's defaults.
     exclude: tuple[str, ...] = ()
     full_integer: bool = False  # quantize every layer; ignore the family's default float layers
+    # Mixed precision: keep the most sensitive layers float until the output SQNR (dB, on recorded
+    # inputs) reaches this, using at most `max_float_layers`; or, without a target, exactly that many.
+    mixed_precision_sqnr_db: float | None = None
+    max_float_layers: int | None = None
     validate_count: int = 8  # held-back inputs for the report
     seed: int = 0
     opset: int = 20

@@ -116,6 +116,19 @@ class Recording:
             arrays.update(fixed)
             yield InputSet(arrays, meta.timestep, frozenset(fixed)), meta
 
+    def spread_rows(self, count: int) -> InputSet:
+        """About `count` rows spread evenly over the whole recording (all timesteps, both CFG halves)."""
+        every = max(1, self.rows // max(count, 1))
+        parts, seen = [], 0
+        for inputs, _ in self.shards():
+            idx = np.arange((-seen) % every, inputs.count, every)
+            seen += inputs.count
+            if len(idx):
+                parts.append(InputSet(inputs.take(idx), inputs.timesteps[idx], inputs.unbatched))
+        arrays = {k: (parts[0].arrays[k] if k in parts[0].unbatched else np.concatenate([p.arrays[k] for p in parts]))
+                  for k in parts[0].arrays}
+        return InputSet(arrays, np.concatenate([p.timesteps for p in parts]), parts[0].unbatched)
+
     def timesteps(self) -> np.ndarray:
         """Unique timestep values, descending (sampling order)."""
         values = np.concatenate([m.timestep for _, m in self.shards()]) if self.rows else np.zeros(0)

@@ -30,7 +30,8 @@ def held_out_inputs(adapter, count: int, seed: int) -> InputSet:
 
 
 def evaluate_artifact(folder: Path, adapter, *, held_out: InputSet, thresholds: Thresholds,
-                      fidelity: FidelitySettings | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                      fidelity: FidelitySettings | None = None, extra: dict[str, Any] | None = None,
+                      sensitivity: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Run the checks, write report.json and report.html into `folder`, return the report."""
     manifest = read_manifest(folder)
     target = load_target(TargetName.parse(manifest["target"]))
@@ -66,5 +67,10 @@ def evaluate_artifact(folder: Path, adapter, *, held_out: InputSet, thresholds: 
     report = make_report(target=target.name.value, precision=manifest["precision"], buckets=manifest["buckets"],
                          runtime={"name": target.runtime_name, "version": target.runtime_version()},
                          steps=steps, summary=summary, thresholds=thresholds)
+    if sensitivity is None:  # `qcompile eval` keeps what the build measured
+        sensitivity = manifest.get("quantization", {}).get("mixed_precision", {}) or {}
+        sensitivity = sensitivity.get("sensitivity_top20")
+    if sensitivity:
+        report["sensitivity_top20"] = sensitivity
     write_reports(folder, report, json_name=REPORT_JSON, html_name=REPORT_HTML, images=images)
     return report

@@ -120,6 +120,12 @@ def render_html(report: Mapping[str, Any], images: Mapping[str, str] | None = No
                          ("timestep", "bucket", "eps_sqnr_db", "eps_cos", "cfg_gap_ratio")) + "</tr>"
         for s in report["per_step"]
     )
+    sens = report.get("sensitivity_top20") or []
+    if sens:
+        rows_s = "".join(f"<tr><td>{esc(s['node'])}</td><td>{esc(s['module'])}</td><td>{esc(s['op'])}</td>"
+                         f"<td>{s['sqnr_db']}</td></tr>" for s in sens)
+        figs += ("<h2>Most sensitive layers (output SQNR with only that layer quantized)</h2><table>"
+                 f"<tr><th>node</th><th>module</th><th>op</th><th>SQNR dB</th></tr>{rows_s}</table>")
     verdict = "passed" if report["passed"] else "FAILED"
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>qcompile report</title>
 <style>body{{font-family:sans-serif;max-width:960px;margin:2em auto}}table{{border-collapse:collapse}}
