@@ -1,0 +1,151 @@
+"""Decomposed LayerNorm -> one `LayerNormalization` node (opset 17+).
+
+Dynamo exports already emit LayerNormalization; exports at older opsets, the legacy exporter on some
+models and hand-written graphs spell it out:
+    mean = ReduceMean(x); d = Sub(x, mean); var = ReduceMean(Pow(d, 2) | Mul(d, d))
+    y = Div(d, Sqrt(Add(var, eps)))  |  Mul(d, Reciprocal(Sqrt(Add(var, eps))))
+    [Mul(y, gamma)] [Add(., beta)]
+Why fuse: targets quantize around a LayerNorm as one op (TFLite, QNN and TensorRT all have a kernel);
+left decomposed, Q/DQ insertion would see nine ops whose intermediate ranges (the variance!) are
+the worst possible to quantize. Both reductions must cover the same trailing axes, which become
+`axis = -k`. RMSNorm (no mean subtraction, used by SD3/Flux) does not match: it has no Sub.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from qcompile.graph_io import constant_values, tag_new_node
+from qcompile.pass_manager import GraphProperty, Pass, PassContext, PassResult
+
+MIN_OPSET = 17
+
+
+class FuseLayerNorm(Pass):
+    name = "fuse-layernorm"
+    requires = frozenset({GraphProperty.NODES_NAMED, GraphProperty.SHAPES_KNOWN})
+    preserves = frozenset({GraphProperty.NODES_NAMED, GraphProperty.SHAPES_KNOWN, GraphProperty.QDQ_PAIRED})
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        if graph.opset < MIN_OPSET:
+            return PassResult(modified=False, detail=f"opset {graph.opset} < {MIN_OPSET}: nothing fused")
+        outs = {t.name for t in graph.outputs}
+        fused = 0
+        for node in list(graph.nodes):
+            if node.op == "ReduceMean" and node.outputs:
+                fused += self._fuse(graph, node, outs)
+        if fused:
+            graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        return PassResult(modified=bool(fused), detail=f"{fused} fused")
+
+    def _fuse(self, graph: gs.Graph, mean_node: gs.Node, outs: set[str]) -> int:
+        match = _match(mean_node, graph.opset, outs)
+        if match is None:
+            return 0
+        x, last, axis, eps, gamma, beta = match
+        inputs = [x, gs.Constant(f"{last.name}_scale", gamma)]
+        if beta is not None:
+            inputs.append(gs.Constant(f"{last.name}_bias", beta))
+        y = last.outputs[0]
+        node = gs.Node("LayerNormalization", last.name, {"axis": axis, "epsilon": eps}, inputs, [y])
+        last.outputs.clear()  # detached: cleanup removes the decomposed nodes
+        graph.nodes.append(tag_new_node(node, self.name, like=last))
+        return 1
+
+
+# --- matching ------------------------------------------------------------------------------------
+def _consumers(t: gs.Tensor) -> list[gs.Node]:
+    return list({id(c): c for c in t.outputs}.values())
+
+
+def _only_consumer(t: gs.Tensor, outs: set[str], op: str) -> gs.Node | None:
+    consumers = _consumers(t)
+    if len(consumers) != 1 or t.name in outs or consumers[0].op != op:
+        return None
+    return consumers[0]
+
+
+def _other(node: gs.Node, t: gs.Tensor) -> gs.Tensor:
+    return node.inputs[1] if node.inputs[0] is t else node.inputs[0]
+
+
+def _reduced_axes(node: gs.Node, opset: int, rank: int) -> tuple[int, ...] | None:
+    """Negative axes of a keepdims ReduceMean, or None when they cannot be read."""
+    if not node.attrs.get("keepdims", 1):
+        return None
+    if opset >= 18:
+        axes = constant_values(node.inputs[1]) if len(node.inputs) > 1 else None
+    else:
+        axes = node.attrs.get("axes")
+    if axes is None:
+        return None
+    return tuple(sorted(int(a) - rank if int(a) >= 0 else int(a) for a in np.ravel(axes)))
+
+
+def _scalar(t: gs.Tensor) -> float | None:
+    values = constant_values(t)
+    return float(values.reshape(-1)[0]) if values is not None and values.size == 1 else None
+
+
+def _affine(node: gs.Node, data: gs.Tensor, norm_shape: tuple[int, ...]) -> np.ndarray | None:
+    """The other operand of `node`, broadcast to the normalized shape, when it broadcasts only there."""
+    values = constant_values(_other(node, data))
+    if values is None:
+        return None
+    trailing = values.shape[values.ndim - len(norm_shape):] if values.ndim > len(norm_shape) else values.shape
+    if any(d != 1 for d in values.shape[:values.ndim - len(trailing)]):
+        return None
+    try:
+        return np.ascontiguousarray(np.broadcast_to(values.reshape(trailing), norm_shape))
+    except ValueError:
+        return None
+
+
+def _match(mean: gs.Node, opset: int, outs: set[str]):
+    x = mean.inputs[0]
+    shape = x.shape
+    if shape is None:
+        return None
+    axes = _reduced_axes(mean, opset, len(shape))
+    if axes is None or axes != tuple(range(-len(axes), 0)):
+        return None
+    norm_shape = tuple(shape[len(shape) - len(axes):])
+    if not all(isinstance(d, int) for d in norm_shape):
+        return None
+    sub = _only_consumer(mean.outputs[0], outs, "Sub")
+    if sub is None or sub.inputs[0] is not x or sub.inputs[1] is not mean.outputs[0]:
+        return None
+    d = sub.outputs[0]
+    users = _consumers(d)
+    if d.name in outs or len(users) != 2:
+        return None
+    square = next((u for u in users if u.op == "Pow" or (u.op == "Mul" and u.inputs[0] is d is u.inputs[1])), None)
+    divide = next((u for u in users if u is not square and u.op in ("Div", "Mul")), None)
+    if square is None or divide is None or (square.op == "Pow" and _scalar(square.inputs[1]) != 2.0):
+        return None
+    var = _only_consumer(square.outputs[0], outs, "ReduceMean")
+    if var is None or var.inputs[0] is not square.outputs[0] or _reduced_axes(var, opset, len(shape)) != axes:
+        return None
+    add_eps = _only_consumer(var.outputs[0], outs, "Add")
+    eps = _scalar(_other(add_eps, var.outputs[0])) if add_eps is not None else None
+    sqrt = _only_consumer(add_eps.outputs[0], outs, "Sqrt") if eps is not None else None
+    if sqrt is None:
+        return None
+    if divide.op == "Div":
+        if divide.inputs[0] is not d or divide.inputs[1] is not sqrt.outputs[0]:
+            return None
+    else:
+        recip = _only_consumer(sqrt.outputs[0], outs, "Reciprocal")
+        if recip is None or _other(divide, d) is not recip.outputs[0]:
+            return None
+    last, tail, gamma, beta = divide, divide.outputs[0], None, None
+    mul = _only_consumer(tail, outs, "Mul")
+    if mul is not None and (gamma := _affine(mul, tail, norm_shape)) is not None:
+        last, tail = mul, mul.outputs[0]
+    add = _only_consumer(tail, outs, "Add")
+    if add is not None and (beta := _affine(add, tail, norm_shape)) is not None:
+        last = add
+    if gamma is None:
+        gamma = np.ones(norm_shape, np.dtype(x.dtype) if x.dtype is not None else np.float32)
+    return x, last, -len(axes), eps, gamma, beta
