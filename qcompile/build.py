@@ -35,6 +35,7 @@ from qcompile.graph_io import load_graph, save_graph
 from qcompile.pass_manager import PassContext, PassManager
 from qcompile.passes.canonicalize import canonicalize_passes
 from qcompile.passes.insert_qdq import plan_quantization
+from qcompile.passes.split_shortcut_concat import SplitShortcutConcat
 from qcompile.sensitivity import MixedPrecision, exact, mixed_precision
 from qcompile.target import load_target
 
@@ -65,14 +66,20 @@ def resolve(cfg: CompileConfig):
     return resolve_model(cfg.model, cfg.component, seed=cfg.seed)
 
 
-def export_canonical(adapter, folder: Path, *, opset: int, ctx: PassContext) -> tuple[Path, Any]:
-    """Export the float model and canonicalize it; returns the canonical model path and the export record."""
+def export_canonical(adapter, folder: Path, *, opset: int, ctx: PassContext,
+                     split_shortcut: bool = False) -> tuple[Path, Any]:
+    """Export the float model and canonicalize it; returns the canonical model path and the export record.
+
+    `split_shortcut` applies Q-Diffusion's shortcut split to the float graph (numerically the same), so
+    calibration sees, and each bucket quantizes, the two halves of every skip Concat separately."""
     from qcompile.export import export_onnx
 
     scratch = folder / ".export"
     raw = export_onnx(adapter, scratch / "exported.onnx", opset=opset)
     graph = load_graph(raw.onnx_path)
     PassManager(canonicalize_passes(), fixed_point=True).run(graph, ctx)
+    if split_shortcut:
+        PassManager([SplitShortcutConcat(), *canonicalize_passes()]).run(graph, ctx)
     path = save_graph(graph, folder / "model.onnx")
     shutil.rmtree(scratch)
     return path, raw
@@ -148,7 +155,8 @@ def build(cfg: CompileConfig) -> BuildResult:
             fp32_path, exported = reuse_export(cfg.export_from, work / FP32_DIR)
         else:
             _stage(f"exporting {type(adapter.module).__name__} ({adapter.family.value}) to ONNX")
-            fp32_path, exported = export_canonical(adapter, work / FP32_DIR, opset=cfg.opset, ctx=ctx)
+            fp32_path, exported = export_canonical(adapter, work / FP32_DIR, opset=cfg.opset, ctx=ctx,
+                                                   split_shortcut=cfg.split_shortcut)
         names = input_roles(adapter)
         graph = load_graph(fp32_path)
         plan = plan_quantization(graph, target.caps, excluded)
@@ -269,6 +277,7 @@ def _manifest(cfg, spec: CalibSpec, adapter, target, exported, fp32_path: Path, 
             "float_layers": list(plan.excluded),
             "exclusion_patterns": list(excluded),
             "full_integer": cfg.full_integer,
+            "split_shortcut": cfg.split_shortcut,
             "mixed_precision": None if mixed is None else {
                 "target_sqnr_db": mixed.target_sqnr_db, "reached_sqnr_db": round(mixed.sqnr_db, 3),
                 "all_quantized_sqnr_db": round(mixed.all_quantized_sqnr_db, 3),

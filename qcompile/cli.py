@@ -48,6 +48,8 @@ def _quant_args(p: argparse.ArgumentParser) -> None:
                    help="keep layers whose module path or node name matches in float (repeatable)")
     g.add_argument("--full-integer", action="store_true",
                    help="quantize every layer, ignoring the model family's default float layers")
+    g.add_argument("--split-shortcut", action="store_true",
+                   help="split Conv(Concat(deep, skip)) in UNet up blocks so each input gets its own scale")
     g.add_argument("--mixed-precision", type=float, default=None, metavar="SQNR_DB",
                    help="keep the most sensitive layers float until the output SQNR on recorded inputs reaches this")
     g.add_argument("--max-float-layers", type=int, default=None, metavar="N",
@@ -140,6 +142,7 @@ def _config(args: argparse.Namespace, *, with_quant: bool):
                          bucket_method=BucketMethod.parse(args.bucket_method),
                          exclude=tuple(args.exclude), full_integer=args.full_integer,
                          mixed_precision_sqnr_db=args.mixed_precision, max_float_layers=args.max_float_layers,
+                         split_shortcut=args.split_shortcut,
                          validate_count=args.validate, thresholds=thresholds, fidelity=fidelity)
 
 

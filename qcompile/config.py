@@ -148,6 +148,7 @@ class CompileConfig:
     # Mixed precision: keep the most sensitive layers float until the output SQNR (dB, on recorded
     # inputs) reaches this, using at most `max_float_layers`; or, without a target, exactly that many.
     mixed_precision_sqnr_db: float | None = None
+    split_shortcut: bool = False  # Q-Diffusion shortcut split of Conv(Concat(deep, skip)) before calibration
     max_float_layers: int | None = None
     validate_count: int = 8  # held-back inputs for the report
     seed: int = 0
