@@ -39,8 +39,34 @@ def calibration_rows(cache_dir: Path, rows: int) -> list[dict[str, np.ndarray]]:
     return [data.take(slice(i, i + 1)) for i in range(data.count)]
 
 
+def untie_initializers(src: Path, dst: Path) -> Path:
+    """The same model with every initializer renamed `qc_init_<i>` and each use given its own copy.
+
+    onnxruntime's quantizer clones a shared initializer as name + "1", which collides with the dynamo
+    exporter's `val_N` names and aborts ("shared mode is not supported for weight"); an untied copy
+    is the same function, so the comparison stays fair."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(src))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    del model.graph.initializer[:]
+    count = 0
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            if name in inits:
+                new = f"qc_init_{count}"
+                count += 1
+                model.graph.initializer.append(numpy_helper.from_array(inits[name], new))
+                node.input[i] = new
+    onnx.save_model(model, str(dst), save_as_external_data=True, location=dst.name + ".data", size_threshold=1024)
+    return dst
+
+
 def ort_quantize_static(fp32: Path, out: Path, feeds: list[dict[str, np.ndarray]]) -> None:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    fp32 = untie_initializers(fp32, out.with_name("untied.onnx"))
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -69,7 +95,8 @@ def wrap_as_artifact(reference_artifact: Path, model: Path, folder: Path) -> Non
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copytree(reference_artifact / "fp32", folder / "fp32", dirs_exist_ok=True)
     manifest = read_manifest(reference_artifact)
-    files = [model.name] + [p.name for p in model.parent.iterdir() if p != model and p.is_file()]
+    files = [model.name] + [p.name for p in model.parent.iterdir()
+                            if p != model and p.is_file() and not p.name.startswith("untied")]
     manifest["buckets"] = [{"index": 0, "timestep_range": manifest["buckets"][0]["timestep_range"][:1]
                             + manifest["buckets"][-1]["timestep_range"][1:], "files": files}]
     for f in files:
@@ -83,18 +110,23 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("out/peers"))
     ap.add_argument("--calib", default=None)
     ap.add_argument("--rows", type=int, default=256, help="calibration rows given to the peers")
-    ap.add_argument("--qcompile-args", default="", help="extra qcompile build options for its own row")
+    ap.add_argument("--qcompile-args", nargs="+", default=["", "--full-integer"],
+                    help="one qcompile row per entry: extra build options (quoted)")
     args = ap.parse_args()
     cache = args.out / "calib-cache"
     rows = []
-    t0 = time.perf_counter()
-    ours = args.out / "qcompile"
-    build_args = ["build", args.model, "--out", str(ours), "--calib-cache", str(cache), "--min-sqnr-db", "-1000"]
-    build_args += ["--calib", args.calib] if args.calib else []
-    qcompile_main([*build_args, *shlex.split(args.qcompile_args)])
-    report = json.loads((ours / "report.json").read_text())
-    rows.append({"method": f"qcompile ort-int8 {args.qcompile_args}".strip(), **report["summary"],
-                 "seconds": round(time.perf_counter() - t0, 1)})
+    ours = None
+    for i, extra in enumerate(args.qcompile_args):
+        t0 = time.perf_counter()
+        out = args.out / f"qcompile-{i}"
+        build_args = ["build", args.model, "--out", str(out), "--calib-cache", str(cache), "--min-sqnr-db", "-1000"]
+        build_args += ["--calib", args.calib] if args.calib else []
+        build_args += ["--from-export", str(ours)] if ours else []
+        qcompile_main([*build_args, *shlex.split(extra)])
+        report = json.loads((out / "report.json").read_text())
+        rows.append({"method": f"qcompile ort-int8 {extra}".strip(), **report["summary"],
+                     "seconds": round(time.perf_counter() - t0, 1)})
+        ours = ours or out
     manifest = read_manifest(ours)
     src = manifest["source"]
     adapter = resolve_model(src["model"], src.get("component"), seed=src.get("seed", 0))
