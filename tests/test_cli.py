@@ -64,7 +64,7 @@ def test_rebuild_replaces_a_previous_artifact_and_npz_calibration(built, tmp_pat
     code = main(["build", TINY, "--out", str(out), "--calib", str(npz), "--validate", "4"])
     assert code == 0
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["calibration"]["spec"] == str(npz) and manifest["calibration"]["count"] == 6
+    assert manifest["calibration"]["spec"] == str(npz) and manifest["calibration"]["rows"] == 6
 
 
 def _bad(capsys, args, tmp_path, match):

@@ -111,19 +111,24 @@ def _unkey(ts: np.ndarray) -> np.ndarray:
 
 
 def quantizable_tensors(graph: gs.Graph) -> list[str]:
-    """Every float activation (graph inputs and node outputs), in graph order."""
+    """Every float32 activation (graph inputs and node outputs), in graph order. Other float types
+    (Flux computes its rotary embedding in float64) are never quantized and are left out."""
     names: dict[str, None] = {}
     outputs = {t.name for t in graph.outputs}
     for t in graph.inputs:
-        if t.dtype is not None and np.dtype(t.dtype).kind == "f":
+        if _is_float32(t):
             names[t.name] = None
     for node in graph.nodes:
         if node.op in ("QuantizeLinear", "DequantizeLinear", "Constant", "Shape"):
             continue
         for t in node.outputs:
-            if t.dtype is not None and np.dtype(t.dtype).kind == "f" and (t.outputs or t.name in outputs):
+            if _is_float32(t) and (t.outputs or t.name in outputs):
                 names[t.name] = None
     return list(names)
+
+
+def _is_float32(t: gs.Tensor) -> bool:
+    return t.dtype is not None and np.dtype(t.dtype) == np.float32
 
 
 def channel_axis(tensor: gs.Tensor) -> int:
