@@ -46,6 +46,8 @@ class QuantPlan:
     # Outputs of quantized ops: every consumer reads them through Q/DQ, or the runtime cannot fuse.
     shared_outputs: tuple[str, ...] = field(default=())
     excluded: tuple[str, ...] = field(default=())  # weighted nodes kept float, by name
+    # (tensor, scale, zero point): outputs of caps.int8_ops whose parameters the kernel fixes.
+    fixed: tuple[tuple[str, float, int], ...] = field(default=())
 
 
 def _weight_axis(node: gs.Node, weight_rank: int) -> int | None:
@@ -56,6 +58,11 @@ def _weight_axis(node: gs.Node, weight_rank: int) -> int | None:
     if node.op == "MatMul":
         return weight_rank - 1 if weight_rank >= 2 else None
     return None
+
+
+def _float32(t: gs.Tensor) -> bool:
+    """Activations are quantized from float32 only (exporters compute some positions in float64)."""
+    return t.dtype is None or np.dtype(t.dtype) == np.float32
 
 
 def _is_excluded(node: gs.Node, patterns: Sequence[re.Pattern[str]]) -> bool:
@@ -72,7 +79,24 @@ def plan_quantization(graph: gs.Graph, caps: TargetCaps, exclude: Sequence[str] 
     shared_outputs: list[str] = []
     excluded: list[str] = []
     graph_outputs = {t.name for t in graph.outputs}
+    fixed: list[tuple[str, float, int]] = []
+    fixed_by_op = {op: (scale, zero) for op, scale, zero in caps.fixed_output_qparams}
     for node in graph.nodes:
+        if node.op in caps.int8_ops and node.op not in caps.weighted_ops:
+            inputs = [t for t in node.inputs if t.name]
+            if (_is_excluded(node, patterns) or any(constant_values(t) is not None for t in inputs)
+                    or not all(_float32(t) for t in [*inputs, node.outputs[0]])):
+                continue
+            for t in inputs:
+                activations[t.name] = None
+                consumers.append((node.name, t.name))
+            out = node.outputs[0]
+            if out.name not in graph_outputs:
+                activations[out.name] = None
+                shared_outputs.append(out.name)
+                if node.op in fixed_by_op:
+                    fixed.append((out.name, *fixed_by_op[node.op]))
+            continue
         if node.op not in caps.weighted_ops:
             continue
         if _is_excluded(node, patterns):
@@ -81,7 +105,7 @@ def plan_quantization(graph: gs.Graph, caps: TargetCaps, exclude: Sequence[str] 
         data, weight = node.inputs[0], node.inputs[1]
         w_values = constant_values(weight)
         if w_values is None:
-            if not (node.op == "MatMul" and caps.activation_matmul):
+            if not (node.op == "MatMul" and caps.activation_matmul and _float32(data) and _float32(weight)):
                 continue
             act_inputs = [data, weight]
         else:
@@ -103,7 +127,7 @@ def plan_quantization(graph: gs.Graph, caps: TargetCaps, exclude: Sequence[str] 
             activations[node.outputs[0].name] = None
             shared_outputs.append(node.outputs[0].name)
     return QuantPlan(tuple(activations), tuple(weights), tuple(biases), tuple(consumers),
-                     tuple(shared_outputs), tuple(excluded))
+                     tuple(shared_outputs), tuple(excluded), tuple(fixed))
 
 
 class InsertQDQ(Pass):
@@ -118,10 +142,13 @@ class InsertQDQ(Pass):
         self.caps = caps
 
     def activation_qparams(self) -> dict[str, QParams]:
+        dtype = self.caps.activation_dtype
+        fixed = {name: QParams(np.array(scale, np.float32), np.array(zero, dtype.numpy), dtype)
+                 for name, scale, zero in self.plan.fixed}
         return {
-            name: activation_qparams(self.ranges[name], self.caps.activation_dtype,
-                                     symmetric=self.caps.activation_symmetric)
-            for name in self.plan.activations if name in self.ranges
+            name: fixed[name] if name in fixed else
+            activation_qparams(self.ranges[name], dtype, symmetric=self.caps.activation_symmetric)
+            for name in self.plan.activations if name in fixed or name in self.ranges
         }
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:

@@ -227,6 +227,8 @@ def _bucket_entries(buckets, table, files: list[list[str]]) -> list[dict[str, An
 
 def _precision(target) -> str:
     caps = target.caps
+    if not caps.weighted_ops and not caps.int8_ops:
+        return "fp32"  # a float baseline of a quantizing emitter (tflite-fp32)
     return f"w{caps.weight_dtype.bits}a{caps.activation_dtype.bits}"
 
 

@@ -3,9 +3,10 @@ editable and wheel installs alike, with the reference model's weights as package
 
 import subprocess
 import sys
-import tomllib
 import zipfile
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 MAPPING = {"qcompile": "qcompile", "qcompile.passes": "passes", "qcompile.targets": "targets",

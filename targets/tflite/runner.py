@@ -1,0 +1,117 @@
+"""Run a .tflite artifact in the LiteRT interpreter as the ONNX model it was built from.
+
+The API matches OnnxRunner (`input_names`, `run(inputs) -> first output`, `bucket_of`, `__call__`),
+so the same evaluation code drives both. Inside, tensors are stored in the layouts the lowering chose
+(NHWC for images) with a static batch: the runner transposes at the boundary and runs a larger
+batch in chunks of the model's batch, padding the last chunk by repeating its final sample.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from qcompile.errors import UserError
+from qcompile.targets.tflite import deps
+from qcompile.targets.tflite.emit import METADATA_KEY
+from qcompile.targets.tflite.layout import invert
+
+THREADS = 2
+
+
+def read_metadata(data: bytes) -> dict:
+    S = deps.schema()
+    model = S.Model.GetRootAs(data, 0)
+    for i in range(model.MetadataLength()):
+        md = model.Metadata(i)
+        if md.Name() is not None and md.Name().decode() == METADATA_KEY:
+            buf = model.Buffers(md.Buffer())
+            if buf.Offset() > 1:
+                return json.loads(data[buf.Offset():buf.Offset() + buf.Size()])
+            return json.loads(buf.DataAsNumpy().tobytes())
+    raise UserError(f"tflite: the model has no '{METADATA_KEY}' metadata (not written by qcompile)")
+
+
+class _Program:
+    """One signature of one interpreter: a timestep bucket."""
+
+    def __init__(self, interpreter, key: str, info: dict, batch: int):
+        self.runner = interpreter.get_signature_runner(key)
+        self.inputs = info["inputs"]
+        self.outputs = info["outputs"]
+        self.batch = batch
+
+    def run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        n = max((len(np.asarray(feed[i["name"]])) for i in self.inputs if self._batched(i)), default=self.batch)
+        parts = []
+        for start in range(0, n, self.batch):
+            count = min(self.batch, n - start)
+            args = {}
+            for spec in self.inputs:
+                x = np.asarray(feed[spec["name"]])
+                if self._batched(spec) and x.ndim and len(x) == n:
+                    x = x[start:start + count]
+                    if count < self.batch:
+                        x = np.concatenate([x, np.repeat(x[-1:], self.batch - count, axis=0)])
+                x = np.ascontiguousarray(np.transpose(x.astype(spec["dtype"], copy=False), spec["perm"]))
+                args[spec["name"]] = x
+            out = self.runner(**args)[self.outputs[0]["name"]]
+            parts.append(np.transpose(out, invert(self.outputs[0]["perm"]))[:count])
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def _batched(self, spec: dict) -> bool:
+        return bool(spec["shape"]) and spec["shape"][0] == self.batch
+
+
+class TfliteRunner:
+    """One program per timestep bucket: the signatures of the given files, in order.
+
+    `bucket_edges` are the K-1 inner timestep boundaries (ascending), as in OnnxRunner.
+    """
+
+    def __init__(self, paths: Sequence[Path], *, bucket_edges: Sequence[float] = (),
+                 timestep_name: str | None = None, sample_name: str | None = None, threads: int = THREADS):
+        module = deps.interpreter_module()
+        self.programs: list[_Program] = []
+        for path in paths:
+            data = Path(path).read_bytes()
+            meta = read_metadata(data)
+            interpreter = module.Interpreter(model_content=data, num_threads=threads)
+            for key, info in meta["signatures"].items():
+                self.programs.append(_Program(interpreter, key, info, int(meta["batch"])))
+        if len(self.programs) != len(bucket_edges) + 1:
+            raise ValueError(f"{len(self.programs)} programs for {len(bucket_edges) + 1} buckets")
+        self.bucket_edges = np.asarray(bucket_edges, np.float64)
+        self.timestep_name = timestep_name
+        self.sample_name = sample_name
+        self.input_names = tuple(i["name"] for i in self.programs[0].inputs)
+        self.output_names = tuple(o["name"] for o in self.programs[0].outputs)
+
+    def bucket_of(self, timestep: float) -> int:
+        return int(np.searchsorted(self.bucket_edges, timestep, side="right"))
+
+    def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """First output for a batch (NCHW in and out); a batch spanning several buckets is split by bucket."""
+        feed = {k: np.asarray(inputs[k]) for k in self.input_names}
+        if len(self.programs) == 1 or self.timestep_name is None:
+            return self.programs[0].run(feed)
+        n = len(next(iter(feed.values())))
+        t = np.broadcast_to(feed[self.timestep_name].reshape(-1), (n,))
+        buckets = np.searchsorted(self.bucket_edges, t, side="right")
+        out = None
+        for b in np.unique(buckets):
+            idx = np.nonzero(buckets == b)[0]
+            part = self.programs[b].run({k: v[idx] if v.ndim and len(v) == n else v for k, v in feed.items()})
+            if out is None:
+                out = np.empty((n, *part.shape[1:]), part.dtype)
+            out[idx] = part
+        return out
+
+    def __call__(self, sample: np.ndarray, timestep: np.ndarray | float, **cond: np.ndarray) -> np.ndarray:
+        if self.sample_name is None or self.timestep_name is None:
+            raise TypeError("this model has no sample/timestep inputs: call run() with all inputs")
+        t = np.broadcast_to(np.asarray(timestep, np.float32).reshape(-1), (len(sample),)).copy()
+        return self.run({self.sample_name: sample, self.timestep_name: t, **cond})

@@ -1,0 +1,105 @@
+"""A small conv net end to end through the product path: plan_quantization + InsertQDQ with the TFLite
+caps, the tflite-int8 pipeline and emitter, the runner; and timestep buckets as signatures of one file."""
+
+import numpy as np
+import onnx_graphsurgeon as gs
+import pytest
+from graphs import conv_mlp_model, save_with_external_data
+
+from qcompile.calibration.estimators import estimate_ranges
+from qcompile.calibration.inputs import InputSet
+from qcompile.calibration.recorder import record_input_set
+from qcompile.calibration.stats import collect_stats
+from qcompile.config import Estimator
+from qcompile.evaluation.metrics import cosine
+from qcompile.graph_io import load_graph, save_graph
+from qcompile.pass_manager import PassContext, PassManager
+from qcompile.passes.canonicalize import canonicalize_passes
+from qcompile.passes.insert_qdq import plan_quantization
+from qcompile.runtime import make_session
+from qcompile.targets.tflite.inspect import operators
+from qcompile.targets.tflite.runner import TfliteRunner
+from qcompile.targets.tflite.target import TfliteFp32Target, TfliteInt8Target
+from qcompile.targets.tflite.validate import lsb_agreement, run_onnx_static
+
+pytest.importorskip("ai_edge_litert.interpreter", reason="ai-edge-litert is not installed")
+
+
+BATCH = 2
+
+
+@pytest.fixture(scope="module")
+def canonical(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("convnet")
+    graph = load_graph(save_with_external_data(conv_mlp_model(), tmp / "m.onnx"))
+    PassManager(canonicalize_passes(), fixed_point=True).run(graph, PassContext())
+    return save_graph(graph, tmp / "canon.onnx")
+
+
+def _inputs(n, seed, scale=1.0):
+    return {"x": (np.random.default_rng(seed).standard_normal((n, 3, 8, 8)) * scale).astype(np.float32)}
+
+
+def _quantized_graphs(canonical, tmp_path, scales=(1.0,)):
+    """One Q/DQ graph per calibration set (a stand-in for timestep buckets with different ranges)."""
+    target = TfliteInt8Target(batch=BATCH)
+    graphs = []
+    for k, scale in enumerate(scales):
+        graph = load_graph(canonical)
+        plan = plan_quantization(graph, target.caps)
+        recording = record_input_set(InputSet(_inputs(16, k, scale), None), tmp_path / f"rec{k}", {})
+        ranges = estimate_ranges(collect_stats(canonical, graph, recording, names=plan.activations), Estimator.MAX)
+        PassManager(target.pipeline(plan, ranges)).run(graph, PassContext())
+        graphs.append(graph)
+    return target, graphs
+
+
+def test_int8_convnet_matches_the_qdq_graph(canonical, tmp_path):
+    target, [graph] = _quantized_graphs(canonical, tmp_path)
+    qdq = save_graph(graph.copy(), tmp_path / "qdq.onnx")
+    [[name]] = target.emit([graph], tmp_path)
+    feed = _inputs(5, 7)  # 5 samples through a batch-2 model: chunks, the last one padded
+    ref = run_onnx_static(qdq, feed, BATCH)
+    got = TfliteRunner([tmp_path / name]).run(feed)
+    # The output is float (graph outputs are not quantized): its last int8 tensor is the FC output.
+    fc_scale = [n for n in graph.nodes if n.op == "QuantizeLinear" and n.inputs[0].name == "mm"][0].inputs[1].values
+    agreement = lsb_agreement(ref, got, float(fc_scale))
+    assert agreement.max_lsb <= 1.0 + 1e-3, agreement
+    ops = [(op.code, op.input_types[0]) for op in operators(tmp_path / name)]
+    assert ops.count(("CONV_2D", "INT8")) == 2 and ("FULLY_CONNECTED", "INT8") in ops
+    # NHWC inside: the only transpose is the one the NCHW flatten before the FC needs.
+    assert sum(code == "TRANSPOSE" for code, _ in ops) == 1
+    fp32 = make_session(canonical).run(None, feed)[0]
+    assert cosine(fp32, got) > 0.998
+
+
+def test_fp32_convnet_matches_onnxruntime(canonical, tmp_path):
+    target = TfliteFp32Target(batch=BATCH)
+    graph = load_graph(canonical)
+    PassManager(target.pipeline(None, {})).run(graph, PassContext())
+    [[name]] = target.emit([graph], tmp_path)
+    feed = _inputs(4, 3)
+    np.testing.assert_allclose(TfliteRunner([tmp_path / name]).run(feed), make_session(canonical).run(None, feed)[0],
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_buckets_are_signatures_of_one_file_sharing_weights(canonical, tmp_path):
+    target, graphs = _quantized_graphs(canonical, tmp_path, scales=(1.0, 3.0))
+    one_dir, two_dir = tmp_path / "one", tmp_path / "two"
+    [[single]] = target.emit(graphs[:1], one_dir)
+    files = target.emit(graphs, two_dir)
+    assert files == [["model.tflite"], ["model.tflite"]]
+    int8_weights = sum(t.values.nbytes for t in graphs[0].tensors().values()
+                       if isinstance(t, gs.Constant) and t.values.dtype == np.int8)
+    single_size = (one_dir / single).stat().st_size
+    extra = (two_dir / "model.tflite").stat().st_size - single_size
+    assert int8_weights > 5000 and extra <= single_size - int8_weights  # no weight stored twice
+    manifest = {"buckets": [{"files": f, "timestep_range": r} for f, r in zip(files, ([0, 500], [500, 1000]),
+                                                                                strict=True)],
+                "model": {"timestep_input": None, "sample_input": None}}
+    runner = target.runner(two_dir, manifest)
+    assert len(runner.programs) == 2 and runner.bucket_of(100.0) == 0 and runner.bucket_of(700.0) == 1
+    feed = _inputs(2, 9, 3.0)
+    for program, graph, k in zip(runner.programs, graphs, range(2), strict=True):
+        ref = run_onnx_static(save_graph(graph.copy(), tmp_path / f"b{k}.onnx"), feed, BATCH)
+        assert cosine(ref, program.run(feed)) > 0.9999
