@@ -38,9 +38,9 @@ def bin_edges() -> np.ndarray:
 
 def magnitude_histogram(x: np.ndarray) -> np.ndarray:
     """(2, N_BINS) counts: row 0 negative values, row 1 positive (and zero) values."""
-    mag = np.abs(x, dtype=np.float32).ravel()
-    with np.errstate(divide="ignore"):
-        idx = np.floor((np.log2(mag) - LOG2_MIN) * BINS_PER_OCTAVE).astype(np.int64) + 1
+    # Magnitudes below the first edge (zeros included) are floored to land in bin 0 without a log of 0.
+    mag = np.maximum(np.abs(x, dtype=np.float32).ravel(), np.float32(2.0 ** (LOG2_MIN - 1)))
+    idx = np.floor((np.log2(mag) - LOG2_MIN) * BINS_PER_OCTAVE).astype(np.int64) + 1
     idx = np.clip(idx, 0, N_BINS - 1)
     neg = x.ravel() < 0
     return np.stack([np.bincount(idx[neg], minlength=N_BINS), np.bincount(idx[~neg], minlength=N_BINS)])
