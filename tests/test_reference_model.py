@@ -89,11 +89,17 @@ def test_classifier_held_out_accuracy(classifier):
 def test_ddim_cfg_samples_are_recognisable(unet, embedding, classifier):
     from diffusers import DDIMScheduler
 
-    torch.set_num_threads(min(2, torch.get_num_threads()))
     scheduler = DDIMScheduler.from_config(load_scheduler_config())
     labels = torch.arange(NUM_CLASSES).repeat_interleave(4)
-    samples = sample_digits(unet, embedding, scheduler, labels, num_inference_steps=20, guidance_scale=2.5,
-                            generator=torch.Generator().manual_seed(0))
+    # One thread: on a shared 2-core CI box two OpenMP threads mostly wait on each other (~15 s vs ~60 s
+    # next to another job); a batch of 80 tiny images has little parallelism to offer anyway.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        samples = sample_digits(unet, embedding, scheduler, labels, num_inference_steps=20,
+                                guidance_scale=2.5, generator=torch.Generator().manual_seed(0))
+    finally:
+        torch.set_num_threads(threads)
     assert samples.shape == (40, 1, IMAGE_SIZE, IMAGE_SIZE)
     acc = (classify(classifier, samples) == labels).float().mean().item()
-    assert acc >= 0.85, acc
+    assert acc >= 0.85, acc  # 1.0 when trained
