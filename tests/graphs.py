@@ -50,3 +50,22 @@ def conv_mlp_model(seed: int = 0, channels: int = 8) -> onnx.ModelProto:
 
 def run(path: Path, feed: dict[str, np.ndarray]) -> np.ndarray:
     return make_session(path).run(None, feed)[0]
+
+
+def canonical_export(name, tmp_path_factory, exporters=("dynamo",)):
+    """A tiny builtin exported and canonicalized once per test session (cached in pytest's temp root)."""
+    from qcompile.export import export_onnx
+    from qcompile.graph_io import load_graph, save_graph
+    from qcompile.models.source import resolve_model
+    from qcompile.pass_manager import PassContext, PassManager
+    from qcompile.passes.canonicalize import canonicalize_passes
+
+    suffix = "" if exporters == ("dynamo",) else "-" + "-".join(exporters)
+    folder = tmp_path_factory.getbasetemp() / f"export-{name}{suffix}"
+    path = folder / "canon.onnx"
+    if not path.is_file():
+        result = export_onnx(resolve_model(f"builtin:{name}"), folder / "model.onnx", exporters=exporters)
+        graph = load_graph(result.onnx_path)
+        PassManager(canonicalize_passes(), fixed_point=True).run(graph, PassContext())
+        save_graph(graph, path)
+    return path

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from graphs import canonical_export
 from onnx import TensorProto, helper, numpy_helper
 
-from qcompile.export import export_onnx
 from qcompile.graph_io import load_graph, node_meta, save_graph
 from qcompile.models.source import resolve_model
 from qcompile.pass_manager import PassContext, PassManager
-from qcompile.passes.canonicalize import canonicalize_passes
 from qcompile.passes.cleanup import NameNodes
 from qcompile.passes.fuse_attention import FUSED_KEY, ROLE_KEY, AttentionUnit, FuseAttention, find_attention
 from qcompile.passes.infer_shapes import InferShapes
@@ -135,19 +134,6 @@ def test_softmax_elsewhere_is_not_attention_and_stale_marks_are_cleared(tmp_path
 
 
 # --- real exports ---------------------------------------------------------------------------------
-def _canonical_export(name, tmp_path_factory, exporters=("dynamo",)):
-    """Exported and canonicalized once per test session, shared by the pass tests through its temp root."""
-    suffix = "" if exporters == ("dynamo",) else "-" + "-".join(exporters)
-    folder = tmp_path_factory.getbasetemp() / f"export-{name}{suffix}"
-    path = folder / "canon.onnx"
-    if not path.is_file():
-        result = export_onnx(resolve_model(f"builtin:{name}"), folder / "model.onnx", exporters=exporters)
-        graph = load_graph(result.onnx_path)
-        PassManager(canonicalize_passes(), fixed_point=True).run(graph, PassContext())
-        save_graph(graph, path)
-    return path
-
-
 # One unit per attention module (diffusers Attention/FluxAttention, transformers CLIPAttention);
 # SD3's joint attention is one SDPA over image and text tokens together, so one unit per block.
 EXPECTED = {"tiny-sd-unet": 8, "tiny-dit": 2, "tiny-sd3": 3, "tiny-flux": 2, "tiny-clip-text": 2}
@@ -156,7 +142,7 @@ EXPECTED = {"tiny-sd-unet": 8, "tiny-dit": 2, "tiny-sd3": 3, "tiny-flux": 2, "ti
 @pytest.mark.parametrize("name,exporters", [*(pytest.param(n, ("dynamo",), id=n) for n in EXPECTED),
                                             pytest.param("tiny-sd-unet", ("legacy",), id="tiny-sd-unet-legacy")])
 def test_every_attention_of_the_tiny_exports(name, exporters, tmp_path_factory):
-    graph = load_graph(_canonical_export(name, tmp_path_factory, exporters))
+    graph = load_graph(canonical_export(name, tmp_path_factory, exporters))
     modules = [m for m in resolve_model(f"builtin:{name}").module.modules() if type(m).__name__.endswith("Attention")]
     ctx = PassContext()
     PassManager([NameNodes(), FuseAttention()]).run(graph, ctx)

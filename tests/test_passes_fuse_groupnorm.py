@@ -5,13 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from graphs import canonical_export
 from onnx import TensorProto, helper, numpy_helper
 
-from qcompile.export import export_onnx
 from qcompile.graph_io import PASS_KEY, load_graph, module_path, node_meta, save_graph
 from qcompile.models.source import resolve_model
 from qcompile.pass_manager import PassContext, PassManager
-from qcompile.passes.canonicalize import canonicalize_passes
 from qcompile.passes.cleanup import NameNodes
 from qcompile.passes.fuse_attention import FUSED_KEY, ROLE_KEY, unit_members
 from qcompile.passes.fuse_groupnorm import DecomposeGroupNorm, FuseGroupNorm, GroupNormForm, find_groupnorm
@@ -133,20 +132,8 @@ def test_decompose_is_the_inverse_for_both_opset_semantics(tmp_path, opset):
 
 
 # --- a real export ------------------------------------------------------------------------------
-def _canonical_export(name, tmp_path_factory):
-    """Exported and canonicalized once per test session, shared by the pass tests through its temp root."""
-    folder = tmp_path_factory.getbasetemp() / f"export-{name}"
-    path = folder / "canon.onnx"
-    if not path.is_file():
-        result = export_onnx(resolve_model(f"builtin:{name}"), folder / "model.onnx")
-        graph = load_graph(result.onnx_path)
-        PassManager(canonicalize_passes(), fixed_point=True).run(graph, PassContext())
-        save_graph(graph, path)
-    return path
-
-
 def test_every_groupnorm_of_the_tiny_sd_unet(tmp_path_factory, tmp_path):
-    canon = _canonical_export("tiny-sd-unet", tmp_path_factory)
+    canon = canonical_export("tiny-sd-unet", tmp_path_factory)
     adapter = resolve_model("builtin:tiny-sd-unet")
     modules = [n for n, m in adapter.module.named_modules() if isinstance(m, torch.nn.GroupNorm)]
     graph = load_graph(canon)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from graphs import canonical_export
 from onnx import TensorProto, helper, numpy_helper
 
-from qcompile.export import export_onnx
 from qcompile.graph_io import PASS_KEY, constant_values, load_graph, module_path, node_meta, save_graph
 from qcompile.models.source import resolve_model
 from qcompile.pass_manager import PassContext, PassManager
-from qcompile.passes.canonicalize import canonicalize_passes
 from qcompile.passes.cleanup import NameNodes
 from qcompile.passes.infer_shapes import InferShapes
 from qcompile.passes.split_shortcut_concat import SplitShortcutConcat
@@ -76,22 +75,10 @@ def test_spatial_concat_and_grouped_conv_are_left_alone(tmp_path, kwargs):
     np.testing.assert_allclose(got[0], want[0], rtol=RTOL, atol=ATOL)
 
 
-def _canonical_export(name, tmp_path_factory):
-    """Exported and canonicalized once per test session, shared by the pass tests through its temp root."""
-    folder = tmp_path_factory.getbasetemp() / f"export-{name}"
-    path = folder / "canon.onnx"
-    if not path.is_file():
-        result = export_onnx(resolve_model(f"builtin:{name}"), folder / "model.onnx")
-        graph = load_graph(result.onnx_path)
-        PassManager(canonicalize_passes(), fixed_point=True).run(graph, PassContext())
-        save_graph(graph, path)
-    return path
-
-
 def test_tiny_sd_unet_up_block_shortcuts(tmp_path_factory, tmp_path):
     """Every up-block resnet concatenates (deep, skip); its conv_shortcut is the Conv that reads the Concat
     (conv1 reads norm1 -> SiLU of it, so there is nothing to split there)."""
-    canon = _canonical_export("tiny-sd-unet", tmp_path_factory)
+    canon = canonical_export("tiny-sd-unet", tmp_path_factory)
     adapter = resolve_model("builtin:tiny-sd-unet")
     shortcuts = sorted(n for n, _ in adapter.module.named_modules()
                        if n.startswith("up_blocks.") and n.endswith(".conv_shortcut"))
