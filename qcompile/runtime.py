@@ -19,41 +19,44 @@ def make_session(path: Path, *, threads: int = 0, optimize: bool = True) -> ort.
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-class OnnxRunner:
-    """Runs one or more ONNX models (one per timestep bucket) as the model they were built from.
+class BucketRunner:
+    """Acts as the model an artifact was built from, routing each sample to its timestep bucket.
 
     `bucket_edges` are the K-1 inner timestep boundaries (ascending); a timestep t goes to the first
-    bucket whose upper edge exceeds it. With one model there are no edges.
+    bucket whose upper edge exceeds it. Subclasses set `input_names` and run one bucket's program.
     """
 
-    def __init__(self, paths: Sequence[Path], *, bucket_edges: Sequence[float] = (),
-                 timestep_name: str | None = None, sample_name: str | None = None):
-        if len(paths) != len(bucket_edges) + 1:
-            raise ValueError("one model per bucket: len(paths) must be len(bucket_edges) + 1")
-        self.sessions = [make_session(p) for p in paths]
+    input_names: tuple[str, ...]
+
+    def __init__(self, buckets: int, *, bucket_edges: Sequence[float], timestep_name: str | None,
+                 sample_name: str | None):
+        if buckets != len(bucket_edges) + 1:
+            raise ValueError(f"{buckets} programs for {len(bucket_edges) + 1} buckets")
+        self.buckets = buckets
         self.bucket_edges = np.asarray(bucket_edges, np.float64)
         self.timestep_name = timestep_name
         self.sample_name = sample_name
-        self.input_names = tuple(i.name for i in self.sessions[0].get_inputs())
-        self.output_names = tuple(o.name for o in self.sessions[0].get_outputs())
+
+    def run_bucket(self, bucket: int, feed: dict[str, np.ndarray]) -> np.ndarray:
+        raise NotImplementedError
 
     def bucket_of(self, timestep: float) -> int:
         return int(np.searchsorted(self.bucket_edges, timestep, side="right"))
 
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        """First output for a batch; a batch spanning several buckets is split by bucket."""
-        feed = {k: inputs[k] for k in self.input_names}
-        if len(self.sessions) == 1 or self.timestep_name is None:
-            return self.sessions[0].run(self.output_names[:1], feed)[0]
-        t = np.broadcast_to(np.asarray(feed[self.timestep_name]).reshape(-1),
-                            (len(next(iter(feed.values()))),))
-        buckets = np.searchsorted(self.bucket_edges, t, side="right")
+        """First output for a batch; a batch spanning several buckets is split by bucket (inputs
+        without a batch axis, such as Flux's ids, go whole to every bucket)."""
+        feed = {k: np.asarray(inputs[k]) for k in self.input_names}
+        if self.buckets == 1 or self.timestep_name is None:
+            return self.run_bucket(0, feed)
+        n = len(feed[self.timestep_name].reshape(-1))
+        buckets = np.searchsorted(self.bucket_edges, feed[self.timestep_name].reshape(-1), side="right")
         out = None
         for b in np.unique(buckets):
             idx = np.nonzero(buckets == b)[0]
-            part = self.sessions[b].run(self.output_names[:1], {k: v[idx] for k, v in feed.items()})[0]
+            part = self.run_bucket(int(b), {k: v[idx] if v.ndim and len(v) == n else v for k, v in feed.items()})
             if out is None:
-                out = np.empty((len(t), *part.shape[1:]), part.dtype)
+                out = np.empty((n, *part.shape[1:]), part.dtype)
             out[idx] = part
         return out
 
@@ -62,3 +65,17 @@ class OnnxRunner:
             raise TypeError("this model has no sample/timestep inputs: call run() with all inputs")
         t = np.broadcast_to(np.asarray(timestep, np.float32).reshape(-1), (len(sample),)).copy()
         return self.run({self.sample_name: sample, self.timestep_name: t, **cond})
+
+
+class OnnxRunner(BucketRunner):
+    """One onnxruntime session per timestep bucket (one model file each)."""
+
+    def __init__(self, paths: Sequence[Path], *, bucket_edges: Sequence[float] = (),
+                 timestep_name: str | None = None, sample_name: str | None = None):
+        super().__init__(len(paths), bucket_edges=bucket_edges, timestep_name=timestep_name, sample_name=sample_name)
+        self.sessions = [make_session(p) for p in paths]
+        self.input_names = tuple(i.name for i in self.sessions[0].get_inputs())
+        self.output_names = tuple(o.name for o in self.sessions[0].get_outputs())
+
+    def run_bucket(self, bucket: int, feed: dict[str, np.ndarray]) -> np.ndarray:
+        return self.sessions[bucket].run(self.output_names[:1], feed)[0]

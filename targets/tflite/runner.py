@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from qcompile.errors import UserError
+from qcompile.runtime import BucketRunner
 from qcompile.targets.tflite import deps
 from qcompile.targets.tflite.emit import METADATA_KEY
 from qcompile.targets.tflite.layout import invert
@@ -66,7 +67,7 @@ class _Program:
         return bool(spec["shape"]) and spec["shape"][0] == self.batch
 
 
-class TfliteRunner:
+class TfliteRunner(BucketRunner):
     """One program per timestep bucket: the signatures of the given files, in order.
 
     `bucket_edges` are the K-1 inner timestep boundaries (ascending), as in OnnxRunner.
@@ -82,36 +83,11 @@ class TfliteRunner:
             interpreter = module.Interpreter(model_content=data, num_threads=threads)
             for key, info in meta["signatures"].items():
                 self.programs.append(_Program(interpreter, key, info, int(meta["batch"])))
-        if len(self.programs) != len(bucket_edges) + 1:
-            raise ValueError(f"{len(self.programs)} programs for {len(bucket_edges) + 1} buckets")
-        self.bucket_edges = np.asarray(bucket_edges, np.float64)
-        self.timestep_name = timestep_name
-        self.sample_name = sample_name
+        super().__init__(len(self.programs), bucket_edges=bucket_edges, timestep_name=timestep_name,
+                         sample_name=sample_name)
         self.input_names = tuple(i["name"] for i in self.programs[0].inputs)
         self.output_names = tuple(o["name"] for o in self.programs[0].outputs)
 
-    def bucket_of(self, timestep: float) -> int:
-        return int(np.searchsorted(self.bucket_edges, timestep, side="right"))
-
-    def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        """First output for a batch (NCHW in and out); a batch spanning several buckets is split by bucket."""
-        feed = {k: np.asarray(inputs[k]) for k in self.input_names}
-        if len(self.programs) == 1 or self.timestep_name is None:
-            return self.programs[0].run(feed)
-        n = len(next(iter(feed.values())))
-        t = np.broadcast_to(feed[self.timestep_name].reshape(-1), (n,))
-        buckets = np.searchsorted(self.bucket_edges, t, side="right")
-        out = None
-        for b in np.unique(buckets):
-            idx = np.nonzero(buckets == b)[0]
-            part = self.programs[b].run({k: v[idx] if v.ndim and len(v) == n else v for k, v in feed.items()})
-            if out is None:
-                out = np.empty((n, *part.shape[1:]), part.dtype)
-            out[idx] = part
-        return out
-
-    def __call__(self, sample: np.ndarray, timestep: np.ndarray | float, **cond: np.ndarray) -> np.ndarray:
-        if self.sample_name is None or self.timestep_name is None:
-            raise TypeError("this model has no sample/timestep inputs: call run() with all inputs")
-        t = np.broadcast_to(np.asarray(timestep, np.float32).reshape(-1), (len(sample),)).copy()
-        return self.run({self.sample_name: sample, self.timestep_name: t, **cond})
+    def run_bucket(self, bucket: int, feed: dict[str, np.ndarray]) -> np.ndarray:
+        """NCHW in and out."""
+        return self.programs[bucket].run(feed)
