@@ -43,6 +43,17 @@ def test_build_writes_the_artifact_contract(built):
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no staging left behind
 
 
+def test_eval_rewrites_the_report_of_an_artifact(built, capsys):
+    _, out = built
+    before = json.loads((out / "report.json").read_text())
+    assert main(["eval", str(out), "--validate", "3"]) == 0
+    after = json.loads((out / "report.json").read_text())
+    assert len(after["per_step"]) == 3 and after["summary"]["eps_sqnr_db_mean"] > 20.0
+    assert after["summary"]["size_bytes"] == before["summary"]["size_bytes"]
+    assert main(["eval", str(out), "--min-sqnr-db", "200"]) == 1  # a missed threshold is exit 1
+    assert "below threshold eps_sqnr_db_mean" in capsys.readouterr().out
+
+
 def test_inspect_reads_artifact_and_onnx(built, capsys):
     _, out = built
     assert main(["inspect", str(out)]) == 0
