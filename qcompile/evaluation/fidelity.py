@@ -18,6 +18,7 @@ import numpy as np
 
 from qcompile.config import FidelitySettings
 from qcompile.evaluation.metrics import cosine, frechet_distance, psnr_db, relative_error, sqnr_db, ssim
+from qcompile.evaluation.report import figure_png_base64
 from qcompile.evaluation.sampling import DenoiserCall, guided, sample
 from qcompile.evaluation.validate import StepResult
 from qcompile.target import Runner
@@ -105,9 +106,6 @@ def evaluate_sampling(reference: Runner, artifact: Runner, setup: SamplingSetup,
 
 def sample_grid_png(result: FidelityResult, per_class: int = 8) -> str:
     """Base64 PNG: float samples left, artifact samples right, one row per class, same seeds."""
-    import base64
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -123,8 +121,4 @@ def sample_grid_png(result: FidelityResult, per_class: int = 8) -> str:
         ax.imshow(np.concatenate(rows, axis=0), cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
         ax.set_title(title)
         ax.axis("off")
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode()
+    return figure_png_base64(fig)

@@ -98,6 +98,13 @@ def _plot_png(report: Mapping[str, Any]) -> str | None:
     ax.invert_xaxis()
     ax.grid(alpha=0.3)
     ax.set_title("Error per timestep (sampling order, left to right)")
+    return figure_png_base64(fig)
+
+
+def figure_png_base64(fig) -> str:
+    """A matplotlib figure as base64 PNG for embedding in report.html; the figure is closed."""
+    import matplotlib.pyplot as plt
+
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png")
