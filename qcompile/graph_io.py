@@ -11,7 +11,6 @@ onnx-graphsurgeon itself drops `metadata_props`.
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -249,7 +248,3 @@ def constant_values(tensor: gs.Tensor) -> np.ndarray | None:
         if isinstance(value, gs.Constant):
             return np.asarray(value.values)
     return None
-
-
-def file_sizes(paths: Sequence[Path]) -> int:
-    return sum(os.path.getsize(p) for p in paths if Path(p).exists())

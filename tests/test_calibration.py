@@ -6,7 +6,7 @@ from graphs import conv_mlp_model, run, save_with_external_data
 
 from qcompile.calibration.buckets import Bucket, choose_buckets
 from qcompile.calibration.cache import CalibrationCache
-from qcompile.calibration.estimators import estimate_range, estimate_ranges
+from qcompile.calibration.estimators import channel_absmax, estimate_range, estimate_ranges
 from qcompile.calibration.inputs import InputSet
 from qcompile.calibration.recorder import Recording, record_input_set
 from qcompile.calibration.stats import N_BINS, StatsTable, TensorStats, collect_stats, magnitude_histogram
@@ -42,6 +42,9 @@ def test_statistics_are_per_timestep_and_exact(model, tmp_path):
         assert table.tensors["x"].count[t_i] == len(rows) * 3 * 64
     # Per-channel absmax runs along the Conv input channels.
     np.testing.assert_allclose(table.tensors["x"].chan_absmax[2], np.abs(inputs.arrays["x"][3]).max(axis=(1, 2)))
+    # The per-channel MAX estimator over timesteps 999 and 10 (rows 0, 1 and 3).
+    np.testing.assert_allclose(channel_absmax(table, "x", [0, 2]),
+                               np.abs(inputs.arrays["x"][[0, 1, 3]]).max(axis=(0, 2, 3)))
 
 
 def test_shards_merge_exactly(model, tmp_path):

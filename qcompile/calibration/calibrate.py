@@ -13,7 +13,7 @@ import onnx_graphsurgeon as gs
 
 from qcompile.artifact import file_fingerprint
 from qcompile.calibration.cache import RECORDING_DIR, CalibrationCache
-from qcompile.calibration.inputs import InputSet, load_npz, synthetic_inputs
+from qcompile.calibration.inputs import InputSet, load_npz, synthetic_inputs, unbatched_inputs
 from qcompile.calibration.recorder import Recording, record_input_set, record_sampling
 from qcompile.calibration.stats import collect_stats
 from qcompile.config import CalibKind, CalibSpec, SamplerSettings
@@ -36,9 +36,7 @@ def graph_fingerprint(fp32_path: Path) -> str:
 
 
 def user_inputs(spec: CalibSpec, adapter, timestep_name: str | None) -> InputSet:
-    specs = adapter.input_specs()
-    unbatched = frozenset(s.name for s in specs if not s.batched)
-    return load_npz(spec.path, [s.name for s in specs], timestep_name, unbatched)
+    return load_npz(spec.path, [s.name for s in adapter.input_specs()], timestep_name, unbatched_inputs(adapter))
 
 
 def record(spec: CalibSpec, adapter, fp32_path: Path, folder: Path, *, names: tuple[str | None, str | None],

@@ -58,10 +58,10 @@ def synthetic_inputs(adapter, count: int, seed: int) -> InputSet:
     arrays = adapter.synthetic_inputs(ts, seed=seed)
     has_t = adapter.noise_schedule is not NoiseSchedule.NONE and any(
         s.role is InputRole.TIMESTEP for s in adapter.input_specs())
-    return InputSet(arrays, ts if has_t else None, _unbatched(adapter))
+    return InputSet(arrays, ts if has_t else None, unbatched_inputs(adapter))
 
 
-def _unbatched(adapter) -> frozenset[str]:
+def unbatched_inputs(adapter) -> frozenset[str]:
     return frozenset(s.name for s in adapter.input_specs() if not s.batched)
 
 

@@ -131,8 +131,11 @@ class Recording:
 
     def timesteps(self) -> np.ndarray:
         """Unique timestep values, descending (sampling order)."""
-        values = np.concatenate([m.timestep for _, m in self.shards()]) if self.rows else np.zeros(0)
-        return np.unique(values)[::-1]
+        values = []
+        for name in self.meta["shards"]:  # only the timestep column is read, not the inputs
+            with np.load(self.folder / name) as data:
+                values.append(data["_timestep"])
+        return np.unique(np.concatenate(values))[::-1] if values else np.zeros(0)
 
 
 def record_input_set(inputs: InputSet, folder: Path, source: dict[str, Any]) -> Recording:
