@@ -71,6 +71,10 @@ def _is_excluded(node: gs.Node, patterns: Sequence[re.Pattern[str]]) -> bool:
 
 
 def plan_quantization(graph: gs.Graph, caps: TargetCaps, exclude: Sequence[str] = ()) -> QuantPlan:
+    if caps.integer_only:  # every float tensor; exclusions cannot apply (no float fallback)
+        from qcompile.passes.insert_qdq_integer import plan_integer
+
+        return plan_integer(graph, caps)
     patterns = [re.compile(p) for p in exclude]
     activations: dict[str, None] = {}
     weights: list[WeightSlot] = []
@@ -194,23 +198,34 @@ class InsertQDQ(Pass):
         node.inputs[2] = self._dequantize(graph, q, qp, f"{node.name}_bias", node)
 
     def _dequantize(self, graph: gs.Graph, q: gs.Constant, qp: QParams, base: str, like: gs.Node) -> gs.Variable:
-        out = gs.Variable(f"{base}_dequantized", dtype=np.float32, shape=q.shape)
-        attrs = {} if qp.axis is None else {"axis": qp.axis}
-        dq = gs.Node("DequantizeLinear", f"{base}_DequantizeLinear", attrs,
-                     [q, gs.Constant(f"{base}_scale", qp.scale), gs.Constant(f"{base}_zero_point", qp.zero_point)],
-                     [out])
-        graph.nodes.append(tag_new_node(dq, PASS_NAME, like))
-        return out
+        return dequantize_constant(graph, q, qp, base, like, PASS_NAME)
 
     def _insert_pair(self, graph: gs.Graph, src: gs.Tensor, qp: QParams) -> gs.Variable:
-        scale = gs.Constant(f"{src.name}_scale", qp.scale)
-        zero = gs.Constant(f"{src.name}_zero_point", qp.zero_point)
-        q_out = gs.Variable(f"{src.name}_quantized", dtype=qp.dtype.numpy, shape=src.shape)
-        dq_out = gs.Variable(f"{src.name}_dequantized", dtype=np.float32, shape=src.shape)
-        like = src.inputs[0] if src.inputs else None
-        graph.nodes.append(tag_new_node(
-            gs.Node("QuantizeLinear", f"{src.name}_QuantizeLinear", {}, [src, scale, zero], [q_out]), PASS_NAME, like))
-        graph.nodes.append(tag_new_node(
-            gs.Node("DequantizeLinear", f"{src.name}_DequantizeLinear", {}, [q_out, scale, zero], [dq_out]),
-            PASS_NAME, like))
-        return dq_out
+        return insert_qdq_pair(graph, src, qp, PASS_NAME)
+
+
+def dequantize_constant(graph: gs.Graph, q: gs.Constant, qp: QParams, base: str, like: gs.Node,
+                        pass_name: str) -> gs.Variable:
+    """A DequantizeLinear reading the quantized constant `q`; returns its float output."""
+    out = gs.Variable(f"{base}_dequantized", dtype=np.float32, shape=q.shape)
+    attrs = {} if qp.axis is None else {"axis": qp.axis}
+    dq = gs.Node("DequantizeLinear", f"{base}_DequantizeLinear", attrs,
+                 [q, gs.Constant(f"{base}_scale", qp.scale), gs.Constant(f"{base}_zero_point", qp.zero_point)],
+                 [out])
+    graph.nodes.append(tag_new_node(dq, pass_name, like))
+    return out
+
+
+def insert_qdq_pair(graph: gs.Graph, src: gs.Tensor, qp: QParams, pass_name: str) -> gs.Variable:
+    """QuantizeLinear -> DequantizeLinear on `src`; returns the dequantized tensor (consumers are not moved)."""
+    scale = gs.Constant(f"{src.name}_scale", qp.scale)
+    zero = gs.Constant(f"{src.name}_zero_point", qp.zero_point)
+    q_out = gs.Variable(f"{src.name}_quantized", dtype=qp.dtype.numpy, shape=src.shape)
+    dq_out = gs.Variable(f"{src.name}_dequantized", dtype=np.float32, shape=src.shape)
+    like = src.inputs[0] if src.inputs else None
+    graph.nodes.append(tag_new_node(
+        gs.Node("QuantizeLinear", f"{src.name}_QuantizeLinear", {}, [src, scale, zero], [q_out]), pass_name, like))
+    graph.nodes.append(tag_new_node(
+        gs.Node("DequantizeLinear", f"{src.name}_DequantizeLinear", {}, [q_out, scale, zero], [dq_out]),
+        pass_name, like))
+    return dq_out

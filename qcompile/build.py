@@ -133,7 +133,12 @@ def calibration_plan(cfg: CompileConfig, adapter) -> tuple[CalibSpec, InputSet |
     return spec, data, held_out
 
 
-def exclusions(cfg: CompileConfig, adapter) -> tuple[str, ...]:
+def exclusions(cfg: CompileConfig, adapter, caps) -> tuple[str, ...]:
+    if caps.integer_only:  # an NPU target: nothing may stay float on the device
+        if cfg.exclude or cfg.mixed_precision_sqnr_db is not None or cfg.max_float_layers is not None:
+            raise UserError(f"--target {cfg.target.value}: runs integer graphs only; --exclude and mixed "
+                            "precision would need float layers")
+        return ()
     if cfg.full_integer:
         if cfg.exclude:
             raise UserError("--full-integer and --exclude contradict each other: choose one")
@@ -146,7 +151,7 @@ def build(cfg: CompileConfig) -> BuildResult:
     target = load_target(cfg.target)  # an unknown target fails before any work
     adapter = resolve(cfg)
     spec, calib_inputs, held_out = calibration_plan(cfg, adapter)
-    excluded = exclusions(cfg, adapter)
+    excluded = exclusions(cfg, adapter, target.caps)
     with StagedFolder(cfg.out_dir) as stage, tempfile.TemporaryDirectory(prefix="qcompile-calib-") as tmp:
         work = stage.path
         ctx = PassContext()
@@ -183,7 +188,7 @@ def build(cfg: CompileConfig) -> BuildResult:
             g = graph if bucket.index == len(buckets) - 1 else load_graph(fp32_path)
             ranges = estimate_ranges(table, cfg.estimator, bucket.timestep_indices, names=plan.activations,
                                      levels=levels, symmetric=target.caps.activation_symmetric)
-            PassManager(target.pipeline(plan, ranges)).run(g, ctx)
+            PassManager(target.pipeline(plan, ranges, timestep_input=names[1])).run(g, ctx)
             graphs.append(g)
         files = target.emit(graphs, work)
         manifest = _manifest(cfg, spec, adapter, target, exported, fp32_path, cache, plan, ctx,
@@ -287,6 +292,8 @@ def _manifest(cfg, spec: CalibSpec, adapter, target, exported, fp32_path: Path, 
                 "sensitivity_top20": [s.as_dict() for s in mixed.ranking[:20]]},
         },
         "buckets": buckets,
+        # Files a target writes for other toolchains (QNN: float graph + encodings), not run by its runner.
+        "sdk_files": target.sdk_files() if hasattr(target, "sdk_files") else [],
         "pass_log": [e.as_dict() for e in ctx.log],
         "tools": tool_versions(),
     }

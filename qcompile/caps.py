@@ -29,3 +29,15 @@ class TargetCaps:
     # (op, scale, zero point) for outputs whose parameters an integer kernel fixes rather than
     # calibration: TFLite's int8 LOGISTIC and SOFTMAX need (1/256, -128), TANH (1/128, 0).
     fixed_output_qparams: tuple[tuple[str, float, int], ...] = ()
+    # Integer-only targets (NPUs such as Qualcomm HTP): every float tensor is quantized and no op may
+    # stay float; `insert_qdq_integer` reads the operand rules below instead of the weighted-op ones.
+    integer_only: bool = False
+    # (op, dtype): ops whose constant input 1 is a weight quantized per tensor in that dtype, symmetric
+    # when signed (QNN has no per-channel MatMul; its LayerNorm takes an unsigned asymmetric gamma).
+    per_tensor_weights: tuple[tuple[str, QuantDType], ...] = ()
+    # Ops whose constant input 2 is a bias, stored int32 at scale s_input * s_weight.
+    bias_ops: frozenset[str] = frozenset()
+    # (op, input index) of float constants that are parameters, never quantized (Resize scales).
+    float_operands: tuple[tuple[str, int], ...] = ()
+    # Data-movement ops whose output must carry its input's quantization parameters.
+    same_scale_ops: frozenset[str] = frozenset()

@@ -34,8 +34,10 @@ class Target(Protocol):
 
     def runtime_version(self) -> str: ...
 
-    def pipeline(self, plan: Any, ranges: Mapping[str, TensorRange]) -> list[Pass]:
-        """Passes that turn the canonical float graph into this target's quantized graph."""
+    def pipeline(self, plan: Any, ranges: Mapping[str, TensorRange], *,
+                 timestep_input: str | None = None) -> list[Pass]:
+        """Passes that turn the canonical float graph into this target's quantized graph
+        (`timestep_input` names the diffusion timestep input, for targets that treat it specially)."""
 
     def emit(self, graphs: Sequence[gs.Graph], out_dir: Path) -> list[list[str]]:
         """Write the target's files for the buckets' graphs (one per bucket, weights shared);
@@ -48,6 +50,8 @@ TARGETS: dict[TargetName, str] = {
     TargetName.ORT_INT8: "qcompile.targets.ort_int8.target:OrtInt8Target",
     TargetName.TFLITE_INT8: "qcompile.targets.tflite.target:TfliteInt8Target",
     TargetName.TFLITE_FP32: "qcompile.targets.tflite.target:TfliteFp32Target",
+    TargetName.QNN_W8A8: "qcompile.targets.qnn.target:QnnW8A8Target",
+    TargetName.QNN_W8A16: "qcompile.targets.qnn.target:QnnW8A16Target",
 }
 
 

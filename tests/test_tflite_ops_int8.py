@@ -13,10 +13,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qcompile.graph_io import load_graph
 from qcompile.pass_manager import PassContext, PassManager
+from qcompile.passes.static_shapes import StaticShapes
 from qcompile.quant import QParams, QuantDType, TensorRange, activation_qparams, quantize, weight_qparams
 from qcompile.runtime import make_session
 from qcompile.targets.tflite.inspect import operators
-from qcompile.targets.tflite.static_shapes import StaticShapes
 from qcompile.targets.tflite.target import TfliteInt8Target
 from qcompile.targets.tflite.validate import lsb_agreement
 

@@ -41,7 +41,8 @@ class OrtInt8Target:
     def runtime_version(self) -> str:
         return ort.__version__
 
-    def pipeline(self, plan: QuantPlan, ranges: Mapping[str, TensorRange]) -> list[Pass]:
+    def pipeline(self, plan: QuantPlan, ranges: Mapping[str, TensorRange], *,
+                 timestep_input: str | None = None) -> list[Pass]:
         return [NameNodes(), InsertQDQ(plan, ranges, self.caps), InferShapes()]
 
     def emit(self, graphs: Sequence[gs.Graph], out_dir: Path) -> list[list[str]]:

@@ -19,12 +19,12 @@ from qcompile.config import TargetName
 from qcompile.pass_manager import Pass
 from qcompile.passes.cleanup import NameNodes
 from qcompile.passes.insert_qdq import InsertQDQ, QuantPlan
+from qcompile.passes.static_shapes import StaticShapes
 from qcompile.quant import TensorRange
 from qcompile.targets.tflite import deps
 from qcompile.targets.tflite.caps import TFLITE_FP32_CAPS, TFLITE_INT8_CAPS
 from qcompile.targets.tflite.convert import write_model
 from qcompile.targets.tflite.runner import TfliteRunner
-from qcompile.targets.tflite.static_shapes import StaticShapes
 
 DEFAULT_BATCH = 1
 MODEL_FILE = "model.tflite"
@@ -42,7 +42,8 @@ class _TfliteTarget:
     def runtime_version(self) -> str:
         return deps.litert_version()
 
-    def pipeline(self, plan: QuantPlan, ranges: Mapping[str, TensorRange]) -> list[Pass]:
+    def pipeline(self, plan: QuantPlan, ranges: Mapping[str, TensorRange], *,
+                 timestep_input: str | None = None) -> list[Pass]:
         return [NameNodes(), InsertQDQ(plan, ranges, self.caps), StaticShapes(self.batch)]
 
     def emit(self, graphs: Sequence[gs.Graph], out_dir: Path) -> list[list[str]]:
@@ -72,5 +73,6 @@ class TfliteFp32Target(_TfliteTarget):
     name = TargetName.TFLITE_FP32
     caps = TFLITE_FP32_CAPS
 
-    def pipeline(self, plan: QuantPlan, ranges: Mapping[str, TensorRange]) -> list[Pass]:
+    def pipeline(self, plan: QuantPlan, ranges: Mapping[str, TensorRange], *,
+                 timestep_input: str | None = None) -> list[Pass]:
         return [NameNodes(), StaticShapes(self.batch)]

@@ -1,4 +1,4 @@
-"""Fix the batch size and make every shape static: TFLite tensors have static shapes.
+"""Fix the batch size and make every shape static: TFLite tensors and QNN graphs have static shapes.
 
 Exporters leave the batch symbolic, with Shape -> Gather -> Concat chains computing Reshape targets.
 With the inputs' batch fixed, shape inference makes every tensor static and constant folding turns
@@ -22,26 +22,26 @@ def _is_static(dim) -> bool:
 
 
 class StaticShapes(Pass):
-    name = "tflite-static-shapes"
+    name = "static-shapes"
     ensures = frozenset({GraphProperty.SHAPES_KNOWN})
     preserves = frozenset({GraphProperty.NODES_NAMED, GraphProperty.QDQ_PAIRED})
 
     def __init__(self, batch: int):
         if batch < 1:
-            raise UserError(f"tflite: batch must be at least 1 (got {batch})")
+            raise UserError(f"static shapes: batch must be at least 1 (got {batch})")
         self.batch = batch
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         fixed = 0
         for t in graph.inputs:
             if t.shape is None:
-                raise UserError(f"tflite: graph input '{t.name}' has no shape")
+                raise UserError(f"static shapes: graph input '{t.name}' has no shape")
             shape = list(t.shape)
             if shape and not _is_static(shape[0]):
                 shape[0] = self.batch
                 fixed += 1
             if not all(_is_static(d) for d in shape):
-                raise UserError(f"tflite: graph input '{t.name}' has symbolic dimensions {t.shape} besides the "
+                raise UserError(f"static shapes: graph input '{t.name}' has symbolic dimensions {t.shape} besides the "
                                 "batch; TFLite tensors are static")
             t.shape = shape
         before = len(graph.nodes)

@@ -1,0 +1,110 @@
+"""Move the timestep embedding out of the device graph: the host computes it in float and feeds it in.
+
+Everything that depends only on the timestep (the sinusoidal projection, the time MLP, each resnet's
+`time_emb_proj`) is the same for every sample at a given step, costs a few small GEMVs, and is the
+worst thing to run in integer: the Sin/Cos argument spans 0..1000 (cosine 0.82 at 8 bits on the QNN
+simulator) and its ranges move most across timesteps. This pass finds that subgraph, cuts it out into
+a separate float graph (`host_graph`, timestep in, embeddings out) and turns the tensors where it met
+the rest of the network into inputs of the device graph, under their original names, so calibration
+statistics recorded on the canonical graph still apply to them.
+
+Two cuts:
+- `FULL`: every node whose only non-constant input chain starts at the timestep (the default; the
+  device graph then starts at the per-resnet time projections);
+- `SINUSOID`: stop before the first weighted op (Gemm/MatMul/Conv), so the time MLP stays on the device
+  and only the parameter-free projection moves to the host.
+Any target can use it; the target ships `host_graph` next to its device model and its runner runs it.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import onnx_graphsurgeon as gs
+
+from qcompile.caps import WEIGHTED_OPS
+from qcompile.errors import UserError
+from qcompile.graph_io import constant_values, node_meta
+from qcompile.pass_manager import GraphProperty, Pass, PassContext, PassResult
+
+PASS_NAME = "host-time-embedding"
+
+
+class TimeEmbeddingCut(enum.Enum):
+    FULL = "full"
+    SINUSOID = "sinusoid"
+
+
+def timestep_only_nodes(graph: gs.Graph, timestep: str, cut: TimeEmbeddingCut) -> list[gs.Node]:
+    """Nodes (graph order) computing from the timestep and constants alone."""
+    reached = {timestep}
+    chosen: list[gs.Node] = []
+    for node in graph.nodes:  # graph order is topological
+        inputs = [t for t in node.inputs if t.name]
+        variables = [t for t in inputs if constant_values(t) is None]
+        if not variables or not all(t.name in reached for t in variables):
+            continue
+        if cut is TimeEmbeddingCut.SINUSOID and node.op in WEIGHTED_OPS:
+            continue
+        chosen.append(node)
+        reached.update(t.name for t in node.outputs)
+    return chosen
+
+
+class MoveTimeEmbeddingToHost(Pass):
+    name = PASS_NAME
+    preserves = frozenset({GraphProperty.NODES_NAMED, GraphProperty.SHAPES_KNOWN, GraphProperty.QDQ_PAIRED})
+
+    def __init__(self, timestep: str, cut: TimeEmbeddingCut = TimeEmbeddingCut.FULL):
+        self.timestep = timestep
+        self.cut = cut
+        self.host_graph: gs.Graph | None = None  # set by run()
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        inputs = {t.name: t for t in graph.inputs}
+        if self.timestep not in inputs:
+            raise UserError(f"{PASS_NAME}: the graph has no input '{self.timestep}'")
+        host = timestep_only_nodes(graph, self.timestep, self.cut)
+        host_ids = {id(n) for n in host}
+        graph_outputs = {t.name for t in graph.outputs}
+        frontier: dict[str, gs.Variable] = {}
+        for node in host:
+            for t in node.outputs:
+                if t.name in graph_outputs:
+                    raise UserError(f"{PASS_NAME}: graph output '{t.name}' depends on the timestep alone")
+                if any(id(c) not in host_ids for c in t.outputs):
+                    frontier[t.name] = t
+        if not frontier:
+            self.host_graph = None
+            return PassResult(modified=False, detail="no timestep-only subgraph")
+        t_in = inputs[self.timestep]
+        self.host_graph = _copy_subgraph(host, t_in, list(frontier), graph.opset)
+        for tensor in frontier.values():  # device side: the cut tensors become graph inputs
+            tensor.inputs.clear()
+        keep = [t for t in graph.inputs if t.name != self.timestep or any(id(c) not in host_ids for c in t.outputs)]
+        graph.inputs = keep + list(frontier.values())
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        return PassResult(modified=True, detail=f"{len(host)} nodes to the host ({self.cut.value}), "
+                                                f"{len(frontier)} embedding inputs")
+
+
+def _copy_subgraph(nodes: list[gs.Node], source: gs.Tensor, outputs: list[str], opset: int) -> gs.Graph:
+    """A separate graph of fresh nodes and tensors (constants share their lazy values, not their
+    objects), so nothing of it shows up as a consumer in the device graph."""
+    own: dict[str, gs.Tensor] = {source.name: gs.Variable(source.name, source.dtype, source.shape)}
+
+    def mine(t: gs.Tensor) -> gs.Tensor:
+        if t.name and t.name not in own:
+            own[t.name] = (gs.Constant(t.name, t._values, data_location=t.data_location)
+                           if isinstance(t, gs.Constant) else gs.Variable(t.name, t.dtype, t.shape))
+        return own[t.name] if t.name else gs.Variable.empty()
+
+    copies = []
+    for node in nodes:
+        ins = [mine(t) for t in node.inputs]
+        outs = [mine(t) for t in node.outputs]
+        copy = gs.Node(node.op, node.name, dict(node.attrs), ins, outs, domain=node.domain)
+        node_meta(copy).update(node_meta(node))
+        copies.append(copy)
+    return gs.Graph(nodes=copies, inputs=[own[source.name]], outputs=[own[n] for n in outputs], opset=opset,
+                    name="host_time_embedding")

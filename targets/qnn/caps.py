@@ -1,0 +1,43 @@
+"""What the QNN HTP backend runs, as data for the integer-only Q/DQ pass (`insert_qdq_integer`).
+
+Facts (onnxruntime's QNN quantization helpers and EP, onnxruntime-qnn 2.7.0 / QNN 2.51):
+- activations are unsigned asymmetric per tensor (uint8 for W8A8, uint16 for W8A16); weights int8
+  symmetric, per output channel for Conv/Gemm, per tensor for MatMul (no per-channel MatMul) and
+  InstanceNormalization's scale; LayerNormalization's EP builder is only offered a uint8 asymmetric
+  gamma (an int8 one leaves the node unsupported); biases, norms' included, int32 at s_input * s_weight;
+- HTP's Sigmoid fixes its output encoding at 16 bits (scale 1/65536, offset 0); the same full-range
+  [0, 1) encoding is used at 8 bits, which is what a calibrated range would converge to anyway;
+- data-movement ops keep their input's encoding (the converter would otherwise insert requantizes);
+- Resize's scales are parameters, never quantized (a quantized `scales` broke models in
+  onnxruntime's helpers, ENVIRONMENT.md).
+"""
+
+from __future__ import annotations
+
+from qcompile.caps import TargetCaps
+from qcompile.quant import QuantDType
+
+SAME_SCALE_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Slice", "Split",
+                            "Resize", "Gather", "Expand", "Tile", "DepthToSpace", "SpaceToDepth"})
+PER_TENSOR_WEIGHTS = (("MatMul", QuantDType.INT8), ("InstanceNormalization", QuantDType.INT8),
+                      ("LayerNormalization", QuantDType.UINT8))
+BIAS_OPS = frozenset({"Conv", "Gemm", "LayerNormalization", "InstanceNormalization"})
+FLOAT_OPERANDS = (("Resize", 1), ("Resize", 2), ("Resize", 3))
+
+
+def _caps(activation: QuantDType) -> TargetCaps:
+    return TargetCaps(
+        weight_dtype=QuantDType.INT8,
+        activation_dtype=activation,
+        activation_symmetric=False,
+        integer_only=True,
+        per_tensor_weights=PER_TENSOR_WEIGHTS,
+        bias_ops=BIAS_OPS,
+        float_operands=FLOAT_OPERANDS,
+        same_scale_ops=SAME_SCALE_OPS,
+        fixed_output_qparams=(("Sigmoid", 1.0 / (activation.qmax + 1), 0),),
+    )
+
+
+QNN_W8A8_CAPS = _caps(QuantDType.UINT8)
+QNN_W8A16_CAPS = _caps(QuantDType.UINT16)

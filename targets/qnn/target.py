@@ -1,0 +1,131 @@
+"""The QNN targets `qnn-w8a8` and `qnn-w8a16`: integer-only Q/DQ ONNX for Qualcomm's HTP NPU.
+
+Pipeline per timestep bucket, on the canonical float graph:
+1. static shapes at a fixed batch (QNN graphs are static; the runner runs larger batches in chunks);
+2. the timestep embedding moves to the host (`host_time_embedding.onnx`, float, run by onnxruntime
+   on the CPU), its outputs become device inputs;
+3. HTP-safe rewrites (GroupNorm affine as a depthwise 1x1 Conv);
+4. every float tensor and constant quantized (`insert_qdq_integer`).
+
+Files: one Q/DQ model per bucket sharing one weight file (as `ort-int8`), the host model, and for QNN
+SDK users the float device graph (`float/model.onnx`) with one AIMET-style encodings file per bucket,
+for `qnn-onnx-converter --quantization_overrides`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import onnx_graphsurgeon as gs
+
+from qcompile.caps import TargetCaps
+from qcompile.config import TargetName
+from qcompile.graph_io import save_graph, save_graphs
+from qcompile.pass_manager import GraphProperty, Pass, PassContext, PassResult
+from qcompile.passes.cleanup import NameNodes
+from qcompile.passes.groupnorm_affine_conv import GroupNormAffineAsConv
+from qcompile.passes.host_time_embedding import MoveTimeEmbeddingToHost, TimeEmbeddingCut
+from qcompile.passes.infer_shapes import InferShapes
+from qcompile.passes.insert_qdq import QuantPlan
+from qcompile.passes.insert_qdq_integer import InsertQDQEverywhere
+from qcompile.passes.static_shapes import StaticShapes
+from qcompile.quant import TensorRange
+from qcompile.targets.qnn import ep
+from qcompile.targets.qnn.caps import QNN_W8A8_CAPS, QNN_W8A16_CAPS
+from qcompile.targets.qnn.encodings import write_encodings
+from qcompile.targets.qnn.runner import HOST_FILE, QnnRunner
+
+DEFAULT_BATCH = 2  # one classifier-free-guidance pair per call
+FLOAT_DIR = "float"
+
+
+class KeepFloatGraph(Pass):
+    """Keeps a copy of the graph as it is at this point of the pipeline (the float device graph)."""
+
+    name = "keep-float-graph"
+    preserves = frozenset(GraphProperty)
+
+    def __init__(self):
+        self.graph: gs.Graph | None = None
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        self.graph = graph.copy()
+        return PassResult(modified=False)
+
+
+class _QnnTarget:
+    name: TargetName
+    caps: TargetCaps
+    runtime_name = "qnn-htp-simulator"
+
+    def __init__(self, batch: int = DEFAULT_BATCH, cut: TimeEmbeddingCut = TimeEmbeddingCut.FULL):
+        ep.qnn_module()  # a missing extra fails here, once, with the package to install
+        self.batch = batch
+        self.cut = cut
+        self._host: MoveTimeEmbeddingToHost | None = None
+        self._float: KeepFloatGraph | None = None
+        self._sdk_files: list[str] = []
+
+    def runtime_version(self) -> str:
+        return ep.runtime_version()
+
+    def pipeline(self, plan: QuantPlan, ranges: Mapping[str, TensorRange], *,
+                 timestep_input: str | None = None) -> list[Pass]:
+        passes: list[Pass] = [NameNodes(), StaticShapes(self.batch)]
+        self._host = MoveTimeEmbeddingToHost(timestep_input, self.cut) if timestep_input else None
+        self._float = KeepFloatGraph()
+        if self._host is not None:
+            passes.append(self._host)
+        return [*passes, GroupNormAffineAsConv(), InferShapes(), self._float,
+                InsertQDQEverywhere(ranges, self.caps), InferShapes()]
+
+    def emit(self, graphs: Sequence[gs.Graph], out_dir: Path) -> list[list[str]]:
+        out_dir = Path(out_dir)
+        extra: list[str] = []
+        if self._host is not None and self._host.host_graph is not None:
+            save_graph(self._host.host_graph, out_dir / HOST_FILE)
+            extra = [HOST_FILE, HOST_FILE + ".data"]
+        if len(graphs) == 1:
+            save_graph(graphs[0], out_dir / "model.onnx")
+            files = [["model.onnx", "model.onnx.data"]]
+        else:
+            names = [f"model_t{k}.onnx" for k in range(len(graphs))]
+            save_graphs([(g, out_dir / n) for g, n in zip(graphs, names, strict=True)], out_dir / "model.data")
+            files = [[n, "model.data"] for n in names]
+        float_graph = self._float.graph
+        save_graph(float_graph, out_dir / FLOAT_DIR / "model.onnx")
+        self._sdk_files = [f"{FLOAT_DIR}/model.onnx", f"{FLOAT_DIR}/model.onnx.data"]
+        for k, graph in enumerate(graphs):
+            name = f"{FLOAT_DIR}/encodings_t{k}.json" if len(graphs) > 1 else f"{FLOAT_DIR}/encodings.json"
+            write_encodings(graph, float_graph, out_dir / name)
+            self._sdk_files.append(name)
+        return [[*f, *extra] for f in files]
+
+    def sdk_files(self) -> list[str]:
+        """Files for QNN SDK users (float device graph, encodings per bucket), not run by the runner."""
+        return list(self._sdk_files)
+
+    def runner(self, artifact_dir: Path, manifest: Mapping[str, Any], *, htp: bool = True) -> QnnRunner:
+        """Runs on the HTP simulator; `htp=False` runs the same Q/DQ graphs on onnxruntime's CPU EP."""
+        buckets = manifest["buckets"]
+        host = Path(artifact_dir) / HOST_FILE
+        return QnnRunner(
+            [Path(artifact_dir) / b["files"][0] for b in buckets],
+            host=host if host.is_file() else None,
+            bucket_edges=[b["timestep_range"][0] for b in buckets[1:]],
+            timestep_name=manifest["model"].get("timestep_input"),
+            sample_name=manifest["model"].get("sample_input"),
+            htp=htp,
+        )
+
+
+class QnnW8A8Target(_QnnTarget):
+    name = TargetName.QNN_W8A8
+    caps = QNN_W8A8_CAPS
+
+
+class QnnW8A16Target(_QnnTarget):
+    name = TargetName.QNN_W8A16
+    caps = QNN_W8A16_CAPS
