@@ -58,6 +58,12 @@ def evaluate_artifact(folder: Path, adapter, *, held_out: InputSet, thresholds: 
         images["Samples: fp32 (left) and quantized (right), same seeds"] = sample_grid_png(result)
     else:
         steps = compare_on_inputs(reference, runner, held_out, bucket_of=bucket_of)
+    device = None
+    if hasattr(target, "device_checks"):  # targets with a device (simulator) to prove the artifact on
+        print(f"[qcompile] checking the artifact on the device ({target.name.value})", flush=True)
+        device = target.device_checks(folder, manifest, adapter=adapter, held_out=held_out, reference=reference,
+                                      sampler=(fidelity or FidelitySettings()).sampler)
+        summary_extra.update(device["summary"])
     summary_extra["eval_seconds"] = round(time.perf_counter() - t0, 3)
 
     files = sorted({f for b in manifest["buckets"] for f in b["files"]})
@@ -67,6 +73,10 @@ def evaluate_artifact(folder: Path, adapter, *, held_out: InputSet, thresholds: 
     report = make_report(target=target.name.value, precision=manifest["precision"], buckets=manifest["buckets"],
                          runtime={"name": target.runtime_name, "version": target.runtime_version()},
                          steps=steps, summary=summary, thresholds=thresholds)
+    if device is not None:
+        report["device"] = device
+        report["checks"].update(device["checks"])
+        report["passed"] = all(report["checks"].values())
     if sensitivity is None:  # `qcompile eval` keeps what the build measured
         sensitivity = manifest.get("quantization", {}).get("mixed_precision", {}) or {}
         sensitivity = sensitivity.get("sensitivity_top20")

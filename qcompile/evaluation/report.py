@@ -64,6 +64,12 @@ def format_table(report: Mapping[str, Any]) -> str:
         lines.append(f"  sample PSNR dB {s['sample_psnr_db']:.2f}   SSIM {s.get('sample_ssim') or float('nan'):.4f}")
     lines.append(f"  size {s['size_bytes'] / 1e6:.2f} MB vs fp32 {s['fp32_size_bytes'] / 1e6:.2f} MB "
                  f"({s['size_ratio']:.3f}x)")
+    if s.get("htp_vs_fp32_sqnr_db_min") is not None:
+        line = (f"  on HTP: output SQNR vs fp32 min {s['htp_vs_fp32_sqnr_db_min']:.2f} dB, vs CPU EP min "
+                f"{s['htp_vs_cpu_ep_sqnr_db_min']:.2f} dB, cosine min {s['htp_cosine_min']:.5f}")
+        if s.get("htp_sample_psnr_db_vs_fp32") is not None:
+            line += f"; sample PSNR vs fp32 {s['htp_sample_psnr_db_vs_fp32']:.2f} dB"
+        lines.append(line)
     verdict = "PASSED" if report["passed"] else "FAILED"
     failed = [k for k, ok in report["checks"].items() if not ok]
     lines.append(f"  {verdict}" + (f": below threshold {', '.join(failed)}" if failed else ""))

@@ -24,6 +24,7 @@ class QnnRunner(BucketRunner):
                  timestep_name: str | None = None, sample_name: str | None = None, htp: bool = True):
         super().__init__(len(paths), bucket_edges=bucket_edges, timestep_name=timestep_name, sample_name=sample_name)
         self.htp = htp
+        self.paths = [Path(p) for p in paths]
         self.sessions = [ep.htp_session(Path(p)) if htp else make_session(Path(p)) for p in paths]
         self.host = make_session(host) if host is not None else None
         device_inputs = self.sessions[0].get_inputs()
