@@ -6,6 +6,11 @@ point in some up-blocks and reads stale data from earlier inferences (outputs ch
 the ONNX GroupNormalization operator in Q/DQ form is rejected by the EP altogether. The same affine
 written as Conv(x, W[C,1,1,1] = gamma, B = beta, group = C) runs correctly and bit-identically on
 HTP, and gives the weights per-channel int8 scales, which a per-tensor Mul constant cannot have.
+Measured here on a 9-node repro (`tests/graphs.py: groupnorm_skip_model`) at 16-bit activations:
+HTP output cosine 0.11 with the elementwise affine (CPU EP 1.0000 on the same Q/DQ graph), 1.0000
+with the depthwise Conv. With every activation exposed as an output, the affine's own outputs agree
+and the first tensor to break is the SiLU product right after it, so the defect sits in how HTP
+fuses that chain; the rewrite avoids the pattern altogether.
 Numerically it is the same function in float; the output keeps the name of the unit's last node.
 """
 

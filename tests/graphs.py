@@ -69,3 +69,60 @@ def canonical_export(name, tmp_path_factory, exporters=("dynamo",)):
         PassManager(canonicalize_passes(), fixed_point=True).run(graph, PassContext())
         save_graph(graph, path)
     return path
+
+
+def groupnorm_skip_model(seed: int = 0, batch: int = 2, deep: int = 32, skip: int = 32, groups: int = 32,
+                         size: int = 8) -> onnx.ModelProto:
+    """An up-block's skip Concat into the exporters' GroupNorm (Reshape -> InstanceNormalization ->
+    Reshape -> Mul(gamma) -> Add(beta)) -> SiLU -> Conv: the pattern the QNN HTP backend mishandles
+    when the affine is an elementwise Mul. Trained-looking affine (gamma around 1, beta around 0)."""
+    rng = np.random.default_rng(seed)
+    c = deep + skip
+    gamma = (1.0 + 0.3 * rng.standard_normal((c, 1, 1))).astype(np.float32)
+    beta = (0.2 * rng.standard_normal((c, 1, 1))).astype(np.float32)
+    w = (rng.standard_normal((16, c, 3, 3)) * 0.1).astype(np.float32)
+    b = (rng.standard_normal(16) * 0.1).astype(np.float32)
+    inits = [numpy_helper.from_array(a, n) for a, n in (
+        (np.array([0, groups, -1], np.int64), "group_shape"), (np.ones(groups, np.float32), "ones"),
+        (np.zeros(groups, np.float32), "zeros"), (np.array([batch, c, size, size], np.int64), "full_shape"),
+        (gamma, "norm.weight"), (beta, "norm.bias"), (w, "conv.weight"), (b, "conv.bias"))]
+    nodes = [
+        helper.make_node("Concat", ["deep", "skip"], ["cat"], "cat", axis=1),
+        helper.make_node("Reshape", ["cat", "group_shape"], ["grouped"], "reshape_in"),
+        helper.make_node("InstanceNormalization", ["grouped", "ones", "zeros"], ["normed"], "instance_norm",
+                         epsilon=1e-5),
+        helper.make_node("Reshape", ["normed", "full_shape"], ["restored"], "reshape_out"),
+        helper.make_node("Mul", ["restored", "norm.weight"], ["scaled"], "gamma"),
+        helper.make_node("Add", ["scaled", "norm.bias"], ["gn"], "beta"),
+        helper.make_node("Sigmoid", ["gn"], ["sig"], "sigmoid"),
+        helper.make_node("Mul", ["gn", "sig"], ["silu"], "silu"),
+        helper.make_node("Conv", ["silu", "conv.weight", "conv.bias"], ["y"], "conv", pads=[1, 1, 1, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes, "groupnorm_skip",
+        [helper.make_tensor_value_info("deep", TensorProto.FLOAT, [batch, deep, size, size]),
+         helper.make_tensor_value_info("skip", TensorProto.FLOAT, [batch, skip, size, size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 16, size, size])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
+
+
+def observed_ranges(path: Path, feeds: list[dict[str, np.ndarray]]):
+    """min/max of every float tensor over `feeds`, as calibration would give with the max estimator."""
+    from qcompile.calibration.stats import expose_tensors, quantizable_tensors
+    from qcompile.graph_io import load_graph
+    from qcompile.pass_manager import PassContext
+    from qcompile.passes.infer_shapes import InferShapes
+    from qcompile.quant import TensorRange
+
+    graph = load_graph(path)
+    InferShapes().run(graph, PassContext())
+    names = quantizable_tensors(graph)
+    session = make_session(expose_tensors(path, names))
+    lo = {n: np.inf for n in names}
+    hi = {n: -np.inf for n in names}
+    for feed in feeds:
+        for n, v in zip(names, session.run(names, feed), strict=True):
+            lo[n], hi[n] = min(lo[n], float(v.min())), max(hi[n], float(v.max()))
+    return {n: TensorRange(lo[n], hi[n]) for n in names}
