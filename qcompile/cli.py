@@ -66,6 +66,8 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--steps", type=int, default=s.steps, help="sampling steps (models with a sampler)")
     g.add_argument("--guidance", type=float, default=s.guidance, help="classifier-free guidance scale")
     g.add_argument("--per-class", type=int, default=f.per_class, help="samples per class for sample metrics")
+    g.add_argument("--device-samples", type=int, default=f.device_samples,
+                   help="images sampled on the device simulator (qnn targets; 0: none)")
     g.add_argument("--min-sqnr-db", type=float, default=t.eps_sqnr_db_mean,
                    help="threshold on mean eps SQNR in dB (exit 1 below)")
     g.add_argument("--min-psnr-db", type=float, default=t.sample_psnr_db,
@@ -76,10 +78,10 @@ def _fidelity(args: argparse.Namespace):
     from qcompile.config import FidelitySettings, SamplerSettings, SchedulerKind, Thresholds
     from qcompile.errors import UserError
 
-    if args.steps < 1 or args.per_class < 1:
-        raise UserError("--steps and --per-class must be at least 1")
+    if args.steps < 1 or args.per_class < 1 or args.device_samples < 0:
+        raise UserError("--steps and --per-class must be at least 1, --device-samples at least 0")
     sampler = SamplerSettings(scheduler=SchedulerKind.parse(args.scheduler), steps=args.steps, guidance=args.guidance)
-    return (FidelitySettings(sampler=sampler, per_class=args.per_class),
+    return (FidelitySettings(sampler=sampler, per_class=args.per_class, device_samples=args.device_samples),
             Thresholds(eps_sqnr_db_mean=args.min_sqnr_db, sample_psnr_db=args.min_psnr_db))
 
 

@@ -110,6 +110,9 @@ class SamplerSettings:
 class FidelitySettings:
     sampler: SamplerSettings = field(default_factory=SamplerSettings)
     per_class: int = 20
+    # Images sampled on a device simulator (QNN HTP) besides the broad evaluation: each costs ~80
+    # simulator calls (teacher-forced and free sampling, CFG pairs), about a second each for the reference.
+    device_samples: int = 2
 
 
 @dataclass(frozen=True)

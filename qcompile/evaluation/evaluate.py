@@ -61,8 +61,9 @@ def evaluate_artifact(folder: Path, adapter, *, held_out: InputSet, thresholds: 
     device = None
     if hasattr(target, "device_checks"):  # targets with a device (simulator) to prove the artifact on
         print(f"[qcompile] checking the artifact on the device ({target.name.value})", flush=True)
+        settings = fidelity or FidelitySettings()
         device = target.device_checks(folder, manifest, adapter=adapter, held_out=held_out, reference=reference,
-                                      sampler=(fidelity or FidelitySettings()).sampler)
+                                      sampler=settings.sampler, samples=settings.device_samples)
         summary_extra.update(device["summary"])
     summary_extra["eval_seconds"] = round(time.perf_counter() - t0, 3)
 

@@ -1,0 +1,203 @@
+"""qcompile's QNN targets against onnxruntime's QNN quantization helpers, on the HTP simulator.
+
+    python tools/compare_qnn_peers.py [--model builtin:reference] [--out out/qnn-peers] [--rows 64]
+        [--held-out 16] [--samples 2] [--precision w8a16 w8a8]
+
+Same float model (qcompile's canonical export at the same static batch), same calibration inputs
+(the rows qcompile recorded), same held-out inputs; every model runs on the HTP simulator with CPU
+fallback disabled (a peer graph HTP refuses is reported as such, then run with fallback allowed so
+its numbers still come). Columns: eps SQNR/cosine vs fp32 on held-out inputs, and for models that
+sample, sample PSNR vs fp32 over `--samples` images sampled on HTP.
+
+Peers: onnxruntime `get_qnn_qdq_config` + `quantize` (what its QNN EP docs prescribe), per-tensor
+and per-channel; AIMET QuantSim (aimet-onnx) when importable. Writes peers.md and peers.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from compare_peers import untie_initializers  # the sibling tool (tools/ is on sys.path when run)
+
+from qcompile.artifact import read_manifest
+from qcompile.calibration.cache import CalibrationCache
+from qcompile.cli import main as qcompile_main
+from qcompile.config import FidelitySettings
+from qcompile.evaluation.evaluate import held_out_inputs
+from qcompile.evaluation.fidelity import evaluate_sampling
+from qcompile.evaluation.metrics import cosine, sqnr_db
+from qcompile.graph_io import load_graph, save_graph
+from qcompile.models.source import resolve_model
+from qcompile.pass_manager import PassContext, PassManager
+from qcompile.passes.static_shapes import StaticShapes
+from qcompile.runtime import BucketRunner, OnnxRunner
+from qcompile.targets.qnn import ep
+from qcompile.targets.qnn.target import DEFAULT_BATCH, QnnW8A8Target
+from qcompile.targets.qnn.validate import _FewLabels
+
+COLUMNS = ("method", "on_htp", "eps_sqnr_db_mean", "eps_sqnr_db_min", "eps_cos_mean", "sample_psnr_db",
+           "accuracy", "seconds")
+
+
+class SessionRunner(BucketRunner):
+    """One static-batch session (a peer's whole model, time embedding included) as a runner."""
+
+    def __init__(self, session: ort.InferenceSession, batch: int, *, timestep_name, sample_name):
+        super().__init__(1, bucket_edges=(), timestep_name=timestep_name, sample_name=sample_name)
+        self.session = session
+        self.batch = batch
+        self.input_names = tuple(i.name for i in session.get_inputs())
+
+    def run_bucket(self, bucket: int, feed: dict[str, np.ndarray]) -> np.ndarray:
+        n = len(feed[self.input_names[0]])
+        parts = []
+        for start in range(0, n, self.batch):
+            chunk = {k: v[start:start + self.batch] for k, v in feed.items()}
+            count = len(next(iter(chunk.values())))
+            chunk = {k: np.concatenate([v, np.repeat(v[-1:], self.batch - count, axis=0)]) for k, v in chunk.items()}
+            parts.append(self.session.run(None, chunk)[0][:count])
+        return np.concatenate(parts)
+
+
+def static_float_model(artifact: Path, out: Path, batch: int) -> Path:
+    graph = load_graph(artifact / read_manifest(artifact)["source"]["fp32_model"])
+    PassManager([StaticShapes(batch)]).run(graph, PassContext())
+    return save_graph(graph, out)
+
+
+def calibration_feeds(cache_dir: Path, rows: int, batch: int) -> list[dict[str, np.ndarray]]:
+    data = CalibrationCache.open(cache_dir).recording().spread_rows(rows)
+    return [data.take(slice(i, i + batch)) for i in range(0, data.count - batch + 1, batch)]
+
+
+def ort_qnn_quantize(fp32: Path, out: Path, feeds, *, activation: str, per_channel: bool) -> Path:
+    from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize
+    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config, qnn_preprocess_model
+
+    untied = untie_initializers(fp32, out.with_name("untied.onnx"))
+    pre = out.with_name("preprocessed.onnx")
+    if not qnn_preprocess_model(str(untied), str(pre)):
+        pre = untied
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(feeds)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    act = QuantType.QUInt16 if activation == "w8a16" else QuantType.QUInt8
+    config = get_qnn_qdq_config(str(pre), Reader(), activation_type=act, weight_type=QuantType.QUInt8,
+                                per_channel=per_channel)
+    quantize(str(pre), str(out), config)
+    return out
+
+
+def htp_or_fallback(path: Path) -> tuple[ort.InferenceSession, bool]:
+    try:
+        return ep.htp_session(path), True
+    except Exception as exc:  # noqa: BLE001 - a refused graph is a result
+        print(f"[qnn-peers] {path}: not entirely on HTP ({str(exc)[:160]}); running with CPU fallback")
+        return ep.htp_session(path, session_config={"session.disable_cpu_ep_fallback": "0"}), False
+
+
+def judge(runner, reference, held_out, adapter, samples: int, sampler, names) -> dict:
+    sqnrs, coss = [], []
+    for _, feed in held_out.batches(DEFAULT_BATCH):
+        want, got = np.asarray(reference.run(feed)), np.asarray(runner.run(feed))
+        for a, b in zip(want, got, strict=True):
+            sqnrs.append(sqnr_db(a, b))
+            coss.append(cosine(a, b))
+    row = {"eps_sqnr_db_mean": float(np.mean(sqnrs)), "eps_sqnr_db_min": float(np.min(sqnrs)),
+           "eps_cos_mean": float(np.mean(coss))}
+    setup = adapter.sampling()
+    if setup is not None and samples:
+        result = evaluate_sampling(reference, runner, _FewLabels(setup, samples),
+                                   FidelitySettings(sampler=sampler, per_class=1), sample_name=names[0],
+                                   timestep_name=names[1])
+        row.update(sample_psnr_db=result.summary["sample_psnr_db"], accuracy=result.summary["accuracy_q"])
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="builtin:reference")
+    ap.add_argument("--out", type=Path, default=Path("out/qnn-peers"))
+    ap.add_argument("--calib", default=None)
+    ap.add_argument("--rows", type=int, default=64, help="calibration rows given to the peers")
+    ap.add_argument("--held-out", type=int, default=16)
+    ap.add_argument("--samples", type=int, default=2, help="images sampled on HTP per method (0: none)")
+    ap.add_argument("--per-class", type=int, default=2, help="qcompile build's own (CPU EP) sample metrics")
+    ap.add_argument("--precision", nargs="+", default=["w8a16", "w8a8"], choices=["w8a16", "w8a8"])
+    args = ap.parse_args()
+    cache = args.out / "calib-cache"
+    rows = []
+    first = None
+    for precision in args.precision:
+        t0 = time.perf_counter()
+        out = args.out / f"qcompile-{precision}"
+        build = ["build", args.model, "--target", f"qnn-{precision}", "--out", str(out), "--calib-cache", str(cache),
+                 "--min-sqnr-db", "-1000", "--per-class", str(args.per_class)]
+        build += ["--calib", args.calib] if args.calib else []
+        build += ["--from-export", str(first)] if first else []
+        qcompile_main(build)
+        first = first or out
+        manifest = read_manifest(out)
+        src, model = manifest["source"], manifest["model"]
+        adapter = resolve_model(src["model"], src.get("component"), seed=src.get("seed", 0))
+        names = (model["sample_input"], model["timestep_input"])
+        held_out = held_out_inputs(adapter, args.held_out, src.get("seed", 0))
+        reference = OnnxRunner([out / src["fp32_model"]], timestep_name=names[1], sample_name=names[0])
+        sampler = FidelitySettings().sampler
+        runner = QnnW8A8Target().runner(out, manifest, htp=True)
+        rows.append({"method": f"qcompile qnn-{precision}", "on_htp": True,
+                     **judge(runner, reference, held_out, adapter, args.samples, sampler, names),
+                     "seconds": round(time.perf_counter() - t0, 1)})
+        fp32 = static_float_model(out, args.out / "fp32-static" / "model.onnx", DEFAULT_BATCH)
+        feeds = calibration_feeds(cache, args.rows, DEFAULT_BATCH)
+        for per_channel in (False, True):
+            t0 = time.perf_counter()
+            name = f"onnxruntime get_qnn_qdq_config {precision}" + (" per-channel" if per_channel else "")
+            work = args.out / f"peer-ort-{precision}-{'pc' if per_channel else 'pt'}"
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+            try:
+                path = ort_qnn_quantize(fp32, work / "model.onnx", feeds, activation=precision,
+                                        per_channel=per_channel)
+                session, on_htp = htp_or_fallback(path)
+            except Exception as exc:  # noqa: BLE001 - a peer failing on a diffusers graph is a result
+                print(f"[qnn-peers] {name} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+                rows.append({"method": f"{name} (failed: {type(exc).__name__})"})
+                continue
+            peer = SessionRunner(session, DEFAULT_BATCH, timestep_name=names[1], sample_name=names[0])
+            rows.append({"method": name, "on_htp": on_htp,
+                         **judge(peer, reference, held_out, adapter, args.samples, sampler, names),
+                         "seconds": round(time.perf_counter() - t0, 1)})
+    try:
+        import aimet_onnx  # noqa: F401
+        print("[qnn-peers] aimet-onnx is installed but its QuantSim comparison is not wired in yet")
+    except ImportError:
+        print("[qnn-peers] AIMET QuantSim: aimet-onnx not installed; skipped")
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in COLUMNS) + " |" for r in rows]
+    (args.out / "peers.md").write_text("\n".join(lines) + "\n")
+    (args.out / "peers.json").write_text(json.dumps(rows, indent=2, default=str))
+    print("\n".join(lines))
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"
+    return str(v)
+
+
+if __name__ == "__main__":
+    main()
