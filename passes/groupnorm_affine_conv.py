@@ -7,10 +7,10 @@ the ONNX GroupNormalization operator in Q/DQ form is rejected by the EP altogeth
 written as Conv(x, W[C,1,1,1] = gamma, B = beta, group = C) runs correctly and bit-identically on
 HTP, and gives the weights per-channel int8 scales, which a per-tensor Mul constant cannot have.
 Measured here on a 9-node repro (`tests/graphs.py: groupnorm_skip_model`) at 16-bit activations:
-HTP output cosine 0.11 with the elementwise affine (CPU EP 1.0000 on the same Q/DQ graph), 1.0000
-with the depthwise Conv. With every activation exposed as an output, the affine's own outputs agree
-and the first tensor to break is the SiLU product right after it, so the defect sits in how HTP
-fuses that chain; the rewrite avoids the pattern altogether.
+with the affine's constants quantized to 16 bits, HTP's output has cosine 0.11 (CPU EP 1.0000 on the
+same Q/DQ graph) and the first tensor to break is the SiLU product after the affine; with 8-bit
+constants (what the QNN caps now use) or this Conv form, HTP agrees. The Conv form stays the default:
+it keeps HTP away from the pattern the issue saw collapse in full UNets and it is more precise.
 Numerically it is the same function in float; the output keeps the name of the unit's last node.
 """
 

@@ -8,6 +8,11 @@ a separate float graph (`host_graph`, timestep in, embeddings out) and turns the
 the rest of the network into inputs of the device graph, under their original names, so calibration
 statistics recorded on the canonical graph still apply to them.
 
+Integer inputs (class labels) are categorical conditioning of the same kind: their embedding lookups
+and everything computed from them and the timestep alone (DiT's adaLN modulation) move too, since an
+integer index cannot be quantized and HTP mishandles the Gather on it (tiny DiT: the graph fails to
+finalize with QNN_COMMON_ERROR_MEM_ALLOC until the second block's label embedding leaves it).
+
 Two cuts:
 - `FULL`: every node whose only non-constant input chain starts at the timestep (the default; the
   device graph then starts at the per-resnet time projections);
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import enum
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from qcompile.caps import WEIGHTED_OPS
@@ -35,9 +41,13 @@ class TimeEmbeddingCut(enum.Enum):
     SINUSOID = "sinusoid"
 
 
-def timestep_only_nodes(graph: gs.Graph, timestep: str, cut: TimeEmbeddingCut) -> list[gs.Node]:
-    """Nodes (graph order) computing from the timestep and constants alone."""
-    reached = {timestep}
+def integer_inputs(graph: gs.Graph) -> list[str]:
+    return [t.name for t in graph.inputs if t.dtype is not None and np.issubdtype(np.dtype(t.dtype), np.integer)]
+
+
+def timestep_only_nodes(graph: gs.Graph, sources: set[str], cut: TimeEmbeddingCut) -> list[gs.Node]:
+    """Nodes (graph order) computing from the `sources` inputs (timestep, labels) and constants alone."""
+    reached = set(sources)
     chosen: list[gs.Node] = []
     for node in graph.nodes:  # graph order is topological
         inputs = [t for t in node.inputs if t.name]
@@ -64,7 +74,8 @@ class MoveTimeEmbeddingToHost(Pass):
         inputs = {t.name: t for t in graph.inputs}
         if self.timestep not in inputs:
             raise UserError(f"{PASS_NAME}: the graph has no input '{self.timestep}'")
-        host = timestep_only_nodes(graph, self.timestep, self.cut)
+        sources = {self.timestep, *integer_inputs(graph)}
+        host = timestep_only_nodes(graph, sources, self.cut)
         host_ids = {id(n) for n in host}
         graph_outputs = {t.name for t in graph.outputs}
         frontier: dict[str, gs.Variable] = {}
@@ -77,21 +88,22 @@ class MoveTimeEmbeddingToHost(Pass):
         if not frontier:
             self.host_graph = None
             return PassResult(modified=False, detail="no timestep-only subgraph")
-        t_in = inputs[self.timestep]
-        self.host_graph = _copy_subgraph(host, t_in, list(frontier), graph.opset)
+        used = {t.name for n in host for t in n.inputs}
+        host_inputs = [inputs[name] for name in inputs if name in sources and name in used]
+        self.host_graph = _copy_subgraph(host, host_inputs, list(frontier), graph.opset)
         for tensor in frontier.values():  # device side: the cut tensors become graph inputs
             tensor.inputs.clear()
-        keep = [t for t in graph.inputs if t.name != self.timestep or any(id(c) not in host_ids for c in t.outputs)]
+        keep = [t for t in graph.inputs if t.name not in sources or any(id(c) not in host_ids for c in t.outputs)]
         graph.inputs = keep + list(frontier.values())
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         return PassResult(modified=True, detail=f"{len(host)} nodes to the host ({self.cut.value}), "
                                                 f"{len(frontier)} embedding inputs")
 
 
-def _copy_subgraph(nodes: list[gs.Node], source: gs.Tensor, outputs: list[str], opset: int) -> gs.Graph:
+def _copy_subgraph(nodes: list[gs.Node], sources: list[gs.Tensor], outputs: list[str], opset: int) -> gs.Graph:
     """A separate graph of fresh nodes and tensors (constants share their lazy values, not their
     objects), so nothing of it shows up as a consumer in the device graph."""
-    own: dict[str, gs.Tensor] = {source.name: gs.Variable(source.name, source.dtype, source.shape)}
+    own: dict[str, gs.Tensor] = {t.name: gs.Variable(t.name, t.dtype, t.shape) for t in sources}
 
     def mine(t: gs.Tensor) -> gs.Tensor:
         if t.name and t.name not in own:
@@ -106,5 +118,5 @@ def _copy_subgraph(nodes: list[gs.Node], source: gs.Tensor, outputs: list[str], 
         copy = gs.Node(node.op, node.name, dict(node.attrs), ins, outs, domain=node.domain)
         node_meta(copy).update(node_meta(node))
         copies.append(copy)
-    return gs.Graph(nodes=copies, inputs=[own[source.name]], outputs=[own[n] for n in outputs], opset=opset,
+    return gs.Graph(nodes=copies, inputs=[own[t.name] for t in sources], outputs=[own[n] for n in outputs], opset=opset,
                     name="host_time_embedding")

@@ -146,7 +146,7 @@ class InsertQDQEverywhere(Pass):
                 qp = QParams(scale, np.zeros(scale.shape, np.int32), QuantDType.INT32, 0 if scale.ndim else None)
                 symmetric_range = False
             else:
-                dtype = self.caps.activation_dtype
+                dtype = self.caps.constant_dtype or self.caps.activation_dtype
                 qp = activation_qparams(TensorRange(float(values.min()), float(values.max())), dtype,
                                         symmetric=self.caps.activation_symmetric)
                 symmetric_range = False

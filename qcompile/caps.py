@@ -39,5 +39,8 @@ class TargetCaps:
     bias_ops: frozenset[str] = frozenset()
     # (op, input index) of float constants that are parameters, never quantized (Resize scales).
     float_operands: tuple[tuple[str, int], ...] = ()
+    # The dtype of other float constants (an Add's beta, a Mul's scalar), asymmetric per tensor;
+    # None: the activation dtype.
+    constant_dtype: QuantDType | None = None
     # Data-movement ops whose output must carry its input's quantization parameters.
     same_scale_ops: frozenset[str] = frozenset()

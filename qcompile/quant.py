@@ -94,7 +94,7 @@ def quantize(x: np.ndarray, qp: QParams, *, symmetric_range: bool = False) -> np
     zero = _broadcast(qp.zero_point.astype(np.int64), qp, x.ndim)
     q = np.rint(np.asarray(x, np.float64) / scale) + zero
     qmin = -qp.dtype.qmax if symmetric_range else qp.dtype.qmin
-    return np.clip(q, qmin, qp.dtype.qmax).astype(qp.dtype.numpy)
+    return np.asarray(np.clip(q, qmin, qp.dtype.qmax).astype(qp.dtype.numpy))  # 0-d stays an array
 
 
 def dequantize(q: np.ndarray, qp: QParams) -> np.ndarray:

@@ -7,6 +7,10 @@ Facts (onnxruntime's QNN quantization helpers and EP, onnxruntime-qnn 2.7.0 / QN
   gamma (an int8 one leaves the node unsupported); biases, norms' included, int32 at s_input * s_weight;
 - HTP's Sigmoid fixes its output encoding at 16 bits (scale 1/65536, offset 0); the same full-range
   [0, 1) encoding is used at 8 bits, which is what a calibrated range would converge to anyway;
+- other constants (an Add's bias, a position embedding, a Mul's scalar) are uint8 asymmetric per tensor
+  at both activation widths, as onnxruntime's QNN helpers make them: with 16-bit constants HTP computes
+  Add(x, constant) -> LayerNormalization wrong (tiny DiT's patch embedding: 11 dB against the CPU EP on
+  the same graph, 60 dB with uint8 constants);
 - data-movement ops keep their input's encoding (the converter would otherwise insert requantizes);
 - Resize's scales are parameters, never quantized (a quantized `scales` broke models in
   onnxruntime's helpers, ENVIRONMENT.md).
@@ -35,6 +39,7 @@ def _caps(activation: QuantDType) -> TargetCaps:
         bias_ops=BIAS_OPS,
         float_operands=FLOAT_OPERANDS,
         same_scale_ops=SAME_SCALE_OPS,
+        constant_dtype=QuantDType.UINT8,
         fixed_output_qparams=(("Sigmoid", 1.0 / (activation.qmax + 1), 0),),
     )
 

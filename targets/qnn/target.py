@@ -4,7 +4,8 @@ Pipeline per timestep bucket, on the canonical float graph:
 1. static shapes at a fixed batch (QNN graphs are static; the runner runs larger batches in chunks);
 2. the timestep embedding moves to the host (`host_time_embedding.onnx`, float, run by onnxruntime
    on the CPU), its outputs become device inputs;
-3. HTP-safe rewrites (GroupNorm affine as a depthwise 1x1 Conv);
+3. HTP-safe rewrites (GroupNorm affine as a depthwise 1x1 Conv, permuting Einsum as Transpose, the
+   6-D unpatchify as DepthToSpace);
 4. every float tensor and constant quantized (`insert_qdq_integer`).
 
 Files: one Q/DQ model per bucket sharing one weight file (as `ort-int8`), the host model, and for QNN
@@ -26,12 +27,14 @@ from qcompile.config import TargetName
 from qcompile.graph_io import save_graph, save_graphs
 from qcompile.pass_manager import GraphProperty, Pass, PassContext, PassResult
 from qcompile.passes.cleanup import NameNodes
+from qcompile.passes.einsum_as_transpose import EinsumAsTranspose
 from qcompile.passes.groupnorm_affine_conv import GroupNormAffineAsConv
 from qcompile.passes.host_time_embedding import MoveTimeEmbeddingToHost, TimeEmbeddingCut
 from qcompile.passes.infer_shapes import InferShapes
 from qcompile.passes.insert_qdq import QuantPlan
 from qcompile.passes.insert_qdq_integer import InsertQDQEverywhere
 from qcompile.passes.static_shapes import StaticShapes
+from qcompile.passes.unpatchify_depth_to_space import UnpatchifyAsDepthToSpace
 from qcompile.quant import TensorRange
 from qcompile.targets.qnn import ep
 from qcompile.targets.qnn.caps import QNN_W8A8_CAPS, QNN_W8A16_CAPS
@@ -80,7 +83,8 @@ class _QnnTarget:
         self._float = KeepFloatGraph()
         if self._host is not None:
             passes.append(self._host)
-        return [*passes, GroupNormAffineAsConv(), InferShapes(), self._float,
+        return [*passes, EinsumAsTranspose(), InferShapes(), UnpatchifyAsDepthToSpace(),
+                GroupNormAffineAsConv(), InferShapes(), self._float,
                 InsertQDQEverywhere(ranges, self.caps), InferShapes()]
 
     def emit(self, graphs: Sequence[gs.Graph], out_dir: Path) -> list[list[str]]:

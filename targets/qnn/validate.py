@@ -169,3 +169,37 @@ def sampling_on_htp(reference, runner_htp, runner_cpu, setup, sampler, *, sample
         "accuracy_htp": result.summary["accuracy_q"],
         "per_step": [s.as_dict() for s in result.steps],
     }
+
+
+def first_refused_prefix(model: Path) -> tuple[str, str, str] | None:
+    """When HTP refuses a whole graph, the smallest prefix it also refuses: the graph is cut after
+    each quantized activation in turn (bisection over graph order). Returns (tensor, producer, op)
+    of the activation whose addition makes HTP fail, or None if every prefix compiles."""
+    graph = load_graph(model)
+    cuts = [n.outputs[0].name for n in graph.nodes
+            if n.op == "DequantizeLinear" and constant_values(n.inputs[0]) is None and n.inputs[0].inputs]
+
+    def compiles(index: int, folder: Path) -> bool:
+        g = load_graph(model)
+        g.outputs = [g.tensors()[cuts[index]]]
+        g.cleanup().toposort()
+        try:
+            ep.htp_session(save_graph(g, folder / f"prefix{index}.onnx"))
+        except Exception:  # noqa: BLE001 - any refusal counts
+            return False
+        return True
+
+    with tempfile.TemporaryDirectory(prefix="qcompile-qnn-bisect-") as tmp:
+        if not cuts or compiles(len(cuts) - 1, Path(tmp)):
+            return None
+        lo, hi = 0, len(cuts) - 1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if compiles(mid, Path(tmp)):
+                lo = mid + 1
+            else:
+                hi = mid
+    dq = next(n for n in graph.nodes if n.op == "DequantizeLinear" and n.outputs[0].name == cuts[lo])
+    src = dq.inputs[0].inputs[0].inputs[0]
+    producer = src.inputs[0] if src.inputs else None
+    return src.name, producer.name if producer is not None else "(input)", producer.op if producer is not None else ""
