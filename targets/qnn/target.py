@@ -5,7 +5,7 @@ Pipeline per timestep bucket, on the canonical float graph:
 2. the timestep embedding moves to the host (`host_time_embedding.onnx`, float, run by onnxruntime
    on the CPU), its outputs become device inputs;
 3. HTP-safe rewrites (GroupNorm affine as a depthwise 1x1 Conv, permuting Einsum as Transpose, the
-   6-D unpatchify as DepthToSpace);
+   6-D unpatchify as DepthToSpace, MatMul + bias as Gemm);
 4. every float tensor and constant quantized (`insert_qdq_integer`).
 
 Files: one Q/DQ model per bucket sharing one weight file (as `ort-int8`), the host model, and for QNN
@@ -33,6 +33,7 @@ from qcompile.passes.host_time_embedding import MoveTimeEmbeddingToHost, TimeEmb
 from qcompile.passes.infer_shapes import InferShapes
 from qcompile.passes.insert_qdq import QuantPlan
 from qcompile.passes.insert_qdq_integer import InsertQDQEverywhere
+from qcompile.passes.linear_as_gemm import LinearAsGemm
 from qcompile.passes.static_shapes import StaticShapes
 from qcompile.passes.unpatchify_depth_to_space import UnpatchifyAsDepthToSpace
 from qcompile.quant import TensorRange
@@ -84,7 +85,7 @@ class _QnnTarget:
         if self._host is not None:
             passes.append(self._host)
         return [*passes, EinsumAsTranspose(), InferShapes(), UnpatchifyAsDepthToSpace(),
-                GroupNormAffineAsConv(), InferShapes(), self._float,
+                LinearAsGemm(), GroupNormAffineAsConv(), InferShapes(), self._float,
                 InsertQDQEverywhere(ranges, self.caps), InferShapes()]
 
     def emit(self, graphs: Sequence[gs.Graph], out_dir: Path) -> list[list[str]]:
