@@ -41,7 +41,7 @@ class QnnRunner(BucketRunner):
         parts = []
         for start in range(0, n, self.batch):
             count = min(self.batch, n - start)
-            chunk = {k: _pad(v[start:start + count], self.batch) if v.ndim and len(v) == n else v
+            chunk = {k: pad_batch(v[start:start + count], self.batch) if v.ndim and len(v) == n else v
                      for k, v in feed.items()}
             parts.append(self.run_chunk(bucket, chunk)[:count])
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
@@ -62,7 +62,8 @@ class QnnRunner(BucketRunner):
         return self.sessions[bucket]
 
 
-def _pad(x: np.ndarray, batch: int) -> np.ndarray:
+def pad_batch(x: np.ndarray, batch: int) -> np.ndarray:
+    """`x` with its last sample repeated up to `batch` rows (a static-batch graph's last chunk)."""
     if len(x) >= batch:
         return x
     return np.concatenate([x, np.repeat(x[-1:], batch - len(x), axis=0)])

@@ -22,6 +22,7 @@ from qcompile.evaluation.metrics import cosine, sqnr_db
 from qcompile.graph_io import constant_values, load_graph, module_path, save_graph
 from qcompile.runtime import make_session
 from qcompile.targets.qnn import ep
+from qcompile.targets.qnn.runner import pad_batch
 
 # Below this SQNR between HTP and the CPU EP an intermediate tensor counts as diverged. HTP rounds its
 # requantizations and evaluates Sigmoid/Softmax differently, so at 8 bits the two runtimes drift apart
@@ -102,7 +103,9 @@ def check_on_htp(runner_htp, runner_cpu, reference, inputs: dict[str, np.ndarray
     bucket = 0
     if runner_htp.timestep_name is not None:
         bucket = runner_htp.bucket_of(float(np.asarray(inputs[runner_htp.timestep_name]).reshape(-1)[0]))
-    chunk = {k: np.asarray(v)[:runner_htp.batch] for k, v in inputs.items()}
+    n = len(np.asarray(inputs[runner_htp.input_names[0]]))
+    chunk = {k: pad_batch(np.asarray(v)[:runner_htp.batch], runner_htp.batch) if np.ndim(v) and len(v) == n else v
+             for k, v in inputs.items()}
     runs = [runner_htp.run_chunk(bucket, chunk) for _ in range(RUNS)]
     cpu = runner_cpu.run_chunk(bucket, chunk)
     fp32 = np.asarray(reference.run(chunk))
