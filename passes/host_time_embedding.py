@@ -39,6 +39,7 @@ PASS_NAME = "host-time-embedding"
 class TimeEmbeddingCut(enum.Enum):
     FULL = "full"
     SINUSOID = "sinusoid"
+    NONE = "none"  # leave everything on the device (for measuring what the cut is worth)
 
 
 def integer_inputs(graph: gs.Graph) -> list[str]:
@@ -74,6 +75,9 @@ class MoveTimeEmbeddingToHost(Pass):
         inputs = {t.name: t for t in graph.inputs}
         if self.timestep not in inputs:
             raise UserError(f"{PASS_NAME}: the graph has no input '{self.timestep}'")
+        if self.cut is TimeEmbeddingCut.NONE:
+            self.host_graph = None
+            return PassResult(modified=False, detail="cut disabled")
         sources = {self.timestep, *integer_inputs(graph)}
         host = timestep_only_nodes(graph, sources, self.cut)
         host_ids = {id(n) for n in host}
