@@ -37,7 +37,8 @@ class QnnRunner(BucketRunner):
         self._device_names = [i.name for i in device_inputs]
 
     def run_bucket(self, bucket: int, feed: dict[str, np.ndarray]) -> np.ndarray:
-        n = len(next(iter(v for v in feed.values() if v.ndim)))
+        key = self.sample_name if self.sample_name in feed else next(k for k, v in feed.items() if v.ndim)
+        n = len(feed[key])
         parts = []
         for start in range(0, n, self.batch):
             count = min(self.batch, n - start)

@@ -79,6 +79,8 @@ class _QnnTarget:
 
     def pipeline(self, plan: QuantPlan, ranges: Mapping[str, TensorRange], *,
                  timestep_input: str | None = None) -> list[Pass]:
+        """The passes for one bucket. The host-embedding pass and a snapshot of the float device graph
+        are kept on the target: `emit` writes them once, beside the buckets' Q/DQ models."""
         passes: list[Pass] = [NameNodes(), StaticShapes(self.batch)]
         self._host = MoveTimeEmbeddingToHost(timestep_input, self.cut) if timestep_input else None
         self._float = KeepFloatGraph()
