@@ -23,8 +23,13 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 from qcompile.atomic import atomic_path
 from qcompile.errors import UserError
 
-# Tensors smaller than this stay inside the protobuf (scales, zero points, shapes).
+# Tensors smaller than this stay inside the protobuf. int64/int32 tensors may be shapes, which
+# onnxruntime refuses to read from external data, so they stay inline up to 1 KB; other tensors
+# (per-channel weight scales and zero points) from 128 bytes go to the data file, where timestep
+# buckets share them.
 INLINE_LIMIT_BYTES = 1024
+INLINE_LIMIT_SMALL_BYTES = 128
+_SHAPE_LIKE_TYPES = frozenset({onnx.TensorProto.INT64, onnx.TensorProto.INT32})
 COPY_CHUNK_BYTES = 64 << 20
 # Node metadata kept through load/save. Exporters attach stack traces to every node; carrying those
 # through each pass and bucket copy would bloat every graph we write.
@@ -173,7 +178,7 @@ class _DataWriter:
                     _copy_range(src.data_path, src.offset, src.length, self.out)
                     self.moved.append((src, *self.stored[key]))
                 _set_external(tensor, self.location, *self.stored[key])
-            elif tensor.HasField("raw_data") and len(tensor.raw_data) >= INLINE_LIMIT_BYTES:
+            elif tensor.HasField("raw_data") and len(tensor.raw_data) >= _inline_limit(tensor):
                 key = (tensor.name, hashlib.sha256(tensor.raw_data).hexdigest())
                 if key not in self.stored:
                     self.stored[key] = (self._align(), len(tensor.raw_data))
@@ -231,6 +236,10 @@ def _copy_range(src: Path, offset: int, length: int, out) -> None:
                 raise UserError(f"{src}: external data file is shorter than its model says")
             out.write(chunk)
             left -= len(chunk)
+
+
+def _inline_limit(tensor: onnx.TensorProto) -> int:
+    return INLINE_LIMIT_BYTES if tensor.data_type in _SHAPE_LIKE_TYPES else INLINE_LIMIT_SMALL_BYTES
 
 
 def _set_external(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
