@@ -143,7 +143,7 @@ def main() -> None:
         t0 = time.perf_counter()
         out = args.out / f"qcompile-{precision}"
         build = ["build", args.model, "--target", f"qnn-{precision}", "--out", str(out), "--calib-cache", str(cache),
-                 "--min-sqnr-db", "-1000", "--per-class", str(args.per_class)]
+                 "--min-sqnr-db", "-1000", "--per-class", str(args.per_class), "--device-samples", "0"]
         build += ["--calib", args.calib] if args.calib else []
         build += ["--from-export", str(first)] if first else []
         qcompile_main(build)
@@ -179,16 +179,21 @@ def main() -> None:
             rows.append({"method": name, "on_htp": on_htp,
                          **judge(peer, reference, held_out, adapter, args.samples, sampler, names),
                          "seconds": round(time.perf_counter() - t0, 1)})
+        write_table(args.out, rows)  # after each precision: a long run keeps what it measured
     try:
         import aimet_onnx  # noqa: F401
         print("[qnn-peers] aimet-onnx is installed but its QuantSim comparison is not wired in yet")
     except ImportError:
         print("[qnn-peers] AIMET QuantSim: aimet-onnx not installed; skipped")
+    print(write_table(args.out, rows))
+
+
+def write_table(out: Path, rows: list[dict]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in COLUMNS) + " |" for r in rows]
-    (args.out / "peers.md").write_text("\n".join(lines) + "\n")
-    (args.out / "peers.json").write_text(json.dumps(rows, indent=2, default=str))
-    print("\n".join(lines))
+    (out / "peers.md").write_text("\n".join(lines) + "\n")
+    (out / "peers.json").write_text(json.dumps(rows, indent=2, default=str))
+    return "\n".join(lines)
 
 
 def _fmt(v) -> str:
