@@ -26,7 +26,7 @@ def _feed():
     return adapter.synthetic_inputs([900.0, 15.0], seed=3)
 
 
-@pytest.mark.parametrize("cut", list(TimeEmbeddingCut))
+@pytest.mark.parametrize("cut", [TimeEmbeddingCut.FULL, TimeEmbeddingCut.SINUSOID])
 def test_host_and_device_graphs_compute_the_original(unet, tmp_path, cut):
     graph = load_graph(unet)
     move = MoveTimeEmbeddingToHost("timestep", cut)
@@ -54,6 +54,14 @@ def test_host_and_device_graphs_compute_the_original(unet, tmp_path, cut):
         assert all(i.startswith("unsqueeze") or i in feed for i in names)
     else:
         assert gemms_on_host == 0 and len(embeddings) == 1  # only the sinusoidal projection moved
+
+
+def test_cut_none_leaves_the_graph_alone(unet):
+    graph = load_graph(unet)
+    move = MoveTimeEmbeddingToHost("timestep", TimeEmbeddingCut.NONE)
+    before = len(graph.nodes)
+    assert not move.run(graph, PassContext()).modified
+    assert move.host_graph is None and len(graph.nodes) == before
 
 
 def test_device_graph_keeps_its_tensors_and_the_host_graph_is_separate(unet):
