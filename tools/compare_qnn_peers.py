@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import shutil
 import time
 from pathlib import Path
@@ -125,6 +126,38 @@ def judge(runner, reference, held_out, adapter, samples: int, sampler, names) ->
     return row
 
 
+def _judge_child(spec: dict, queue) -> None:
+    """Runs in a child process: the simulator can crash (a segfault in libQnnHtp.so on onnxruntime's
+    W8A16 model of the reference), which must end one row, not the comparison."""
+    artifact = Path(spec["artifact"])
+    manifest = read_manifest(artifact)
+    src, model = manifest["source"], manifest["model"]
+    adapter = resolve_model(src["model"], src.get("component"), seed=src.get("seed", 0))
+    names = (model["sample_input"], model["timestep_input"])
+    held_out = held_out_inputs(adapter, spec["held_out"], src.get("seed", 0))
+    reference = OnnxRunner([artifact / src["fp32_model"]], timestep_name=names[1], sample_name=names[0])
+    if spec["model"] is None:
+        runner, on_htp = QnnW8A8Target().runner(artifact, manifest, htp=True), True
+    else:
+        session, on_htp = htp_or_fallback(Path(spec["model"]))
+        runner = SessionRunner(session, DEFAULT_BATCH, timestep_name=names[1], sample_name=names[0])
+    queue.put({"on_htp": on_htp, **judge(runner, reference, held_out, adapter, spec["samples"],
+                                         FidelitySettings().sampler, names)})
+
+
+def run_isolated(name: str, spec: dict, t0: float) -> dict:
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_judge_child, args=(spec, queue))
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        print(f"[qnn-peers] {name}: the evaluation process died (exit code {child.exitcode})")
+        return {"method": f"{name} (crashed the simulator: exit {child.exitcode})", "on_htp": "crash",
+                "seconds": round(time.perf_counter() - t0, 1)}
+    return {"method": name, **queue.get(), "seconds": round(time.perf_counter() - t0, 1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="builtin:reference")
@@ -148,17 +181,8 @@ def main() -> None:
         build += ["--from-export", str(first)] if first else []
         qcompile_main(build)
         first = first or out
-        manifest = read_manifest(out)
-        src, model = manifest["source"], manifest["model"]
-        adapter = resolve_model(src["model"], src.get("component"), seed=src.get("seed", 0))
-        names = (model["sample_input"], model["timestep_input"])
-        held_out = held_out_inputs(adapter, args.held_out, src.get("seed", 0))
-        reference = OnnxRunner([out / src["fp32_model"]], timestep_name=names[1], sample_name=names[0])
-        sampler = FidelitySettings().sampler
-        runner = QnnW8A8Target().runner(out, manifest, htp=True)
-        rows.append({"method": f"qcompile qnn-{precision}", "on_htp": True,
-                     **judge(runner, reference, held_out, adapter, args.samples, sampler, names),
-                     "seconds": round(time.perf_counter() - t0, 1)})
+        spec = {"artifact": str(out), "held_out": args.held_out, "samples": args.samples}
+        rows.append(run_isolated(f"qcompile qnn-{precision}", {**spec, "model": None}, t0))
         fp32 = static_float_model(out, args.out / "fp32-static" / "model.onnx", DEFAULT_BATCH)
         feeds = calibration_feeds(cache, args.rows, DEFAULT_BATCH)
         for per_channel in (False, True):
@@ -170,15 +194,11 @@ def main() -> None:
             try:
                 path = ort_qnn_quantize(fp32, work / "model.onnx", feeds, activation=precision,
                                         per_channel=per_channel)
-                session, on_htp = htp_or_fallback(path)
             except Exception as exc:  # noqa: BLE001 - a peer failing on a diffusers graph is a result
                 print(f"[qnn-peers] {name} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
                 rows.append({"method": f"{name} (failed: {type(exc).__name__})"})
                 continue
-            peer = SessionRunner(session, DEFAULT_BATCH, timestep_name=names[1], sample_name=names[0])
-            rows.append({"method": name, "on_htp": on_htp,
-                         **judge(peer, reference, held_out, adapter, args.samples, sampler, names),
-                         "seconds": round(time.perf_counter() - t0, 1)})
+            rows.append(run_isolated(name, {**spec, "model": str(path)}, t0))
         write_table(args.out, rows)  # after each precision: a long run keeps what it measured
     try:
         import aimet_onnx  # noqa: F401
