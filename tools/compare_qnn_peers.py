@@ -10,7 +10,8 @@ its numbers still come). Columns: eps SQNR/cosine vs fp32 on held-out inputs, an
 sample, sample PSNR vs fp32 over `--samples` images sampled on HTP.
 
 Peers: onnxruntime `get_qnn_qdq_config` + `quantize` (what its QNN EP docs prescribe), per-tensor
-and per-channel; AIMET QuantSim (aimet-onnx) when importable. Writes peers.md and peers.json.
+and per-channel; AIMET QuantSim (aimet-onnx, HTP v73 config, exported as Q/DQ) when importable.
+Each evaluation runs in its own process: the simulator can crash. Writes peers.md and peers.json.
 """
 
 from __future__ import annotations
@@ -100,6 +101,29 @@ def ort_qnn_quantize(fp32: Path, out: Path, feeds, *, activation: str, per_chann
     return out
 
 
+def aimet_quantize(fp32: Path, out: Path, feeds, *, activation: str) -> Path:
+    """AIMET QuantSim (aimet-onnx) with its HTP v73 config, min-max, exported as a Q/DQ ONNX model
+    (int8 weights pre-quantized, int32 biases, unsigned activations). aimet-onnx's dependencies pull a
+    CUDA torchvision; install it with `pip install --no-deps aimet-onnx onnx2torch` plus bokeh, hvplot,
+    jsonschema, osqp, pandas, psutil, pybind11 (ENVIRONMENT.md)."""
+    import os
+
+    import aimet_onnx
+    import onnx
+    from aimet_onnx.common.defs import QuantScheme
+    from aimet_onnx.quantsim import QuantizationSimModel
+
+    config = os.path.join(os.path.dirname(aimet_onnx.__file__), "common/quantsim_config/htp_quantsim_config_v73.json")
+    sim = QuantizationSimModel(onnx.load(str(fp32)), param_type="int8",
+                               activation_type="int16" if activation == "w8a16" else "int8",
+                               quant_scheme=QuantScheme.min_max, config_file=config,
+                               providers=["CPUExecutionProvider"])
+    sim.compute_encodings(feeds)
+    qdq = sim.to_onnx_qdq(export_int32_bias=True, prequantize_constants=True)
+    onnx.save_model(qdq, str(out), save_as_external_data=True, location=out.name + ".data")
+    return out
+
+
 def htp_or_fallback(path: Path) -> tuple[ort.InferenceSession, bool]:
     try:
         return ep.htp_session(path), True
@@ -166,6 +190,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=64, help="calibration rows given to the peers")
     ap.add_argument("--held-out", type=int, default=16)
     ap.add_argument("--samples", type=int, default=2, help="images sampled on HTP per method (0: none)")
+    ap.add_argument("--peers", nargs="+", default=["ort", "aimet"], choices=["ort", "aimet"])
+    ap.add_argument("--skip-qcompile", action="store_true", help="reuse the qcompile rows of an earlier run")
     ap.add_argument("--per-class", type=int, default=2, help="qcompile build's own (CPU EP) sample metrics")
     ap.add_argument("--precision", nargs="+", default=["w8a16", "w8a8"], choices=["w8a16", "w8a8"])
     args = ap.parse_args()
@@ -179,32 +205,36 @@ def main() -> None:
                  "--min-sqnr-db", "-1000", "--per-class", str(args.per_class), "--device-samples", "0"]
         build += ["--calib", args.calib] if args.calib else []
         build += ["--from-export", str(first)] if first else []
-        qcompile_main(build)
+        if not (args.skip_qcompile and (out / "manifest.json").is_file()):
+            qcompile_main(build)
         first = first or out
         spec = {"artifact": str(out), "held_out": args.held_out, "samples": args.samples}
-        rows.append(run_isolated(f"qcompile qnn-{precision}", {**spec, "model": None}, t0))
+        if not args.skip_qcompile:
+            rows.append(run_isolated(f"qcompile qnn-{precision}", {**spec, "model": None}, t0))
         fp32 = static_float_model(out, args.out / "fp32-static" / "model.onnx", DEFAULT_BATCH)
         feeds = calibration_feeds(cache, args.rows, DEFAULT_BATCH)
-        for per_channel in (False, True):
+        peers = [(f"onnxruntime get_qnn_qdq_config {precision}" + (" per-channel" if pc else ""),
+                  f"peer-ort-{precision}-{'pc' if pc else 'pt'}", ort_qnn_quantize, {"per_channel": pc})
+                 for pc in (False, True) if "ort" in args.peers]
+        if "aimet" in args.peers:
+            peers.append((f"AIMET QuantSim {precision} (htp v73 config)", f"peer-aimet-{precision}",
+                          aimet_quantize, {}))
+        for name, folder, quantize_peer, options in peers:
             t0 = time.perf_counter()
-            name = f"onnxruntime get_qnn_qdq_config {precision}" + (" per-channel" if per_channel else "")
-            work = args.out / f"peer-ort-{precision}-{'pc' if per_channel else 'pt'}"
+            work = args.out / folder
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir(parents=True)
             try:
-                path = ort_qnn_quantize(fp32, work / "model.onnx", feeds, activation=precision,
-                                        per_channel=per_channel)
+                path = quantize_peer(fp32, work / "model.onnx", feeds, activation=precision, **options)
+            except ImportError as exc:
+                print(f"[qnn-peers] {name}: not installed ({exc.name}); skipped")
+                continue
             except Exception as exc:  # noqa: BLE001 - a peer failing on a diffusers graph is a result
                 print(f"[qnn-peers] {name} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
                 rows.append({"method": f"{name} (failed: {type(exc).__name__})"})
                 continue
             rows.append(run_isolated(name, {**spec, "model": str(path)}, t0))
         write_table(args.out, rows)  # after each precision: a long run keeps what it measured
-    try:
-        import aimet_onnx  # noqa: F401
-        print("[qnn-peers] aimet-onnx is installed but its QuantSim comparison is not wired in yet")
-    except ImportError:
-        print("[qnn-peers] AIMET QuantSim: aimet-onnx not installed; skipped")
     print(write_table(args.out, rows))
 
 
