@@ -126,3 +126,25 @@ def observed_ranges(path: Path, feeds: list[dict[str, np.ndarray]]):
         for n, v in zip(names, session.run(names, feed), strict=True):
             lo[n], hi[n] = min(lo[n], float(v.min())), max(hi[n], float(v.max()))
     return {n: TensorRange(lo[n], hi[n]) for n in names}
+
+
+def geglu_model(seed: int = 0, batch: int = 2, tokens: int = 64, dim: int = 64, hidden: int = 256) -> onnx.ModelProto:
+    """A transformer feed-forward as exporters write it: LayerNorm -> MatMul -> Add(bias) -> Split ->
+    Gelu(gate) * value (diffusers' GEGLU)."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(a, n) for a, n in (
+        ((rng.standard_normal((dim, 2 * hidden)) * 0.1).astype(np.float32), "proj.weight"),
+        ((rng.standard_normal(2 * hidden) * 0.1).astype(np.float32), "proj.bias"),
+        (np.ones(dim, np.float32), "norm.weight"), (np.zeros(dim, np.float32), "norm.bias"))]
+    nodes = [
+        helper.make_node("LayerNormalization", ["x", "norm.weight", "norm.bias"], ["normed"], "norm", axis=-1),
+        helper.make_node("MatMul", ["normed", "proj.weight"], ["projected"], "proj"),
+        helper.make_node("Add", ["projected", "proj.bias"], ["biased"], "proj_bias"),
+        helper.make_node("Split", ["biased"], ["value", "gate"], "split", axis=2, num_outputs=2),
+        helper.make_node("Gelu", ["gate"], ["gelu"], "gelu"),
+        helper.make_node("Mul", ["value", "gelu"], ["y"], "geglu"),
+    ]
+    graph = helper.make_graph(nodes, "geglu",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, tokens, dim])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, tokens, hidden])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)

@@ -93,3 +93,30 @@ def test_first_divergence_names_the_groupnorm_affine(tmp_path):
     assert found is not None
     assert found.tensor in ("scaled", "gn", "sig", "silu"), found
     assert found.sqnr_db < 10
+
+
+def test_refused_graph_is_bisected_and_linear_as_gemm_avoids_it(tmp_path):
+    """At 16-bit activations HTP fails to finalize LayerNorm -> MatMul -> Add(uint8 bias) -> GEGLU
+    (QNN_COMMON_ERROR_MEM_ALLOC); the bisection names a tensor of that chain, and the same layer as
+    Gemm compiles and agrees with the CPU EP."""
+    from graphs import geglu_model
+
+    from qcompile.errors import UserError
+    from qcompile.evaluation.metrics import sqnr_db
+    from qcompile.passes.linear_as_gemm import LinearAsGemm
+    from qcompile.runtime import make_session
+    from qcompile.targets.qnn import ep
+    from qcompile.targets.qnn.caps import QNN_W8A16_CAPS
+    from qcompile.targets.qnn.validate import first_refused_prefix
+
+    src = save_with_external_data(geglu_model(), tmp_path / "float.onnx")
+    x = (np.random.default_rng(1).standard_normal((2, 64, 64)) * 2).astype(np.float32)
+    ranges = observed_ranges(src, [{"x": x}])
+    refused = quantize_float_model(src, tmp_path / "matmul.onnx", ranges, QNN_W8A16_CAPS)
+    with pytest.raises(UserError, match="HTP backend refused"):
+        ep.htp_session(refused)
+    found = first_refused_prefix(refused)
+    assert found is not None and found[0] in ("projected", "biased", "value", "gate", "gelu", "y"), found
+    gemm = quantize_float_model(src, tmp_path / "gemm.onnx", ranges, QNN_W8A16_CAPS, [LinearAsGemm()])
+    got = ep.htp_session(gemm).run(None, {"x": x})[0]
+    assert sqnr_db(make_session(gemm).run(None, {"x": x})[0], got) > 45

@@ -205,4 +205,5 @@ def first_refused_prefix(model: Path) -> tuple[str, str, str] | None:
     dq = next(n for n in graph.nodes if n.op == "DequantizeLinear" and n.outputs[0].name == cuts[lo])
     src = dq.inputs[0].inputs[0].inputs[0]
     producer = src.inputs[0] if src.inputs else None
-    return src.name, producer.name if producer is not None else "(input)", producer.op if producer is not None else ""
+    name = src.name.removesuffix("_float") if dq.outputs[0] in graph.outputs else src.name  # a renamed output
+    return name, producer.name if producer is not None else "(input)", producer.op if producer is not None else ""
