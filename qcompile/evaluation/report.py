@@ -95,6 +95,11 @@ def _plot_png(report: Mapping[str, Any]) -> str | None:
     t = [s["timestep"] for s in steps]
     fig, ax = plt.subplots(figsize=(7, 3.2), dpi=100)
     ax.plot(t, [s["eps_sqnr_db"] for s in steps], "o-", label="eps SQNR (dB)")
+    device_steps = ((report.get("device") or {}).get("sampling") or {}).get("per_step") or []
+    if device_steps:  # the same per-step metric measured on the device (a few samples)
+        ax.plot([s["timestep"] for s in device_steps], [s["eps_sqnr_db"] for s in device_steps], "^:",
+                color="tab:green", label="eps SQNR on the device (dB)")
+        ax.legend(loc="lower left", fontsize=8)
     gaps = [(s["timestep"], s["cfg_gap_ratio"]) for s in steps if s.get("cfg_gap_ratio") is not None]
     if gaps:
         ax2 = ax.twinx()
@@ -140,6 +145,14 @@ def render_html(report: Mapping[str, Any], images: Mapping[str, str] | None = No
                          f"<td>{s['sqnr_db']}</td></tr>" for s in sens)
         figs += ("<h2>Most sensitive layers (output SQNR with only that layer quantized)</h2><table>"
                  f"<tr><th>node</th><th>module</th><th>op</th><th>SQNR dB</th></tr>{rows_s}</table>")
+    device = report.get("device")
+    if device:
+        keys = ("bucket", "runs_identical", "htp_vs_fp32_sqnr_db", "cpu_vs_fp32_sqnr_db", "htp_vs_cpu_sqnr_db",
+                "htp_vs_fp32_cosine", "first_divergence")
+        rows_d = "".join("<tr>" + "".join(f"<td>{esc(str(b.get(k)))}</td>" for k in keys) + "</tr>"
+                         for b in device.get("buckets", []))
+        figs += (f"<h2>On the device: {esc(str(device.get('device')))}</h2><table><tr>"
+                 + "".join(f"<th>{k}</th>" for k in keys) + f"</tr>{rows_d}</table>")
     verdict = "passed" if report["passed"] else "FAILED"
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>qcompile report</title>
 <style>body{{font-family:sans-serif;max-width:960px;margin:2em auto}}table{{border-collapse:collapse}}
