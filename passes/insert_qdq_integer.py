@@ -47,6 +47,14 @@ from qcompile.quant import (
 PASS_NAME = "insert-qdq-integer"
 WIDE_QDQ_OPSET = 21  # QuantizeLinear/DequantizeLinear accept 16-bit integers from opset 21
 SKIP_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
+# A graph output keeps its name behind its Q/DQ pair; its producer writes `<name>` + this suffix.
+FLOAT_OUTPUT_SUFFIX = "_float"
+
+
+def unrenamed(name: str, graph_outputs: set[str]) -> str:
+    """The graph output a producer's `<name>_float` tensor stands for; other names unchanged."""
+    base = name.removesuffix(FLOAT_OUTPUT_SUFFIX)
+    return base if base != name and base in graph_outputs else name
 
 
 def _is_float32(t: gs.Tensor) -> bool:
@@ -160,7 +168,7 @@ class InsertQDQEverywhere(Pass):
     def _quantize_graph_output(self, graph: gs.Graph, y: gs.Variable, qp: QParams) -> None:
         """The output keeps its name: the producer writes `<name>_float`, Q/DQ turns it back into `<name>`."""
         producer = y.inputs[0]
-        pre = gs.Variable(f"{y.name}_float", y.dtype, y.shape)
+        pre = gs.Variable(y.name + FLOAT_OUTPUT_SUFFIX, y.dtype, y.shape)
         producer.outputs[producer.outputs.index(y)] = pre
         dq_out = insert_qdq_pair(graph, pre, qp, PASS_NAME)
         dq_out.inputs[0].outputs[0] = y

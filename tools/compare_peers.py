@@ -149,11 +149,16 @@ def main() -> None:
         rep = evaluate_artifact(work / "artifact", adapter, held_out=held_out_inputs(adapter, 8, src.get("seed", 0)),
                                 thresholds=Thresholds(eps_sqnr_db_mean=None))
         rows.append({"method": name, **rep["summary"], "seconds": round(time.perf_counter() - t0, 1)})
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in COLUMNS) + " |" for r in rows]
-    (args.out / "peers.md").write_text("\n".join(lines) + "\n")
-    (args.out / "peers.json").write_text(json.dumps(rows, indent=2, default=str))
-    print("\n".join(lines))
+    print(write_table(args.out, rows, COLUMNS))
+
+
+def write_table(out: Path, rows: list[dict], columns: tuple[str, ...]) -> str:
+    """peers.md (a markdown table of `columns`) and peers.json (every field) in `out`; returns the table."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    (out / "peers.md").write_text("\n".join(lines) + "\n")
+    (out / "peers.json").write_text(json.dumps(rows, indent=2, default=str))
+    return "\n".join(lines)
 
 
 def _fmt(v) -> str:

@@ -17,7 +17,6 @@ Each evaluation runs in its own process: the simulator can crash. Writes peers.m
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import shutil
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from compare_peers import untie_initializers  # the sibling tool (tools/ is on sys.path when run)
+from compare_peers import untie_initializers, write_table  # the sibling tool (tools/ is on sys.path when run)
 
 from qcompile.artifact import read_manifest
 from qcompile.calibration.cache import CalibrationCache
@@ -33,13 +32,14 @@ from qcompile.cli import main as qcompile_main
 from qcompile.config import FidelitySettings
 from qcompile.evaluation.evaluate import held_out_inputs
 from qcompile.evaluation.fidelity import evaluate_sampling
-from qcompile.evaluation.metrics import cosine, sqnr_db
+from qcompile.evaluation.validate import compare_on_inputs
 from qcompile.graph_io import load_graph, save_graph
 from qcompile.models.source import resolve_model
 from qcompile.pass_manager import PassContext, PassManager
 from qcompile.passes.static_shapes import StaticShapes
 from qcompile.runtime import BucketRunner, OnnxRunner
 from qcompile.targets.qnn import ep
+from qcompile.targets.qnn.runner import pad_batch
 from qcompile.targets.qnn.target import DEFAULT_BATCH, QnnW8A8Target
 from qcompile.targets.qnn.validate import _FewLabels
 
@@ -60,9 +60,8 @@ class SessionRunner(BucketRunner):
         n = len(feed[self.input_names[0]])
         parts = []
         for start in range(0, n, self.batch):
-            chunk = {k: v[start:start + self.batch] for k, v in feed.items()}
-            count = len(next(iter(chunk.values())))
-            chunk = {k: np.concatenate([v, np.repeat(v[-1:], self.batch - count, axis=0)]) for k, v in chunk.items()}
+            count = min(self.batch, n - start)
+            chunk = {k: pad_batch(v[start:start + count], self.batch) for k, v in feed.items()}
             parts.append(self.session.run(None, chunk)[0][:count])
         return np.concatenate(parts)
 
@@ -133,14 +132,10 @@ def htp_or_fallback(path: Path) -> tuple[ort.InferenceSession, bool]:
 
 
 def judge(runner, reference, held_out, adapter, samples: int, sampler, names) -> dict:
-    sqnrs, coss = [], []
-    for _, feed in held_out.batches(DEFAULT_BATCH):
-        want, got = np.asarray(reference.run(feed)), np.asarray(runner.run(feed))
-        for a, b in zip(want, got, strict=True):
-            sqnrs.append(sqnr_db(a, b))
-            coss.append(cosine(a, b))
+    steps = compare_on_inputs(reference, runner, held_out, batch=DEFAULT_BATCH)
+    sqnrs = [s.eps_sqnr_db for s in steps]
     row = {"eps_sqnr_db_mean": float(np.mean(sqnrs)), "eps_sqnr_db_min": float(np.min(sqnrs)),
-           "eps_cos_mean": float(np.mean(coss))}
+           "eps_cos_mean": float(np.mean([s.eps_cos for s in steps]))}
     setup = adapter.sampling()
     if setup is not None and samples:
         result = evaluate_sampling(reference, runner, _FewLabels(setup, samples),
@@ -234,24 +229,8 @@ def main() -> None:
                 rows.append({"method": f"{name} (failed: {type(exc).__name__})"})
                 continue
             rows.append(run_isolated(name, {**spec, "model": str(path)}, t0))
-        write_table(args.out, rows)  # after each precision: a long run keeps what it measured
-    print(write_table(args.out, rows))
-
-
-def write_table(out: Path, rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in COLUMNS) + " |" for r in rows]
-    (out / "peers.md").write_text("\n".join(lines) + "\n")
-    (out / "peers.json").write_text(json.dumps(rows, indent=2, default=str))
-    return "\n".join(lines)
-
-
-def _fmt(v) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"
-    return str(v)
+        write_table(args.out, rows, COLUMNS)  # after each precision: a long run keeps what it measured
+    print(write_table(args.out, rows, COLUMNS))
 
 
 if __name__ == "__main__":

@@ -45,8 +45,8 @@ def evaluate_artifact(folder: Path, adapter, *, held_out: InputSet, thresholds: 
     setup = adapter.sampling()
     images: dict[str, str] = {}
     summary_extra: dict[str, Any] = dict(extra or {})
+    settings = fidelity or FidelitySettings()
     if setup is not None and model["timestep_input"] is not None:
-        settings = fidelity or FidelitySettings()
         print(f"[qcompile] sampling {settings.per_class} per class with {settings.sampler.scheduler.value}, "
               f"{settings.sampler.steps} steps, guidance {settings.sampler.guidance}", flush=True)
         result = evaluate_sampling(reference, runner, setup, settings, sample_name=model["sample_input"],
@@ -61,9 +61,9 @@ def evaluate_artifact(folder: Path, adapter, *, held_out: InputSet, thresholds: 
     device = None
     if hasattr(target, "device_checks"):  # targets with a device (simulator) to prove the artifact on
         print(f"[qcompile] checking the artifact on the device ({target.name.value})", flush=True)
-        settings = fidelity or FidelitySettings()
         device = target.device_checks(folder, manifest, adapter=adapter, held_out=held_out, reference=reference,
-                                      sampler=settings.sampler, samples=settings.device_samples)
+                                      artifact_runner=runner, sampler=settings.sampler,
+                                      samples=settings.device_samples)
         summary_extra.update(device["summary"])
     summary_extra["eval_seconds"] = round(time.perf_counter() - t0, 3)
 

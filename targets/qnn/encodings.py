@@ -24,6 +24,7 @@ import onnx_graphsurgeon as gs
 
 from qcompile.atomic import write_json
 from qcompile.graph_io import constant_values
+from qcompile.passes.insert_qdq_integer import unrenamed
 
 VERSION = "1.0.0"
 
@@ -46,9 +47,7 @@ def encodings(qdq: gs.Graph, float_graph: gs.Graph) -> dict[str, Any]:
     activations: dict[str, dict[str, Any]] = {}
     for node in qdq.nodes:
         if node.op == "QuantizeLinear" and constant_values(node.inputs[0]) is None:
-            name = node.inputs[0].name
-            if name.endswith("_float") and name[:-len("_float")] in outputs:
-                name = name[:-len("_float")]  # a graph output, renamed around its Q/DQ pair
+            name = unrenamed(node.inputs[0].name, outputs)  # a graph output, renamed around its Q/DQ pair
             scale, zero = constant_values(node.inputs[1]), constant_values(node.inputs[2])
             activations[name] = _entry(name, scale, zero, channel=False)
     params: dict[str, dict[str, Any]] = {}

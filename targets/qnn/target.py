@@ -135,11 +135,11 @@ class _QnnTarget:
 
 
     def device_checks(self, artifact_dir: Path, manifest: Mapping[str, Any], *, adapter, held_out, reference,
-                      sampler, samples: int) -> dict[str, Any]:
+                      artifact_runner: QnnRunner, sampler, samples: int) -> dict[str, Any]:
         """On the HTP simulator: per bucket, three identical runs and agreement with the CPU EP (naming
-        the first diverging tensor otherwise); for models that sample, a short sampling run."""
+        the first diverging tensor otherwise); for models that sample, a short sampling run.
+        `artifact_runner` is the CPU-EP runner the evaluation already holds."""
         htp = self.runner(artifact_dir, manifest, htp=True)
-        cpu = self.runner(artifact_dir, manifest)
         buckets = []
         timesteps = held_out.timesteps
         for k in range(htp.buckets):
@@ -149,12 +149,12 @@ class _QnnTarget:
                 continue
             feed = {name: (v if name in held_out.unbatched else v[rows[:htp.batch]])
                     for name, v in held_out.arrays.items()}
-            buckets.append(check_on_htp(htp, cpu, reference, feed, bits=self.caps.activation_dtype.bits))
+            buckets.append(check_on_htp(htp, artifact_runner, reference, feed, bits=self.caps.activation_dtype.bits))
         out: dict[str, Any] = {"device": "QNN HTP simulator (x86_64), CPU fallback disabled",
                                "static_batch": htp.batch, "buckets": buckets}
         setup = adapter.sampling()
         if setup is not None and htp.timestep_name is not None and samples > 0:
-            out["sampling"] = sampling_on_htp(reference, htp, cpu, setup, sampler, samples=samples,
+            out["sampling"] = sampling_on_htp(reference, htp, artifact_runner, setup, sampler, samples=samples,
                                               sample_name=htp.sample_name, timestep_name=htp.timestep_name)
         out["checks"] = {"htp_deterministic": all(b["runs_identical"] for b in buckets),
                          "htp_agrees_with_cpu_ep": all(b["agrees"] for b in buckets)}

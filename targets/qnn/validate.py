@@ -20,6 +20,7 @@ import numpy as np
 
 from qcompile.evaluation.metrics import cosine, sqnr_db
 from qcompile.graph_io import constant_values, load_graph, module_path, save_graph
+from qcompile.passes.insert_qdq_integer import unrenamed
 from qcompile.runtime import make_session
 from qcompile.targets.qnn import ep
 from qcompile.targets.qnn.runner import pad_batch
@@ -48,14 +49,22 @@ class Divergence:
         return asdict(self)
 
 
-def exposed_activations(model: Path, out_path: Path) -> tuple[Path, list[tuple[str, str, str, str, float]]]:
-    """A copy of the Q/DQ model with every activation's dequantized tensor as an extra output.
+@dataclass(frozen=True)
+class ExposedTensor:
+    output: str  # the dequantized tensor made a graph output
+    tensor: str  # the activation it quantizes
+    producer: str
+    op: str
+    module: str
+    scale: float
 
-    Returns the path and, per exposed output in graph order, (output name, source tensor, producer
-    node, op, scale)."""
+
+def exposed_activations(model: Path, out_path: Path) -> tuple[Path, list[ExposedTensor]]:
+    """A copy of the Q/DQ model with every activation's dequantized tensor as an extra output, and
+    the exposed tensors in graph order."""
     graph = load_graph(model)
     outputs = list(graph.outputs)
-    listed: list[tuple[str, str, str, str, float]] = []
+    listed: list[ExposedTensor] = []
     known = {t.name for t in outputs}
     for node in graph.nodes:
         if node.op != "DequantizeLinear" or constant_values(node.inputs[0]) is not None:
@@ -70,30 +79,29 @@ def exposed_activations(model: Path, out_path: Path) -> tuple[Path, list[tuple[s
             outputs.append(out)
             known.add(out.name)
         scale = float(np.asarray(constant_values(node.inputs[1])).reshape(-1)[0])
-        listed.append((out.name, src.name, producer.name if producer is not None else "(input)",
-                       producer.op if producer is not None else "input", scale))
+        listed.append(ExposedTensor(out.name, src.name, producer.name if producer is not None else "(input)",
+                                    producer.op if producer is not None else "input",
+                                    module_path(producer) if producer is not None else "", scale))
     graph.outputs = outputs
     return save_graph(graph, out_path), listed
 
 
 def first_divergence(model: Path, feed: dict[str, np.ndarray], *, tolerance_db: float) -> Divergence | None:
     """The first quantized activation (graph order) where HTP and the CPU EP disagree, or None."""
-    graph = load_graph(model)
-    modules = {n.name: module_path(n) for n in graph.nodes}
     with tempfile.TemporaryDirectory(prefix="qcompile-qnn-expose-") as tmp:
         exposed, listed = exposed_activations(model, Path(tmp) / "exposed.onnx")
-        names = [e[0] for e in listed]
+        names = [e.output for e in listed]
         htp = ep.htp_session(exposed)
         cpu = make_session(exposed, optimize=False)
         device_feed = {i.name: feed[i.name] for i in htp.get_inputs()}
         got = dict(zip(names, htp.run(names, device_feed), strict=True))
         want = dict(zip(names, cpu.run(names, device_feed), strict=True))
-    for index, (name, src, producer, op, scale) in enumerate(listed):
-        a, b = np.asarray(want[name], np.float64), np.asarray(got[name], np.float64)
+    for index, e in enumerate(listed):
+        a, b = np.asarray(want[e.output], np.float64), np.asarray(got[e.output], np.float64)
         s = sqnr_db(a, b)
         if s < tolerance_db:
-            return Divergence(src, producer, op, modules.get(producer, ""), index, round(float(s), 3),
-                              round(float(np.abs(a - b).max() / scale), 3))
+            return Divergence(e.tensor, e.producer, e.op, e.module, index, round(float(s), 3),
+                              round(float(np.abs(a - b).max() / e.scale), 3))
     return None
 
 
@@ -205,5 +213,5 @@ def first_refused_prefix(model: Path) -> tuple[str, str, str] | None:
     dq = next(n for n in graph.nodes if n.op == "DequantizeLinear" and n.outputs[0].name == cuts[lo])
     src = dq.inputs[0].inputs[0].inputs[0]
     producer = src.inputs[0] if src.inputs else None
-    name = src.name.removesuffix("_float") if dq.outputs[0] in graph.outputs else src.name  # a renamed output
+    name = unrenamed(src.name, {t.name for t in graph.outputs})
     return name, producer.name if producer is not None else "(input)", producer.op if producer is not None else ""
