@@ -5,10 +5,16 @@ normally lives inside it (each buffer aligned to 16 bytes for the kernels); when
 not fit, they are written after the flatbuffer and each buffer records its `offset` and `size` in
 the file instead, which the LiteRT loader supports. Only a flatbuffer that is too large even
 without its weights (impossible in practice) stops the build, with a UserError naming the limit.
+
+Tables, vectors and strings are written once per distinct content and referenced wherever they recur
+(a flatbuffer is a DAG of offsets, so this is valid for every reader). Timestep buckets differ only in
+activation scales and bias values; with sharing, a bucket's subgraph costs its tensor and operator
+vectors plus the tensors whose parameters differ, not a copy of every table.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -89,10 +95,59 @@ def _round_up(n: int, align: int) -> int:
     return (n + align - 1) // align * align
 
 
+def _sharing_builder(fb, size: int):
+    """A flatbuffers Builder that writes each distinct string, numeric vector and `_shared` table once."""
+
+    class SharingBuilder(fb.Builder):
+        def __init__(self, initial_size: int):
+            super().__init__(initial_size)
+            self.memo: dict = {}
+
+        def CreateString(self, s, encoding="utf-8", errors="strict"):  # noqa: N802 (flatbuffers' naming)
+            key = ("str", s)
+            if key not in self.memo:
+                self.memo[key] = super().CreateString(s, encoding, errors)
+            return self.memo[key]
+
+        def CreateNumpyVector(self, x):  # noqa: N802
+            key = ("vec", x.dtype.str, x.tobytes())
+            if key not in self.memo:
+                self.memo[key] = super().CreateNumpyVector(x)
+            return self.memo[key]
+
+    return SharingBuilder(size)
+
+
+def _shared(cls, key):
+    """An object-API table `cls()` packed once per builder for each distinct `key` (its content)."""
+    table = _shared_class(cls)()
+    table.memo_key = (cls.__name__, _hashable(key))
+    return table
+
+
+@functools.cache
+def _shared_class(cls):
+    class Shared(cls):
+        def Pack(self, builder):  # noqa: N802 (flatbuffers' naming)
+            if self.memo_key not in builder.memo:
+                builder.memo[self.memo_key] = super().Pack(builder)
+            return builder.memo[self.memo_key]
+
+    return Shared
+
+
+def _hashable(value):
+    if isinstance(value, list | tuple):
+        return tuple(_hashable(v) for v in value)
+    if isinstance(value, np.ndarray):
+        return (value.dtype.str, value.shape, value.tobytes())
+    return value
+
+
 def _finish(model_t, size_hint: int = 0) -> bytes:
     fb = deps.flatbuffers()
     # Sized up front: the builder otherwise doubles (and copies) its buffer on the way to the weights' size.
-    builder = fb.Builder(min(size_hint + (1 << 20), fb.Builder.MAX_BUFFER_SIZE))
+    builder = _sharing_builder(fb, min(size_hint + (1 << 20), fb.Builder.MAX_BUFFER_SIZE))
     try:
         root = model_t.Pack(builder)
         builder.Finish(root, file_identifier=FILE_IDENTIFIER)
@@ -178,21 +233,8 @@ def _tensor_map(S, name: str, index: int):
 def _subgraph_t(S, sg: Subgraph, opcodes: dict[tuple[str, int], int]):
     out = S.SubGraphT()
     out.name = sg.name
-    out.inputs, out.outputs = list(sg.inputs), list(sg.outputs)
-    out.tensors = []
-    for spec in sg.tensors:
-        t = S.TensorT()
-        t.name = spec.name
-        t.shape = list(spec.shape)
-        t.type = getattr(S.TensorType, tflite_type(spec.dtype))
-        t.buffer = spec.buffer
-        if spec.quant is not None:
-            q = S.QuantizationParametersT()
-            q.scale = list(spec.quant.scale)
-            q.zeroPoint = list(spec.quant.zero_point)
-            q.quantizedDimension = spec.quant.axis
-            t.quantization = q
-        out.tensors.append(t)
+    out.inputs, out.outputs = _int32(sg.inputs), _int32(sg.outputs)
+    out.tensors = [_tensor_t(S, spec) for spec in sg.tensors]
     out.operators = []
     for op in sg.ops:
         ins = [sg.tensors[i] if i >= 0 else None for i in op.inputs]
@@ -200,11 +242,11 @@ def _subgraph_t(S, sg: Subgraph, opcodes: dict[tuple[str, int], int]):
         key = (op.code, version)
         if key not in opcodes:
             opcodes[key] = len(opcodes)
-        o = S.OperatorT()
+        o = _shared(S.OperatorT, (opcodes[key], op.inputs, op.outputs, op.options_type, op.options))
         o.opcodeIndex = opcodes[key]
-        o.inputs, o.outputs = list(op.inputs), list(op.outputs)
+        o.inputs, o.outputs = _int32(op.inputs), _int32(op.outputs)
         if op.options_type is not None:
-            opts = getattr(S, op.options_type + "T")()
+            opts = _shared(getattr(S, op.options_type + "T"), (op.options_type, op.options))
             for field_name, value in op.options:
                 if not hasattr(opts, field_name):
                     raise AttributeError(f"{op.options_type} has no field {field_name}")
@@ -213,3 +255,22 @@ def _subgraph_t(S, sg: Subgraph, opcodes: dict[tuple[str, int], int]):
             o.builtinOptions = opts
         out.operators.append(o)
     return out
+
+
+def _tensor_t(S, spec):
+    t = _shared(S.TensorT, (spec.name, spec.shape, spec.dtype.str, spec.buffer, spec.quant))
+    t.name = spec.name
+    t.shape = _int32(spec.shape)
+    t.type = getattr(S.TensorType, tflite_type(spec.dtype))
+    t.buffer = spec.buffer
+    if spec.quant is not None:
+        q = _shared(S.QuantizationParametersT, spec.quant)
+        q.scale = np.asarray(spec.quant.scale, np.float32)
+        q.zeroPoint = np.asarray(spec.quant.zero_point, np.int64)
+        q.quantizedDimension = spec.quant.axis
+        t.quantization = q
+    return t
+
+
+def _int32(values) -> np.ndarray:
+    return np.asarray(list(values), np.int32).reshape(-1)
