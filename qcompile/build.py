@@ -148,7 +148,7 @@ def exclusions(cfg: CompileConfig, adapter, caps) -> tuple[str, ...]:
 
 def build(cfg: CompileConfig) -> BuildResult:
     t_start = time.perf_counter()
-    target = load_target(cfg.target)  # an unknown target fails before any work
+    target = load_target(cfg.target, static_batch=cfg.static_batch)  # an unknown target fails before any work
     adapter = resolve(cfg)
     spec, calib_inputs, held_out = calibration_plan(cfg, adapter)
     excluded = exclusions(cfg, adapter, target.caps)

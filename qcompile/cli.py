@@ -54,6 +54,8 @@ def _quant_args(p: argparse.ArgumentParser) -> None:
                    help="keep the most sensitive layers float until the output SQNR on recorded inputs reaches this")
     g.add_argument("--max-float-layers", type=int, default=None, metavar="N",
                    help="at most N layers kept float by --mixed-precision (alone: exactly the N most sensitive)")
+    g.add_argument("--static-batch", type=int, default=None, metavar="N",
+                   help="batch of a static-shape target (tflite-*, qnn-*); 2 runs a CFG step in one call")
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
@@ -144,7 +146,7 @@ def _config(args: argparse.Namespace, *, with_quant: bool):
                          bucket_method=BucketMethod.parse(args.bucket_method),
                          exclude=tuple(args.exclude), full_integer=args.full_integer,
                          mixed_precision_sqnr_db=args.mixed_precision, max_float_layers=args.max_float_layers,
-                         split_shortcut=args.split_shortcut,
+                         split_shortcut=args.split_shortcut, static_batch=args.static_batch,
                          validate_count=args.validate, thresholds=thresholds, fidelity=fidelity)
 
 

@@ -154,6 +154,9 @@ class CompileConfig:
     split_shortcut: bool = False  # Q-Diffusion shortcut split of Conv(Concat(deep, skip)) before calibration
     max_float_layers: int | None = None
     validate_count: int = 8  # held-back inputs for the report
+    # The batch a static-shape target (TFLite, QNN) is built for; None: the target's default
+    # (TFLite 1, QNN 2: one classifier-free-guidance step). The runner runs other batches in chunks.
+    static_batch: int | None = None
     seed: int = 0
     opset: int = 20
     thresholds: Thresholds = field(default_factory=Thresholds)
@@ -162,6 +165,8 @@ class CompileConfig:
     def __post_init__(self) -> None:
         if self.buckets < 1:
             raise UserError(f"--buckets {self.buckets}: needs at least one bucket")
+        if self.static_batch is not None and self.static_batch < 1:
+            raise UserError(f"--static-batch {self.static_batch}: needs at least 1")
         if self.validate_count < 1:
             raise UserError(f"--validate {self.validate_count}: needs at least one input")
         if self.opset < 18:

@@ -8,6 +8,7 @@ message, never the CLI or the other targets.
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -55,11 +56,17 @@ TARGETS: dict[TargetName, str] = {
 }
 
 
-def load_target(name: TargetName) -> Target:
+def load_target(name: TargetName, *, static_batch: int | None = None) -> Target:
+    """The target's object; `static_batch` sets the batch of a target built with static shapes."""
     spec = TARGETS.get(name)
     if spec is None:
         ready = ", ".join(t.value for t in TARGETS)
         raise UserError(f"--target {name.value}: not available in this version; available: {ready}")
     module_name, cls_name = spec.split(":")
-    module = importlib.import_module(module_name)
-    return getattr(module, cls_name)()
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    if static_batch is None:
+        return cls()
+    if "batch" not in inspect.signature(cls).parameters:
+        raise UserError(f"--static-batch: target {name.value} keeps the batch dynamic; the option is for "
+                        "static-shape targets (tflite-*, qnn-*)")
+    return cls(batch=static_batch)

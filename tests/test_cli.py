@@ -94,6 +94,8 @@ def _bad(capsys, args, tmp_path, match):
     (["build", TINY, "--calib", "missing.npz"], "missing.npz"),
     (["build", "builtin:no-such-model"], "builtin:no-such-model"),
     (["build", TINY, "--buckets", "0"], "--buckets"),
+    (["build", TINY, "--static-batch", "2"], "--static-batch: target ort-int8 keeps the batch dynamic"),
+    (["build", TINY, "--target", "tflite-int8", "--static-batch", "0"], "--static-batch 0"),
     (["build", TINY, "--nonsense"], "unrecognized arguments"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, args, match):

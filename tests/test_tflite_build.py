@@ -25,6 +25,10 @@ def test_tiny_sd_unet_builds_for_tflite_int8(tmp_path):
     data = (result.out_dir / "model.tflite").read_bytes()
     assert set(read_metadata(data)["signatures"]) == {"bucket_0", "bucket_1"}
     ops = [(op.code, op.input_types[0]) for op in operators(data)]
-    assert ops.count(("CONV_2D", "INT8")) >= 30 and ("BATCH_MATMUL", "INT8") in ops
+    assert ops.count(("CONV_2D", "INT8")) >= 30
+    # Attention's activation x activation matmuls stay float: XNNPACK delegates no int8 BATCH_MATMUL, so
+    # in int8 each one split the delegate and ran TFLite's reference kernel (15% of the reference
+    # model's time under perf, and int8 slower than fp32).
+    assert ("BATCH_MATMUL", "FLOAT32") in ops and ("BATCH_MATMUL", "INT8") not in ops
     assert result.passed
     json.dumps(result.report)  # the report stays plain JSON

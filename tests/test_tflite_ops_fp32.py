@@ -157,6 +157,24 @@ def test_norms_and_reductions(tmp_path):
     assert "TRANSPOSE" not in ops
 
 
+def test_exported_group_norm_folds_its_affine(tmp_path):
+    """Diffusers exports GroupNorm as Reshape -> InstanceNormalization(1, 0) -> Reshape -> Mul(gamma) ->
+    Add(beta); gamma is multiplied into the per-group inverse std, beta added in the same pass chain."""
+    conv, inits = _conv_in()
+    nodes = [*conv,
+             helper.make_node("Reshape", ["c", "grp"], ["g"]),
+             helper.make_node("InstanceNormalization", ["g", "ones", "zeros"], ["gn"], epsilon=1e-5),
+             helper.make_node("Reshape", ["gn", "back"], ["gb"]),
+             helper.make_node("Mul", ["gb", "gamma"], ["gm"]),
+             helper.make_node("Add", ["gm", "beta"], ["y"])]
+    inits.update(grp=np.array([2, 2, -1], np.int64), ones=np.ones(2, np.float32), zeros=np.zeros(2, np.float32),
+                 back=np.array([2, 4, 6, 6], np.int64), gamma=_arr(4, 1, 1), beta=_arr(4, 1, 1))
+    ops = lower_and_compare(_model(nodes, inits, opset=18), tmp_path)
+    # square, normalize, gamma into inv_std: three MULs (one of them on [N, 1, G, C/G]); one ADD for eps,
+    # one for beta; no transposes.
+    assert ops.count("MUL") == 3 and ops.count("ADD") == 2 and "TRANSPOSE" not in ops
+
+
 def test_layer_norm_and_group_normalization_op(tmp_path):
     conv, inits = _conv_in()
     nodes = [*conv, helper.make_node("GroupNormalization", ["c", "gs", "gb"], ["g"], num_groups=2, epsilon=1e-5),

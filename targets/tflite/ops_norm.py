@@ -40,8 +40,14 @@ def _binary(ctx: Lowering, code: str, a: Value, b: Value | int, name: str) -> Va
     return out
 
 
-def normalize(ctx: Lowering, x: Value, stored_axes: Sequence[int], eps: float, name: str) -> Value:
-    """(x - mean) * rsqrt(var + eps) over `stored_axes`, in float."""
+def normalize(ctx: Lowering, x: Value, stored_axes: Sequence[int], eps: float, name: str,
+              scale: np.ndarray | None = None) -> Value:
+    """(x - mean) * rsqrt(var + eps) over `stored_axes`, in float, times `scale` when given.
+
+    `scale` (a constant in the stored layout, unit along the axes the statistics keep) is multiplied
+    into the small inverse-std tensor before it meets x: one full-size pass fewer per norm. GroupNorm's
+    gamma varies per channel inside a group, yet inv_std * gamma is only [N, 1, G, C/G].
+    """
     mean = _reduce(ctx, "MEAN", x, stored_axes, name + "/mean")
     centred = _binary(ctx, "SUB", x, mean, name + "/centred")
     square = _binary(ctx, "MUL", centred, centred, name + "/square")
@@ -50,7 +56,20 @@ def normalize(ctx: Lowering, x: Value, stored_axes: Sequence[int], eps: float, n
     shifted = _binary(ctx, "ADD", var, eps_t, name + "/var_eps")
     inv_std = ctx.like(shifted, name + "/inv_std")
     ctx.op("RSQRT", [shifted], [inv_std])
+    if scale is not None:
+        stored = tuple(np.broadcast_shapes(inv_std.stored_shape, scale.shape))
+        scaled = ctx.like(inv_std, name + "/inv_std_scaled", shape=_logical(stored, inv_std.perm))
+        ctx.op("MUL", [inv_std, ctx.constant(name + "/gamma", scale.astype(np.float32))], [scaled], "MulOptions")
+        inv_std = scaled
     return _binary(ctx, "MUL", centred, inv_std, name + "/normalized")
+
+
+def _logical(stored_shape: Sequence[int], perm: Sequence[int]) -> tuple[int, ...]:
+    """The ONNX-order shape of a tensor stored as `stored_shape` with permutation `perm`."""
+    shape = [0] * len(perm)
+    for i, p in enumerate(perm):
+        shape[p] = int(stored_shape[i])
+    return tuple(shape)
 
 
 def affine(ctx: Lowering, y: Value, scale: np.ndarray | None, bias: np.ndarray | None, name: str) -> Value:
@@ -95,10 +114,10 @@ def _channel_shaped(values: np.ndarray | None, rank: int) -> np.ndarray | None:
 def lower_instance_norm(ctx: Lowering, node: gs.Node) -> None:
     x = ctx.float_value(node.inputs[0])
     stored = [invert(x.perm)[a] for a in range(2, x.rank)]
-    y = normalize(ctx, x, stored, float(node.attrs.get("epsilon", 1e-5)), node.outputs[0].name)
     scale, bias = _const_or_none(ctx, node, 1), _const_or_none(ctx, node, 2)
-    ctx.bind(node.outputs[0], affine(ctx, y, _channel_shaped(scale, x.rank), _channel_shaped(bias, x.rank),
-                                     node.outputs[0].name))
+    gamma = None if scale is None else np.transpose(_channel_shaped(scale, x.rank)[None], x.perm)
+    y = normalize(ctx, x, stored, float(node.attrs.get("epsilon", 1e-5)), node.outputs[0].name, gamma)
+    ctx.bind(node.outputs[0], affine(ctx, y, None, _channel_shaped(bias, x.rank), node.outputs[0].name))
 
 
 def group_norm(ctx: Lowering, x: Value, groups: int, eps: float, scale_c: np.ndarray | None,
@@ -109,12 +128,13 @@ def group_norm(ctx: Lowering, x: Value, groups: int, eps: float, scale_c: np.nda
     size = int(np.prod(spatial)) if spatial else 1
     if x.perm == channels_last(x.rank):
         grouped = ctx.reshape(x, (n, size, groups, c // groups), identity(4), name + "/grouped")
-        axes = [1, 3]
+        gamma = None if scale_c is None or np.all(scale_c == 1.0) else scale_c.reshape(1, 1, groups, c // groups)
+        y = normalize(ctx, grouped, [1, 3], eps, name, gamma)
+        scale_c = None
     else:
         x = ctx.to_layout(x, identity(x.rank))
         grouped = ctx.reshape(x, (n, groups, (c // groups) * size), identity(3), name + "/grouped")
-        axes = [2]
-    y = normalize(ctx, grouped, axes, eps, name)
+        y = normalize(ctx, grouped, [2], eps, name)
     y = ctx.reshape(y, x.shape, x.perm, name + "/ungrouped")
     return affine(ctx, y, _channel_shaped(scale_c, x.rank), _channel_shaped(bias_c, x.rank), name)
 
@@ -159,15 +179,48 @@ def _only_reader(ctx: Lowering, t: gs.Tensor, op: str) -> gs.Node | None:
 
 
 def lower_group_norm_pattern(ctx: Lowering, reshape: gs.Node, match: tuple[gs.Node, gs.Node, int]) -> None:
+    """The exporter's GroupNorm, with the per-channel Mul(gamma) / Add(beta) that follow it folded in
+    when they are float constants (diffusers exports write the affine after the reshape back)."""
     norm, back, groups = match
     src = ctx.values[reshape.inputs[0].name]
     c = src.shape[1]
     scale, bias = _const_or_none(ctx, norm, 1), _const_or_none(ctx, norm, 2)
     scale = None if scale is None else np.repeat(scale, c // groups)
     bias = None if bias is None else np.repeat(bias, c // groups)
+    out_tensor = back.outputs[0]
+    if scale is not None and bias is not None and np.all(scale == 1.0) and np.all(bias == 0.0):
+        mul = _channel_affine_reader(ctx, out_tensor, "Mul", c)
+        add = _channel_affine_reader(ctx, mul[0].outputs[0], "Add", c) if mul is not None else None
+        if mul is not None:
+            scale, out_tensor = mul[1], mul[0].outputs[0]
+            ctx.skip.add(mul[0].name)
+        if add is not None:
+            bias, out_tensor = add[1], add[0].outputs[0]
+            ctx.skip.add(add[0].name)
     ctx.skip.update({norm.name, back.name})
-    out = group_norm(ctx, src, groups, float(norm.attrs.get("epsilon", 1e-5)), scale, bias, back.outputs[0].name)
-    ctx.bind(back.outputs[0], out)
+    out = group_norm(ctx, src, groups, float(norm.attrs.get("epsilon", 1e-5)), scale, bias, out_tensor.name)
+    ctx.bind(out_tensor, out)
+
+
+def _channel_affine_reader(ctx: Lowering, t: gs.Tensor, op: str, channels: int) -> tuple[gs.Node, np.ndarray] | None:
+    """The only reader of `t` when it is `op` (Mul or Add) with a float constant that varies at most per
+    channel ([C, 1, 1] or [1, C, 1, 1] or a scalar) and no Q/DQ in between: (node, values per channel)."""
+    readers = ctx.consumers.get(t.name, [])
+    if t.name in ctx.output_names or len(readers) != 1 or readers[0].op != op:
+        return None
+    node = readers[0]
+    other = [i for i in node.inputs if i is not t]
+    if len(other) != 1:
+        return None
+    c = ctx.const(other[0])
+    if c is None or c.quantized or np.asarray(c.values).dtype.kind != "f":
+        return None
+    values = np.asarray(c.values, np.float32)
+    if values.size == 1:
+        return node, np.full(channels, values.reshape(()), np.float32)
+    if values.size != channels or values.ndim < 3 or values.shape[-3] != channels:
+        return None
+    return node, values.reshape(channels)
 
 
 def lower_softmax(ctx: Lowering, node: gs.Node) -> None:
