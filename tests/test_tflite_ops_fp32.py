@@ -203,7 +203,9 @@ def test_shape_ops(tmp_path):
                  pads=np.array([0, 0, 1, 0, 0, 0, 0, 2], np.int64), split=np.array([1, 3], np.int64),
                  idx=np.array([-3], np.int64), ax0=np.array([0], np.int64),
                  shape=np.array([1, 1, 1, 3], np.int64))
-    lower_and_compare(_model(nodes, inits), tmp_path)
+    ops = lower_and_compare(_model(nodes, inits), tmp_path)
+    # Split as SLICEs (XNNPACK delegates SLICE, not SPLIT_V); only the stepped Slice needs STRIDED_SLICE.
+    assert ops.count("SLICE") == 2 and ops.count("STRIDED_SLICE") == 1 and "SPLIT_V" not in ops
 
 
 def test_embedding_gather_with_int64_indices(tmp_path):

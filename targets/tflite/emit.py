@@ -86,6 +86,29 @@ def write_tflite(model: ModelBuilder, path: Path, *, external_data: bool | None 
     return path
 
 
+def with_metadata(data: bytes, info: dict) -> bytes:
+    """A .tflite written elsewhere (a peer converter's) with qcompile's runner metadata added, so the
+    same runner and evaluation can drive it. Buffers stored after the flatbuffer are brought inside it;
+    other tables are kept as they are."""
+    S = deps.schema()
+    model_t = S.ModelT.InitFromPackedBuf(bytearray(data), 0)
+    buffer_cls = _aligned_buffer_class(S)
+
+    def raw(b) -> np.ndarray | None:
+        if b.offset > 1:
+            return np.frombuffer(data, np.uint8, count=b.size, offset=b.offset)
+        return None if b.data is None else np.asarray(b.data, np.uint8)
+
+    model_t.buffers = [buffer_cls(raw(b)) for b in model_t.buffers]
+    model_t.metadata = [md for md in (model_t.metadata or []) if md.name not in (METADATA_KEY, METADATA_KEY.encode())]
+    md = S.MetadataT()
+    md.name = METADATA_KEY
+    md.buffer = len(model_t.buffers)
+    model_t.buffers.append(buffer_cls(np.frombuffer(json.dumps(info, sort_keys=True).encode(), np.uint8)))
+    model_t.metadata.append(md)
+    return _finish(model_t, len(data))
+
+
 def set_metadata(model: ModelBuilder, info: dict) -> None:
     """What the runner needs to present the model as its ONNX original (names, layouts, batch)."""
     model.metadata[METADATA_KEY] = json.dumps(info, sort_keys=True).encode()

@@ -69,16 +69,24 @@ def lower_concat(ctx: Lowering, node: gs.Node) -> None:
 
 
 def lower_split(ctx: Lowering, node: gs.Node) -> None:
+    """One SLICE per output: XNNPACK delegates SLICE but not SPLIT_V, and each op it does not take
+    splits the delegated graph (GEGLU's chunk made 7 of the reference model's 10 partitions)."""
     x = ctx.value(node.inputs[0])
     axis = int(node.attrs.get("axis", 0)) % x.rank
-    sizes = [ctx.shape(t)[axis] for t in node.outputs]
-    outs = []
-    for t in node.outputs:
-        outs.append(ctx.like(x, t.name, shape=ctx.shape(t)))
-        ctx.bind(t, outs[-1])
     stored_axis = invert(x.perm)[axis]
-    ctx.op("SPLIT_V", [x, ctx.int32(ctx.name("sizes"), sizes), ctx.constant(ctx.name("axis"), np.int32(stored_axis))],
-           outs, "SplitVOptions", numSplits=len(outs))
+    begin = 0
+    for t in node.outputs:
+        out = ctx.like(x, t.name, shape=ctx.shape(t))
+        starts = [0] * x.rank
+        starts[stored_axis] = begin
+        _slice(ctx, x, out, starts, list(out.stored_shape), t.name)
+        ctx.bind(t, out)
+        begin += ctx.shape(t)[axis]
+
+
+def _slice(ctx: Lowering, x: Value, out: Value, begin: list[int], size: list[int], name: str) -> None:
+    """SLICE with stored-layout begin and size."""
+    ctx.op("SLICE", [x, ctx.int32(name + "/begin", begin), ctx.int32(name + "/size", size)], [out])
 
 
 def lower_slice(ctx: Lowering, node: gs.Node) -> None:
@@ -97,6 +105,10 @@ def lower_slice(ctx: Lowering, node: gs.Node) -> None:
         stride[a] = st
     out_t = node.outputs[0]
     out = ctx.like(x, out_t.name, shape=ctx.shape(out_t))
+    if all(st == 1 for st in stride):  # SLICE: what XNNPACK delegates
+        _slice(ctx, x, out, [begin[p] for p in x.perm], list(out.stored_shape), ctx.name("slice"))
+        ctx.bind(out_t, out)
+        return
     ctx.op("STRIDED_SLICE", [x, ctx.int32(ctx.name("begin"), [begin[p] for p in x.perm]),
                              ctx.int32(ctx.name("end"), [end[p] for p in x.perm]),
                              ctx.int32(ctx.name("strides"), [stride[p] for p in x.perm])],

@@ -37,7 +37,9 @@ def read_metadata(data: bytes) -> dict:
 
 
 class _Program:
-    """One signature of one interpreter: a timestep bucket."""
+    """One signature of one interpreter: a timestep bucket. Inputs and outputs are named as in the ONNX
+    model; `key`, when the metadata gives one, is the name at the signature (a peer's `args_0`), and
+    `quant` the [scale, zero point] of an integer input or output."""
 
     def __init__(self, interpreter, key: str, info: dict, batch: int):
         self.runner = interpreter.get_signature_runner(key)
@@ -57,14 +59,32 @@ class _Program:
                     x = x[start:start + count]
                     if count < self.batch:
                         x = np.concatenate([x, np.repeat(x[-1:], self.batch - count, axis=0)])
-                x = np.ascontiguousarray(np.transpose(x.astype(spec["dtype"], copy=False), spec["perm"]))
-                args[spec["name"]] = x
-            out = self.runner(**args)[self.outputs[0]["name"]]
-            parts.append(np.transpose(out, invert(self.outputs[0]["perm"]))[:count])
+                x = np.ascontiguousarray(np.transpose(_to_stored(x, spec), spec["perm"]))
+                args[spec.get("key", spec["name"])] = x
+            out_spec = self.outputs[0]
+            out = _from_stored(self.runner(**args)[out_spec.get("key", out_spec["name"])], out_spec)
+            parts.append(np.transpose(out, invert(out_spec["perm"]))[:count])
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
     def _batched(self, spec: dict) -> bool:
         return bool(spec["shape"]) and spec["shape"][0] == self.batch
+
+
+def _to_stored(x: np.ndarray, spec: dict) -> np.ndarray:
+    """A float input as the model takes it: quantized when its metadata gives `quant` [scale, zero point]
+    (models with integer inputs, as ai-edge-quantizer writes them), else cast."""
+    if "quant" not in spec:
+        return x.astype(spec["dtype"], copy=False)
+    scale, zero_point = spec["quant"]
+    info = np.iinfo(spec["dtype"])
+    return np.clip(np.round(x / scale) + zero_point, info.min, info.max).astype(spec["dtype"])
+
+
+def _from_stored(y: np.ndarray, spec: dict) -> np.ndarray:
+    if "quant" not in spec:
+        return y
+    scale, zero_point = spec["quant"]
+    return ((y.astype(np.float32) - zero_point) * np.float32(scale)).astype(np.float32)
 
 
 class TfliteRunner(BucketRunner):
