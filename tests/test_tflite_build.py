@@ -38,5 +38,12 @@ def test_tiny_sd_unet_builds_for_tflite_int8(tmp_path):
     interpreter.allocate_tensors()
     partitions = sum(op["op_name"] == "DELEGATE" for op in interpreter._get_ops_details())
     assert partitions <= 3, partitions
+    # The interpreter against onnxruntime on the same Q/DQ graph (qdq/ in the artifact): every int8
+    # tensor within one LSB when computed from the interpreter's own upstream int8 tensors.
+    device = result.report["device"]
+    assert result.report["checks"]["interpreter_within_1_lsb"]
+    assert len(device["buckets"]) == 2 and all(b["int8_tensors"] > 50 for b in device["buckets"])
+    assert device["summary"]["lsb_local_max"] <= 1 and device["summary"]["interpreter_vs_qdq_sqnr_db_min"] > 25
+    assert "qdq/tensors.json" in m["sdk_files"]
     assert result.passed
     json.dumps(result.report)  # the report stays plain JSON

@@ -1,6 +1,8 @@
 """A small conv net end to end through the product path: plan_quantization + InsertQDQ with the TFLite
 caps, the tflite-int8 pipeline and emitter, the runner; and timestep buckets as signatures of one file."""
 
+import json
+
 import numpy as np
 import onnx_graphsurgeon as gs
 import pytest
@@ -12,7 +14,7 @@ from qcompile.calibration.recorder import record_input_set
 from qcompile.calibration.stats import collect_stats
 from qcompile.config import Estimator
 from qcompile.evaluation.metrics import cosine
-from qcompile.graph_io import load_graph, save_graph
+from qcompile.graph_io import load_graph, replace_input, save_graph
 from qcompile.pass_manager import PassContext, PassManager
 from qcompile.passes.canonicalize import canonicalize_passes
 from qcompile.passes.insert_qdq import plan_quantization
@@ -20,7 +22,7 @@ from qcompile.runtime import make_session
 from qcompile.targets.tflite.inspect import operators
 from qcompile.targets.tflite.runner import TfliteRunner
 from qcompile.targets.tflite.target import TfliteFp32Target, TfliteInt8Target
-from qcompile.targets.tflite.validate import lsb_agreement, run_onnx_static
+from qcompile.targets.tflite.validate import lsb_agreement, quantized_tensor_agreement, run_onnx_static
 
 pytest.importorskip("ai_edge_litert.interpreter", reason="ai-edge-litert is not installed")
 
@@ -103,3 +105,32 @@ def test_buckets_are_signatures_of_one_file_sharing_weights(canonical, tmp_path)
     for program, graph, k in zip(runner.programs, graphs, range(2), strict=True):
         ref = run_onnx_static(save_graph(graph.copy(), tmp_path / f"b{k}.onnx"), feed, BATCH)
         assert cosine(ref, program.run(feed)) > 0.9999
+
+
+def _q_output(graph, tensor):
+    return next(n.outputs[0].name for n in graph.nodes if n.op == "QuantizeLinear" and n.inputs[0].name == tensor)
+
+
+def test_validation_compares_each_int8_tensor_locally(canonical, tmp_path):
+    """The build's device check: every int8 tensor of the .tflite against onnxruntime on the Q/DQ graph,
+    each computed from the interpreter's own upstream int8 tensors. It passes on the emitted file and
+    points at the one layer whose computation differs when the Q/DQ graph is altered."""
+    target, [graph] = _quantized_graphs(canonical, tmp_path)
+    target.emit([graph], tmp_path)
+    entry = json.loads((tmp_path / "qdq" / "tensors.json").read_text())["serving_default"]
+    qdq, quantized, feed = tmp_path / entry["qdq"], entry["quantized"], _inputs(3, 5)
+    c1, c2 = _q_output(graph, "c1"), _q_output(graph, "c2")
+    good = {t.name: t for t in quantized_tensor_agreement(tmp_path / "model.tflite", "serving_default", qdq,
+                                                          quantized, feed, batch=BATCH)}
+    assert {c1, c2} <= set(good) and all(t.local_max_lsb <= 1 for t in good.values()), good
+    altered = load_graph(qdq)
+    conv2 = next(n for n in altered.nodes if n.op == "Conv" and n.outputs[0].name == "c2")
+    dequantize = conv2.inputs[1].inputs[0]
+    weight = dequantize.inputs[0]  # the int8 constant
+    negated = (-np.asarray(weight.values, np.int16)).clip(-127, 127).astype(np.int8)
+    replace_input(dequantize, weight, gs.Constant(weight.name + "_negated", negated))
+    bad = save_graph(altered, tmp_path / "qdq" / "altered.onnx")
+    got = {t.name: t for t in quantized_tensor_agreement(tmp_path / "model.tflite", "serving_default", bad,
+                                                         quantized, feed, batch=BATCH)}
+    assert got[c1].local_max_lsb <= 1 and got[c1].max_lsb <= 1  # upstream of the change: untouched
+    assert got[c2].local_max_lsb > 10 and got[c2].local_fraction_differ > 0.5

@@ -147,8 +147,7 @@ def render_html(report: Mapping[str, Any], images: Mapping[str, str] | None = No
                  f"<tr><th>node</th><th>module</th><th>op</th><th>SQNR dB</th></tr>{rows_s}</table>")
     device = report.get("device")
     if device:
-        keys = ("bucket", "runs_identical", "htp_vs_fp32_sqnr_db", "cpu_vs_fp32_sqnr_db", "htp_vs_cpu_sqnr_db",
-                "htp_vs_fp32_cosine", "first_divergence")
+        keys = list(dict.fromkeys(k for b in device.get("buckets", []) for k in b))  # each target's own checks
         rows_d = "".join("<tr>" + "".join(f"<td>{esc(str(b.get(k)))}</td>" for k in keys) + "</tr>"
                          for b in device.get("buckets", []))
         figs += (f"<h2>On the device: {esc(str(device.get('device')))}</h2><table><tr>"

@@ -21,12 +21,17 @@ from qcompile.targets.tflite.lower import LoweredGraph, Lowering
 METADATA_FORMAT = 1
 
 
-def lower_graphs(graphs: Sequence[tuple[str, gs.Graph]], *, batch: int) -> ModelBuilder:
-    """Lower each (signature key, graph) into its own subgraph of one model."""
+def lower_graphs(graphs: Sequence[tuple[str, gs.Graph]], *, batch: int,
+                 quantized: dict[str, list] | None = None) -> ModelBuilder:
+    """Lower each (signature key, graph) into its own subgraph of one model. `quantized`, when given,
+    receives per signature the int8 tensors that hold the graph's QuantizeLinear outputs
+    ([onnx name, subgraph, tensor index, stored perm]), for validation against onnxruntime."""
     model = ModelBuilder(description="qcompile")
     info = {"format": METADATA_FORMAT, "batch": batch, "signatures": {}}
     for key, graph in graphs:
         lowered: LoweredGraph = Lowering(model, graph, key).run(HANDLERS)
+        if quantized is not None:
+            quantized[key] = [[name, lowered.subgraph, index, list(perm)] for name, index, perm in lowered.quantized]
         model.signatures.append(Signature(
             key, lowered.subgraph,
             [(i.name, i.tensor) for i in lowered.inputs], [(o.name, o.tensor) for o in lowered.outputs]))
@@ -39,5 +44,5 @@ def lower_graphs(graphs: Sequence[tuple[str, gs.Graph]], *, batch: int) -> Model
 
 
 def write_model(graphs: Sequence[tuple[str, gs.Graph]], path: Path, *, batch: int,
-                external_data: bool | None = None) -> Path:
-    return write_tflite(lower_graphs(graphs, batch=batch), path, external_data=external_data)
+                external_data: bool | None = None, quantized: dict[str, list] | None = None) -> Path:
+    return write_tflite(lower_graphs(graphs, batch=batch, quantized=quantized), path, external_data=external_data)

@@ -58,6 +58,9 @@ class LoweredGraph:
     subgraph: int
     inputs: tuple[IOInfo, ...]
     outputs: tuple[IOInfo, ...]
+    # ONNX QuantizeLinear outputs (activations) -> (tensor index, stored perm) of the int8 tensor that
+    # holds them: what validation compares between the interpreter and onnxruntime.
+    quantized: tuple[tuple[str, int, tuple[int, ...]], ...] = ()
 
 
 class Lowering:
@@ -110,7 +113,12 @@ class Lowering:
                 v = self.copy(v, t.name)
             self.sg.outputs.append(v.tensor)
             outputs.append(IOInfo(t.name, v.shape, v.perm, v.dtype.name, v.tensor))
-        return LoweredGraph(self.subgraph_index, tuple(inputs), tuple(outputs))
+        quantized = []
+        for node in self.graph.nodes:
+            v = self.values.get(node.outputs[0].name) if node.op == "QuantizeLinear" else None
+            if v is not None and v.dtype == np.int8 and v.quant is not None:
+                quantized.append((node.outputs[0].name, v.tensor, tuple(v.perm)))
+        return LoweredGraph(self.subgraph_index, tuple(inputs), tuple(outputs), tuple(quantized))
 
     def fail(self, message: str) -> UserError:
         where = f" (node '{self.node.name}', op {self.node.op})" if self.node is not None else ""

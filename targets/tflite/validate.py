@@ -8,6 +8,7 @@ difference in LSBs of the output scale and the fraction of elements that differ 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,3 +73,120 @@ def compare_with_qdq(qdq_onnx: Path, tflite: Path, feed: dict[str, np.ndarray], 
     reference = run_onnx_static(qdq_onnx, feed, batch)
     test = TfliteRunner([tflite]).run(feed)
     return reference, test, None if scale is None else lsb_agreement(reference, test, scale)
+
+
+@dataclass(frozen=True)
+class TensorAgreement:
+    """The int8 values one QuantizeLinear output takes in the interpreter and in onnxruntime.
+
+    `local_*`: onnxruntime fed the interpreter's own values for every upstream int8 tensor, so only the
+    ops between them and this tensor are compared (what the lowering is responsible for).
+    `max_lsb` / `fraction_differ`: both run end to end from the same float inputs, where one-LSB
+    differences early on propagate and grow through the layers that follow.
+    """
+
+    name: str
+    local_max_lsb: int
+    local_fraction_differ: float
+    max_lsb: int
+    fraction_differ: float
+
+    def as_dict(self) -> dict[str, object]:
+        return {"name": self.name, "local_max_lsb": self.local_max_lsb,
+                "local_fraction_differ": round(self.local_fraction_differ, 6), "max_lsb": self.max_lsb,
+                "fraction_differ": round(self.fraction_differ, 6)}
+
+
+def quantized_tensor_agreement(tflite: Path, key: str, qdq_onnx: Path, quantized: list, feed: dict[str, np.ndarray],
+                               *, batch: int) -> list[TensorAgreement]:
+    """Every int8 activation of signature `key` (`quantized`: [onnx name, subgraph, tensor index, perm]
+    as the emitter recorded them) against the same QuantizeLinear output of the Q/DQ graph run
+    unoptimized in onnxruntime, on the same inputs: end to end, and locally (see TensorAgreement).
+    Differences are whole LSBs of the tensor's scale. Inputs run in static-batch chunks, the last one
+    padded alike on both sides, and whole chunks are compared (some tensors lead with batch x heads)."""
+    names = [q[0] for q in quantized]
+    interpreter = _Interpreted(tflite, key, quantized)
+    end_to_end = _probe_session(qdq_onnx, names, injected=False)
+    local = _probe_session(qdq_onnx, names, injected=True)
+    diffs: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {n: [] for n in names}
+    batched = {n for n, spec in interpreter.inputs.items() if spec["shape"] and spec["shape"][0] == batch}
+    for chunk in _chunks({n: np.asarray(feed[n]) for n in interpreter.inputs}, batch, batched):
+        test = interpreter.run(chunk)
+        onnx_feed = {i.name: chunk[i.name] for i in end_to_end.get_inputs()}
+        e2e = dict(zip(names, end_to_end.run(names, onnx_feed), strict=True))
+        loc = dict(zip(names, local.run(names, {**onnx_feed, **{n + INJECTED: test[n] for n in names}}),
+                       strict=True))
+        for n in names:
+            t = test[n].astype(np.int32)
+            diffs[n].append((np.abs(loc[n].astype(np.int32) - t), np.abs(e2e[n].astype(np.int32) - t)))
+    out = []
+    for n in names:
+        d_local = np.concatenate([d[0].reshape(-1) for d in diffs[n]])
+        d_e2e = np.concatenate([d[1].reshape(-1) for d in diffs[n]])
+        out.append(TensorAgreement(n, int(d_local.max(initial=0)), float(np.mean(d_local > 0)),
+                                   int(d_e2e.max(initial=0)), float(np.mean(d_e2e > 0))))
+    return out
+
+
+INJECTED = "/injected"
+
+
+def _chunks(feed: dict[str, np.ndarray], batch: int, batched: set[str]):
+    """`feed` cut into static-batch chunks, the last padded by repeating its final row."""
+    n = max(len(feed[k]) for k in batched)
+    for start in range(0, n, batch):
+        count = min(batch, n - start)
+        chunk = dict(feed)
+        for k in batched:
+            v = feed[k][start:start + count]
+            chunk[k] = np.concatenate([v, np.repeat(v[-1:], batch - count, axis=0)]) if count < batch else v
+        yield chunk
+
+
+def _probe_session(path: Path, names: list[str], *, injected: bool):
+    """The Q/DQ graph, unoptimized, with the QuantizeLinear outputs `names` as outputs. With `injected`,
+    every reader of those tensors reads a graph input `<name>/injected` instead (the Q nodes still
+    compute their own outputs), so each output depends only on its nearest upstream int8 tensors."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.INT8, None) for n in names)
+    if injected:
+        wanted = set(names)
+        for node in model.graph.node:
+            for i, name in enumerate(node.input):
+                if name in wanted:
+                    node.input[i] = name + INJECTED
+        model.graph.input.extend(onnx.helper.make_tensor_value_info(n + INJECTED, onnx.TensorProto.INT8, None)
+                                 for n in names)
+    probe = path.with_name(f".probe-{path.name}")  # beside the original, so its external data resolves
+    onnx.save(model, str(probe))
+    try:
+        return make_session(probe, optimize=False)
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+class _Interpreted:
+    """One signature of a .tflite with every tensor kept after a run; int8 tensors read back in ONNX layout."""
+
+    def __init__(self, path: Path, key: str, quantized: list):
+        from qcompile.targets.tflite import deps
+        from qcompile.targets.tflite.runner import THREADS, read_metadata
+
+        data = Path(path).read_bytes()
+        self.inputs = {i["name"]: i for i in read_metadata(data)["signatures"][key]["inputs"]}
+        with warnings.catch_warnings():  # "intended for debugging purposes": which this is
+            warnings.simplefilter("ignore", UserWarning)
+            self.interpreter = deps.interpreter_module().Interpreter(
+                model_content=data, num_threads=THREADS, experimental_preserve_all_tensors=True)
+        self.runner = self.interpreter.get_signature_runner(key)
+        self.quantized = quantized
+
+    def run(self, chunk: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from qcompile.targets.tflite.layout import invert
+
+        self.runner(**{n: np.ascontiguousarray(np.transpose(chunk[n].astype(s["dtype"]), s["perm"]))
+                       for n, s in self.inputs.items()})
+        return {name: np.transpose(self.interpreter.get_tensor(index, subgraph), invert(tuple(perm)))
+                for name, subgraph, index, perm in self.quantized}
