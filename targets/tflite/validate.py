@@ -55,16 +55,7 @@ def run_onnx_static(path: Path, feed: dict[str, np.ndarray], batch: int, *, opti
     inputs = {i.name: np.asarray(feed[i.name]) for i in session.get_inputs()}
     # Batched inputs lead with the model's batch; others (Flux's position ids, say) pass whole.
     batched = {i.name for i in session.get_inputs() if i.shape and i.shape[0] == batch}
-    n = max(len(inputs[k]) for k in batched)
-    parts = []
-    for start in range(0, n, batch):
-        count = min(batch, n - start)
-        chunk = dict(inputs)
-        for k in batched:
-            v = inputs[k][start:start + count]
-            chunk[k] = np.concatenate([v, np.repeat(v[-1:], batch - count, axis=0)]) if count < batch else v
-        parts.append(session.run(None, chunk)[0][:count])
-    return np.concatenate(parts)
+    return np.concatenate([session.run(None, chunk)[0][:count] for chunk, count in _chunks(inputs, batch, batched)])
 
 
 def compare_with_qdq(qdq_onnx: Path, tflite: Path, feed: dict[str, np.ndarray], *, batch: int,
@@ -110,7 +101,7 @@ def quantized_tensor_agreement(tflite: Path, key: str, qdq_onnx: Path, quantized
     local = _probe_session(qdq_onnx, names, injected=True)
     diffs: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {n: [] for n in names}
     batched = {n for n, spec in interpreter.inputs.items() if spec["shape"] and spec["shape"][0] == batch}
-    for chunk in _chunks({n: np.asarray(feed[n]) for n in interpreter.inputs}, batch, batched):
+    for chunk, _ in _chunks({n: np.asarray(feed[n]) for n in interpreter.inputs}, batch, batched):
         test = interpreter.run(chunk)
         onnx_feed = {i.name: chunk[i.name] for i in end_to_end.get_inputs()}
         e2e = dict(zip(names, end_to_end.run(names, onnx_feed), strict=True))
@@ -132,7 +123,7 @@ INJECTED = "/injected"
 
 
 def _chunks(feed: dict[str, np.ndarray], batch: int, batched: set[str]):
-    """`feed` cut into static-batch chunks, the last padded by repeating its final row."""
+    """(chunk, rows in it): `feed` cut into static-batch chunks, the last padded by repeating its final row."""
     n = max(len(feed[k]) for k in batched)
     for start in range(0, n, batch):
         count = min(batch, n - start)
@@ -140,7 +131,7 @@ def _chunks(feed: dict[str, np.ndarray], batch: int, batched: set[str]):
         for k in batched:
             v = feed[k][start:start + count]
             chunk[k] = np.concatenate([v, np.repeat(v[-1:], batch - count, axis=0)]) if count < batch else v
-        yield chunk
+        yield chunk, count
 
 
 def _probe_session(path: Path, names: list[str], *, injected: bool):
