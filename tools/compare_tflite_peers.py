@@ -29,6 +29,7 @@ from bench_tflite import side_by_side  # sibling tools (tools/ is on sys.path wh
 from compare_peers import calibration_rows, wrap_as_artifact, write_table
 
 from qcompile.artifact import read_manifest
+from qcompile.atomic import write_json
 from qcompile.cli import main as qcompile_main
 from qcompile.config import FidelitySettings, Thresholds
 from qcompile.evaluation.evaluate import evaluate_artifact, held_out_inputs
@@ -161,6 +162,11 @@ def main() -> None:
             annotate_for_runner(adapter, path, keys)
             folder = peer_dir / label.split()[-1]
             wrap_as_artifact(int8_artifact, path, folder)
+            # Judged as a tflite-fp32 artifact: the same runner, and no device check (that one compares
+            # qcompile's int8 tensors with the Q/DQ graph they were lowered from, which a peer has not).
+            peer_manifest = read_manifest(folder)
+            peer_manifest["target"] = "tflite-fp32"
+            write_json(folder / "manifest.json", peer_manifest)
             rep = evaluate_artifact(folder, adapter, held_out=held_out_inputs(adapter, 8, src.get("seed", 0)),
                                     thresholds=Thresholds(eps_sqnr_db_mean=None, sample_psnr_db=None),
                                     fidelity=FidelitySettings(per_class=args.per_class))

@@ -19,6 +19,7 @@ import onnx_graphsurgeon as gs
 from qcompile.atomic import write_json
 from qcompile.caps import TargetCaps
 from qcompile.config import TargetName
+from qcompile.errors import UserError
 from qcompile.evaluation.metrics import sqnr_db
 from qcompile.graph_io import save_graphs
 from qcompile.pass_manager import Pass
@@ -104,6 +105,9 @@ class TfliteInt8Target(_TfliteTarget):
         """The LiteRT interpreter against onnxruntime running the same Q/DQ graph, per bucket, on held-out
         inputs: every int8 activation compared in LSBs of its own scale, and the output as SQNR."""
         artifact_dir = Path(artifact_dir)
+        if not (artifact_dir / TENSOR_MAP).is_file():
+            raise UserError(f"{artifact_dir / TENSOR_MAP}: missing; the interpreter check needs the Q/DQ graphs "
+                            "a tflite-int8 build writes under qdq/ (rebuild the artifact)")
         tensor_map = json.loads((artifact_dir / TENSOR_MAP).read_text())
         batch = artifact_runner.programs[0].batch
         buckets = []
