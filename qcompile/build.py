@@ -27,6 +27,7 @@ from qcompile.calibration.cache import CalibrationCache
 from qcompile.calibration.calibrate import default_calib, open_or_calibrate, user_inputs
 from qcompile.calibration.estimators import estimate_ranges
 from qcompile.calibration.inputs import InputSet
+from qcompile.calibration.smoothing import Smoothed, smooth
 from qcompile.config import CalibKind, CalibSpec, CompileConfig
 from qcompile.errors import UserError
 from qcompile.evaluation.evaluate import evaluate_artifact, held_out_inputs
@@ -180,19 +181,30 @@ def build(cfg: CompileConfig) -> BuildResult:
             excluded = (*excluded, *exact(mixed.float_layers))
             graph = load_graph(fp32_path)
             plan = plan_quantization(graph, target.caps, excluded)
+        quant_src, smoothed = fp32_path, None
+        if cfg.smoothquant_alpha is not None:
+            _stage(f"smoothing MatMul/Gemm inputs (SmoothQuant, alpha {cfg.smoothquant_alpha}), statistics again")
+            smoothed = smooth(fp32_path, [w.node for w in plan.weights], table, cache.recording(),
+                              cfg.smoothquant_alpha, Path(tmp),
+                              lambda g: plan_quantization(g, target.caps, excluded).activations)
+            quant_src, table = smoothed.path, smoothed.table
+            graph = load_graph(quant_src)
+            plan = plan_quantization(graph, target.caps, excluded)
+            print(f"[qcompile] smoothquant: {len(smoothed.groups)} group(s), "
+                  f"{sum(len(g.nodes) for g in smoothed.groups)} layer(s) ({smoothed.seconds:.1f}s)", flush=True)
         buckets = choose_buckets(table, cfg.buckets, cfg.bucket_method, timestep_scale=adapter.timestep_scale)
 
         _stage(f"quantizing for {target.name.value}: {len(buckets)} bucket(s), estimator {cfg.estimator.value}")
         graphs = []
         for bucket in buckets:
-            g = graph if bucket.index == len(buckets) - 1 else load_graph(fp32_path)
+            g = graph if bucket.index == len(buckets) - 1 else load_graph(quant_src)
             ranges = estimate_ranges(table, cfg.estimator, bucket.timestep_indices, names=plan.activations,
                                      levels=levels, symmetric=target.caps.activation_symmetric)
             PassManager(target.pipeline(plan, ranges, timestep_input=names[1])).run(g, ctx)
             graphs.append(g)
         files = target.emit(graphs, work)
         manifest = _manifest(cfg, spec, adapter, target, exported, fp32_path, cache, plan, ctx,
-                             _bucket_entries(buckets, table, files), names, excluded, mixed)
+                             _bucket_entries(buckets, table, files), names, excluded, mixed, smoothed)
         write_json(work / MANIFEST, manifest)
 
         _stage("evaluating the artifact against the float model")
@@ -239,7 +251,7 @@ def _precision(target) -> str:
 
 def _manifest(cfg, spec: CalibSpec, adapter, target, exported, fp32_path: Path, cache: CalibrationCache, plan,
               ctx: PassContext, buckets: list[dict[str, Any]], names: tuple[str | None, str | None],
-              excluded: tuple[str, ...], mixed: MixedPrecision | None) -> dict[str, Any]:
+              excluded: tuple[str, ...], mixed: MixedPrecision | None, smoothed: Smoothed | None) -> dict[str, Any]:
     sample_name, timestep_name = names
     return {
         "format": MANIFEST_FORMAT,
@@ -285,6 +297,7 @@ def _manifest(cfg, spec: CalibSpec, adapter, target, exported, fp32_path: Path, 
             "exclusion_patterns": list(excluded),
             "full_integer": cfg.full_integer,
             "split_shortcut": cfg.split_shortcut,
+            "smoothquant": None if smoothed is None else smoothed.summary(),
             "mixed_precision": None if mixed is None else {
                 "target_sqnr_db": mixed.target_sqnr_db, "reached_sqnr_db": round(mixed.sqnr_db, 3),
                 "all_quantized_sqnr_db": round(mixed.all_quantized_sqnr_db, 3),

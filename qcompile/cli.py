@@ -50,6 +50,8 @@ def _quant_args(p: argparse.ArgumentParser) -> None:
                    help="quantize every layer, ignoring the model family's default float layers")
     g.add_argument("--split-shortcut", action="store_true",
                    help="split Conv(Concat(deep, skip)) in UNet up blocks so each input gets its own scale")
+    g.add_argument("--smoothquant", type=float, default=None, metavar="ALPHA",
+                   help="SmoothQuant the quantized MatMul/Gemm layers with this alpha (0..1; 0.5 splits evenly)")
     g.add_argument("--mixed-precision", type=float, default=None, metavar="SQNR_DB",
                    help="keep the most sensitive layers float until the output SQNR on recorded inputs reaches this")
     g.add_argument("--max-float-layers", type=int, default=None, metavar="N",
@@ -147,6 +149,7 @@ def _config(args: argparse.Namespace, *, with_quant: bool):
                          exclude=tuple(args.exclude), full_integer=args.full_integer,
                          mixed_precision_sqnr_db=args.mixed_precision, max_float_layers=args.max_float_layers,
                          split_shortcut=args.split_shortcut, static_batch=args.static_batch,
+                         smoothquant_alpha=args.smoothquant,
                          validate_count=args.validate, thresholds=thresholds, fidelity=fidelity)
 
 

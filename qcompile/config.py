@@ -152,6 +152,8 @@ class CompileConfig:
     # inputs) reaches this, using at most `max_float_layers`; or, without a target, exactly that many.
     mixed_precision_sqnr_db: float | None = None
     split_shortcut: bool = False  # Q-Diffusion shortcut split of Conv(Concat(deep, skip)) before calibration
+    # SmoothQuant alpha for the quantized MatMul/Gemm layers (None: off); statistics are collected again.
+    smoothquant_alpha: float | None = None
     max_float_layers: int | None = None
     validate_count: int = 8  # held-back inputs for the report
     # The batch a static-shape target (TFLite, QNN) is built for; None: the target's default
@@ -165,6 +167,8 @@ class CompileConfig:
     def __post_init__(self) -> None:
         if self.buckets < 1:
             raise UserError(f"--buckets {self.buckets}: needs at least one bucket")
+        if self.smoothquant_alpha is not None and not 0.0 <= self.smoothquant_alpha <= 1.0:
+            raise UserError(f"--smoothquant {self.smoothquant_alpha}: alpha must be within [0, 1]")
         if self.static_batch is not None and self.static_batch < 1:
             raise UserError(f"--static-batch {self.static_batch}: needs at least 1")
         if self.validate_count < 1:

@@ -150,3 +150,34 @@ def test_int8_error_of_the_product_drops(tmp_path, act, weight, smoothed, gain):
           f"per-tensor weights {per_tensor[0]:.1f} -> {per_tensor[1]:.1f} dB")
     assert per_channel[1] > per_channel[0] + gain
     assert per_tensor[1] > per_tensor[0] + 3.0
+
+
+def test_build_smoothing_reads_cached_statistics_and_collects_them_again(tmp_path):
+    """What `qcompile build --smoothquant` runs: factors from the per-channel statistics a calibration
+    cache holds, a smoothed copy of the float model (same function), and its statistics collected again
+    from the same recording, where the outlier channel no longer dominates the range."""
+    from qcompile.calibration.inputs import InputSet
+    from qcompile.calibration.recorder import record_input_set
+    from qcompile.calibration.smoothing import smooth
+    from qcompile.calibration.stats import collect_stats
+
+    graph = load_graph(_save(_block(), tmp_path / "raw.onnx"))
+    PassManager([InferShapes()]).run(graph, PassContext())
+    src = save_graph(graph, tmp_path / "src.onnx")
+    recording = record_input_set(InputSet({"x": _x(seed=10, n=16)}, None), tmp_path / "rec", {})
+
+    def inputs_of_linears(g):
+        return sorted({n.inputs[0].name for n in g.nodes if n.op in ("MatMul", "Gemm")})
+
+    table = collect_stats(src, load_graph(src), recording, names=inputs_of_linears(load_graph(src)))
+    result = smooth(src, ["to_q", "to_k", "to_v", "fc1", "fc2", "proj"], table, recording, 0.5, tmp_path,
+                    inputs_of_linears)
+    assert {g.fold for g in result.groups} == {FoldTarget.LAYER_NORM, FoldTarget.LINEAR, FoldTarget.MUL}
+    x = _x(seed=3)
+    for a, b in zip(make_session(src).run(None, {"x": x}), make_session(result.path).run(None, {"x": x}),
+                    strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
+    before, after = table.tensors["h"].chan_absmax.max(axis=0), result.table.tensors["h"].chan_absmax.max(axis=0)
+    assert after[OUTLIER] < 0.5 * before[OUTLIER]
+    assert after.max() / np.median(after) < 0.5 * before.max() / np.median(before)  # ranges evened out
+    assert "x2d_smoothed" in result.table.tensors  # the inserted Mul's output has statistics of its own
