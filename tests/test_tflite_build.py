@@ -47,3 +47,23 @@ def test_tiny_sd_unet_builds_for_tflite_int8(tmp_path):
     assert "qdq/tensors.json" in m["sdk_files"]
     assert result.passed
     json.dumps(result.report)  # the report stays plain JSON
+
+
+def test_an_artifact_without_qdq_files_is_evaluated_without_the_interpreter_check(tmp_path):
+    """Artifacts built before qdq/ existed still evaluate: the check is skipped and says why."""
+    from qcompile.targets.tflite.target import TfliteInt8Target
+
+    device = TfliteInt8Target().device_checks(tmp_path, {}, adapter=None, held_out=None, reference=None,
+                                              artifact_runner=None, sampler=None, samples=0)
+    assert device["checks"] == {} and device["skipped"] == "no qdq/tensors.json"
+
+
+def test_signatures_run_in_bucket_order_past_ten_buckets():
+    """Metadata JSON is written with sorted keys ('bucket_10' before 'bucket_2'): the runner orders the
+    programs by subgraph index, and by the key's number for files without it."""
+    from qcompile.targets.tflite.runner import _bucket_order
+
+    meta = {f"bucket_{k}": {"subgraph": k} for k in range(12)}
+    assert [k for k, _ in sorted(sorted(meta.items()), key=_bucket_order)] == [f"bucket_{k}" for k in range(12)]
+    legacy = {f"bucket_{k}": {} for k in range(12)}
+    assert [k for k, _ in sorted(sorted(legacy.items()), key=_bucket_order)] == [f"bucket_{k}" for k in range(12)]

@@ -117,7 +117,8 @@ def test_validation_compares_each_int8_tensor_locally(canonical, tmp_path):
     points at the one layer whose computation differs when the Q/DQ graph is altered."""
     target, [graph] = _quantized_graphs(canonical, tmp_path)
     target.emit([graph], tmp_path)
-    entry = json.loads((tmp_path / "qdq" / "tensors.json").read_text())["serving_default"]
+    [entry] = json.loads((tmp_path / "qdq" / "tensors.json").read_text())["buckets"]
+    assert entry["signature"] == "serving_default"
     qdq, quantized, feed = tmp_path / entry["qdq"], entry["quantized"], _inputs(3, 5)
     c1, c2 = _q_output(graph, "c1"), _q_output(graph, "c2")
     good = {t.name: t for t in quantized_tensor_agreement(tmp_path / "model.tflite", "serving_default", qdq,

@@ -29,7 +29,7 @@ from bench_tflite import side_by_side  # sibling tools (tools/ is on sys.path wh
 from compare_peers import calibration_rows, wrap_as_artifact, write_table
 
 from qcompile.artifact import read_manifest
-from qcompile.atomic import write_json
+from qcompile.atomic import atomic_path, write_json
 from qcompile.cli import main as qcompile_main
 from qcompile.config import FidelitySettings, Thresholds
 from qcompile.evaluation.evaluate import evaluate_artifact, held_out_inputs
@@ -104,7 +104,9 @@ def annotate_for_runner(adapter, path: Path, input_keys: dict[str, str]) -> None
     info = {"format": 1, "batch": 1, "signatures": {PEER_SIGNATURE: {
         "inputs": [entry(n, k, details[k]) for n, k in input_keys.items()],
         "outputs": [entry(adapter.output_names[0], out_key, outs[out_key])]}}}
-    path.write_bytes(with_metadata(path.read_bytes(), info))
+    data = with_metadata(path.read_bytes(), info)
+    with atomic_path(path) as tmp:
+        Path(tmp).write_bytes(data)
 
 
 def main() -> None:

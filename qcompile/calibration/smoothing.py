@@ -68,4 +68,3 @@ def smooth(fp32_path: Path, quantized_nodes: Sequence[str], table: StatsTable, r
     smoothed = load_graph(path)
     new_table = collect_stats(path, smoothed, recording, names=activations_of(smoothed))
     return Smoothed(path, new_table, sq.groups, time.perf_counter() - t0)
-

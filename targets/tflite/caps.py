@@ -6,7 +6,7 @@ int32 with scale s_in * s_w. Integer kernels produce an int8 output, so outputs 
 are quantized too. Attention's activation x activation MatMuls stay float: TFLite has an int8
 BATCH_MATMUL, but XNNPACK does not delegate it, so each one splits the delegated graph and runs
 TFLite's scalar reference kernel (perf on the reference model: 15% of the int8 time, and int8 slower
-than fp32 until they went float; 38 XNNPACK partitions then, 10 now, as many as fp32).
+than fp32 until they went float; 38 XNNPACK partitions then, 3 now with SLICE for Split).
 """
 
 from __future__ import annotations

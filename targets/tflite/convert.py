@@ -36,6 +36,7 @@ def lower_graphs(graphs: Sequence[tuple[str, gs.Graph]], *, batch: int,
             key, lowered.subgraph,
             [(i.name, i.tensor) for i in lowered.inputs], [(o.name, o.tensor) for o in lowered.outputs]))
         info["signatures"][key] = {
+            "subgraph": lowered.subgraph,  # the bucket order (the metadata's keys are written sorted)
             "inputs": [i.as_dict() for i in lowered.inputs],
             "outputs": [o.as_dict() for o in lowered.outputs],
         }

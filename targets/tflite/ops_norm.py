@@ -115,7 +115,8 @@ def lower_instance_norm(ctx: Lowering, node: gs.Node) -> None:
     x = ctx.float_value(node.inputs[0])
     stored = [invert(x.perm)[a] for a in range(2, x.rank)]
     scale, bias = _const_or_none(ctx, node, 1), _const_or_none(ctx, node, 2)
-    gamma = None if scale is None else np.transpose(_channel_shaped(scale, x.rank)[None], x.perm)
+    gamma = None if scale is None or np.all(scale == 1.0) else np.transpose(_channel_shaped(scale, x.rank)[None],
+                                                                             x.perm)
     y = normalize(ctx, x, stored, float(node.attrs.get("epsilon", 1e-5)), node.outputs[0].name, gamma)
     ctx.bind(node.outputs[0], affine(ctx, y, None, _channel_shaped(bias, x.rank), node.outputs[0].name))
 
@@ -204,7 +205,8 @@ def lower_group_norm_pattern(ctx: Lowering, reshape: gs.Node, match: tuple[gs.No
 
 def _channel_affine_reader(ctx: Lowering, t: gs.Tensor, op: str, channels: int) -> tuple[gs.Node, np.ndarray] | None:
     """The only reader of `t` when it is `op` (Mul or Add) with a float constant that varies at most per
-    channel ([C, 1, 1] or [1, C, 1, 1] or a scalar) and no Q/DQ in between: (node, values per channel)."""
+    channel (right-aligned against t's rank: [C, 1, 1] or [1, C, 1, 1] for 4-D, or a scalar) and no Q/DQ
+    in between: (node, values per channel)."""
     readers = ctx.consumers.get(t.name, [])
     if t.name in ctx.output_names or len(readers) != 1 or readers[0].op != op:
         return None
@@ -216,9 +218,13 @@ def _channel_affine_reader(ctx: Lowering, t: gs.Tensor, op: str, channels: int) 
     if c is None or c.quantized or np.asarray(c.values).dtype.kind != "f":
         return None
     values = np.asarray(c.values, np.float32)
+    rank = len(t.shape or ())
+    if rank < 3 or values.ndim > rank:
+        return None
     if values.size == 1:
         return node, np.full(channels, values.reshape(()), np.float32)
-    if values.size != channels or values.ndim < 3 or values.shape[-3] != channels:
+    aligned = (1,) * (rank - values.ndim) + tuple(values.shape)
+    if aligned[1:] != (channels,) + (1,) * (rank - 2) or aligned[0] != 1:
         return None
     return node, values.reshape(channels)
 

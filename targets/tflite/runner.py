@@ -70,6 +70,16 @@ class _Program:
         return bool(spec["shape"]) and spec["shape"][0] == self.batch
 
 
+def _bucket_order(item: tuple[str, dict]) -> tuple[int, str]:
+    """Signatures in bucket order: by subgraph index (JSON keys come back sorted, and 'bucket_10'
+    sorts before 'bucket_2'); files without it by the number in the key."""
+    key, info = item
+    if "subgraph" in info:
+        return int(info["subgraph"]), key
+    digits = "".join(ch for ch in key if ch.isdigit())
+    return (int(digits) if digits else 0), key
+
+
 def _to_stored(x: np.ndarray, spec: dict) -> np.ndarray:
     """A float input as the model takes it: quantized when its metadata gives `quant` [scale, zero point]
     (models with integer inputs, as ai-edge-quantizer writes them), else cast."""
@@ -101,7 +111,7 @@ class TfliteRunner(BucketRunner):
             data = Path(path).read_bytes()
             meta = read_metadata(data)
             interpreter = module.Interpreter(model_content=data, num_threads=threads)
-            for key, info in meta["signatures"].items():
+            for key, info in sorted(meta["signatures"].items(), key=_bucket_order):
                 self.programs.append(_Program(interpreter, key, info, int(meta["batch"])))
         super().__init__(len(self.programs), bucket_edges=bucket_edges, timestep_name=timestep_name,
                          sample_name=sample_name)

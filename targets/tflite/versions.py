@@ -44,8 +44,10 @@ def op_version(code: str, inputs: Sequence[TensorSpec | None], outputs: Sequence
         return 4 if in_type == INT8 else 1
     if code == "TRANSPOSE":
         return 6 if rank > 5 else 4 if rank > 4 else 2 if in_type == INT8 else 1
-    if code in ("STRIDED_SLICE", "SLICE"):
+    if code == "STRIDED_SLICE":
         return 4 if rank > 4 else 2 if in_type == INT8 else 1
+    if code == "SLICE":  # 4 is int16, 5 is rank 5
+        return 5 if rank > 4 else 2 if in_type == INT8 else 1
     if code in ("PAD", "PADV2"):
         return 4 if rank > 4 else 2 if in_type == INT8 else 1
     if code == "SUB":
