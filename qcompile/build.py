@@ -124,6 +124,8 @@ def calibration_plan(cfg: CompileConfig, adapter) -> tuple[CalibSpec, InputSet |
     are never used for calibration.
     """
     spec = cfg.calib or default_calib(adapter)
+    if spec.kind is CalibKind.PROMPTS and pipeline_of(cfg) is None:
+        raise UserError(f"--calib {spec.describe()}: needs a diffusers pipeline folder as MODEL, with --component")
     held_out = held_out_inputs(adapter, cfg.validate_count, cfg.seed)
     if spec.kind is not CalibKind.FILE:
         return spec, None, held_out
@@ -132,6 +134,11 @@ def calibration_plan(cfg: CompileConfig, adapter) -> tuple[CalibSpec, InputSet |
         calib, held_out = data.split(data.count - max(1, data.count // 4))
         return spec, calib, held_out
     return spec, data, held_out
+
+
+def pipeline_of(cfg: CompileConfig) -> tuple[Path, str] | None:
+    """(pipeline folder, component) when MODEL is a pipeline folder: what `--calib prompts:FILE` runs."""
+    return (Path(cfg.model), cfg.component) if cfg.component else None
 
 
 def exclusions(cfg: CompileConfig, adapter, caps) -> tuple[str, ...]:
@@ -170,7 +177,7 @@ def build(cfg: CompileConfig) -> BuildResult:
         _stage(f"calibrating ({spec.describe()})" + (f", cache {cfg.calib_cache}" if cfg.calib_cache else ""))
         cache, t_calib, reused = open_or_calibrate(spec, adapter, fp32_path, graph, cfg.calib_cache or Path(tmp),
                                                    names=names, sampler=cfg.fidelity.sampler, seed=cfg.seed,
-                                                   inputs=calib_inputs)
+                                                   inputs=calib_inputs, pipeline=pipeline_of(cfg))
         if reused:
             print(f"[qcompile] reused calibration cache {cfg.calib_cache} ({t_calib:.2f}s, no model run)")
         table = cache.table()
@@ -328,7 +335,8 @@ def write_calibration_cache(model: str, component: str | None, *, seed: int, ops
             fp32_path, _ = export_canonical(adapter, Path(tmp), opset=opset, ctx=PassContext())
         _stage(f"calibrating ({spec.describe()}) into {cache_dir}")
         cache, seconds, _ = open_or_calibrate(spec, adapter, fp32_path, load_graph(fp32_path), Path(cache_dir),
-                                              names=input_roles(adapter), sampler=sampler, seed=seed, inputs=inputs)
+                                              names=input_roles(adapter), sampler=sampler, seed=seed, inputs=inputs,
+                                              pipeline=pipeline_of(cfg))
     print(f"[qcompile] calibration took {seconds:.2f}s")
     return cache
 

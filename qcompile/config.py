@@ -56,6 +56,7 @@ class CalibKind(enum.Enum):
     SYNTHETIC = "synthetic"  # inputs built from the model's config: latents noised to spread timesteps
     FILE = "file"  # the user's .npz: arrays keyed by ONNX input name, samples on axis 0
     SAMPLE = "sample"  # record the model's own sampling loop (models that can sample)
+    PROMPTS = "prompts"  # run the diffusers pipeline folder on a prompts file and record the component
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,13 @@ class CalibSpec:
 
     @classmethod
     def parse(cls, text: str) -> CalibSpec:
-        """`synthetic:N`, `sample:N` (N sampled trajectories) or a path to an .npz file."""
+        """`synthetic:N`, `sample:N` (N sampled trajectories), `prompts:FILE` (a pipeline run on each line
+        of FILE) or a path to an .npz file."""
+        if text.startswith(CalibKind.PROMPTS.value + ":"):
+            path = Path(text[len(CalibKind.PROMPTS.value) + 1:])
+            if not path.is_file():
+                raise UserError(f"--calib {text}: no such prompts file")
+            return cls(CalibKind.PROMPTS, path=path)
         for kind in (CalibKind.SYNTHETIC, CalibKind.SAMPLE):
             prefix = kind.value + ":"
             if text.startswith(prefix):
@@ -79,13 +86,17 @@ class CalibSpec:
                 return cls(kind, count=count)
         path = Path(text)
         if path.suffix != ".npz":
-            raise UserError(f"--calib {text}: expected 'synthetic:N', 'sample:N' or a .npz file")
+            raise UserError(f"--calib {text}: expected 'synthetic:N', 'sample:N', 'prompts:FILE' or a .npz file")
         if not path.is_file():
             raise UserError(f"--calib {text}: no such file")
         return cls(CalibKind.FILE, path=path)
 
     def describe(self) -> str:
-        return str(self.path) if self.kind is CalibKind.FILE else f"{self.kind.value}:{self.count}"
+        if self.kind is CalibKind.FILE:
+            return str(self.path)
+        if self.kind is CalibKind.PROMPTS:
+            return f"prompts:{self.path}"
+        return f"{self.kind.value}:{self.count}"
 
 
 class SchedulerKind(enum.Enum):

@@ -94,6 +94,7 @@ def _bad(capsys, args, tmp_path, match):
     (["build", TINY, "--calib", "missing.npz"], "missing.npz"),
     (["build", "builtin:no-such-model"], "builtin:no-such-model"),
     (["build", TINY, "--buckets", "0"], "--buckets"),
+    (["build", TINY, "--calib", "prompts:/no/prompts.txt"], "no such prompts file"),
     (["build", TINY, "--smoothquant", "1.5"], "--smoothquant 1.5: alpha must be within"),
     (["build", TINY, "--static-batch", "2"], "--static-batch: target ort-int8 keeps the batch dynamic"),
     (["build", TINY, "--target", "tflite-int8", "--static-batch", "0"], "--static-batch 0"),

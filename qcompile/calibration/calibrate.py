@@ -14,6 +14,7 @@ import onnx_graphsurgeon as gs
 from qcompile.artifact import file_fingerprint
 from qcompile.calibration.cache import RECORDING_DIR, CalibrationCache
 from qcompile.calibration.inputs import InputSet, load_npz, synthetic_inputs, unbatched_inputs
+from qcompile.calibration.pipeline_recorder import read_prompts, record_pipeline
 from qcompile.calibration.recorder import Recording, record_input_set, record_sampling
 from qcompile.calibration.stats import collect_stats
 from qcompile.config import CalibKind, CalibSpec, SamplerSettings
@@ -40,11 +41,19 @@ def user_inputs(spec: CalibSpec, adapter, timestep_name: str | None) -> InputSet
 
 
 def record(spec: CalibSpec, adapter, fp32_path: Path, folder: Path, *, names: tuple[str | None, str | None],
-           sampler: SamplerSettings, seed: int, inputs: InputSet | None = None) -> Recording:
+           sampler: SamplerSettings, seed: int, inputs: InputSet | None = None,
+           pipeline: tuple[Path, str] | None = None) -> Recording:
     """Write the recording of `spec` into `folder`. `inputs` overrides what a FILE spec would load
-    (the build holds part of the user's file back for validation)."""
+    (the build holds part of the user's file back for validation); `pipeline` (folder, component) is
+    what a PROMPTS spec runs."""
     sample_name, timestep_name = names
     source = {"calib": spec.describe()}
+    if spec.kind is CalibKind.PROMPTS:
+        if pipeline is None:
+            raise UserError(f"--calib {spec.describe()}: needs a diffusers pipeline folder as MODEL, with --component")
+        return record_pipeline(pipeline[0], pipeline[1], read_prompts(spec.path), adapter, folder,
+                               steps=sampler.steps, guidance=sampler.guidance, seed=seed + CALIB_SEED_OFFSET,
+                               unbatched=unbatched_inputs(adapter), source=source)
     if spec.kind is CalibKind.SAMPLE:
         setup = adapter.sampling()
         if setup is None or timestep_name is None:

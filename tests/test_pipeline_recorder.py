@@ -1,0 +1,80 @@
+"""`--calib prompts:FILE`: a real diffusers pipeline folder (tokenizer, text encoder, scheduler, VAE,
+UNet) run on a prompts file, every UNet call recorded by timestep value with CFG halves labelled."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from qcompile.calibration.pipeline_recorder import read_prompts, record_pipeline
+from qcompile.calibration.recorder import CFG_COND, CFG_UNCOND
+from qcompile.config import CalibKind, CalibSpec
+from qcompile.errors import UserError
+from qcompile.models.source import resolve_model
+
+TOKENS = 77  # the sequence length the UNet adapter exports (Stable Diffusion's tokenizer length)
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+    """A tiny StableDiffusionPipeline saved with save_pretrained, tokenizer included (a letter vocabulary)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    tmp = tmp_path_factory.mktemp("pipe")
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz":
+        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
+    (tmp / "vocab.json").write_text(json.dumps(vocab))
+    (tmp / "merges.txt").write_text("#version: 0.2\n")
+    torch.manual_seed(0)
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                          up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, sample_size=16),
+        text_encoder=CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            max_position_embeddings=TOKENS, bos_token_id=0, eos_token_id=1, pad_token_id=1)),
+        tokenizer=CLIPTokenizer(str(tmp / "vocab.json"), str(tmp / "merges.txt"), model_max_length=TOKENS),
+        unet=UNet2DConditionModel(
+            sample_size=8, layers_per_block=1, block_out_channels=(32, 64), cross_attention_dim=32,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=8, norm_num_groups=8),
+        scheduler=DDIMScheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(tmp / "sd")
+    return tmp / "sd"
+
+
+def test_every_unet_call_is_recorded_by_timestep_with_cfg_halves(pipeline_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    adapter = resolve_model(str(pipeline_dir), "unet")
+    prompts = ["a cat", "a dog", "red fox", "blue sky", "old tree"]  # two pipeline calls (4 + 1 prompts)
+    rec = record_pipeline(pipeline_dir, "unet", prompts, adapter, tmp_path / "rec", steps=5, guidance=3.0, seed=0,
+                          unbatched=frozenset(), source={})
+    assert rec.rows == 5 * 5 * 2  # prompts x steps x [uncond; cond]
+    pipe = StableDiffusionPipeline.from_pretrained(str(pipeline_dir))
+    pipe.scheduler.set_timesteps(5)
+    assert sorted(rec.timesteps().tolist()) == sorted(float(t) for t in pipe.scheduler.timesteps)
+    with torch.no_grad():
+        cond = pipe.encode_prompt(prompts[:4], "cpu", 1, do_classifier_free_guidance=True)
+    rows, meta = next(rec.shards())
+    first = np.nonzero(meta.call == 0)[0]  # the first call: 4 prompts, uncond then cond
+    assert list(meta.cfg_half[first]) == [CFG_UNCOND] * 4 + [CFG_COND] * 4
+    ehs = rows.arrays["encoder_hidden_states"][first]
+    np.testing.assert_allclose(ehs[4:], cond[0].numpy(), atol=1e-5)  # the conditional half: the prompts
+    np.testing.assert_allclose(ehs[:4], cond[1].numpy(), atol=1e-5)  # the unconditional half: ""
+    assert rows.arrays["timestep"][first].tolist() == [float(pipe.scheduler.timesteps[0])] * 8
+
+
+def test_prompts_spec_and_its_errors(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n\n  a dog  \n")
+    spec = CalibSpec.parse(f"prompts:{prompts}")
+    assert spec.kind is CalibKind.PROMPTS and spec.describe() == f"prompts:{prompts}"
+    assert read_prompts(prompts) == ["a cat", "a dog"]
+    with pytest.raises(UserError, match="no such prompts file"):
+        CalibSpec.parse(f"prompts:{tmp_path / 'missing.txt'}")
+    (tmp_path / "empty.txt").write_text("\n \n")
+    with pytest.raises(UserError, match="has no prompts"):
+        read_prompts(tmp_path / "empty.txt")
