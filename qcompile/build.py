@@ -26,11 +26,12 @@ from qcompile.calibration.buckets import choose_buckets
 from qcompile.calibration.cache import CalibrationCache
 from qcompile.calibration.calibrate import default_calib, open_or_calibrate, user_inputs
 from qcompile.calibration.estimators import estimate_ranges
-from qcompile.calibration.inputs import InputSet
+from qcompile.calibration.inputs import InputSet, unbatched_inputs
+from qcompile.calibration.pipeline_recorder import read_prompts, record_pipeline, split_prompts
 from qcompile.calibration.smoothing import Smoothed, smooth
 from qcompile.config import CalibKind, CalibSpec, CompileConfig
 from qcompile.errors import UserError
-from qcompile.evaluation.evaluate import evaluate_artifact, held_out_inputs
+from qcompile.evaluation.evaluate import HELD_OUT_SEED_OFFSET, evaluate_artifact, held_out_inputs
 from qcompile.evaluation.report import format_table
 from qcompile.graph_io import load_graph, save_graph
 from qcompile.pass_manager import PassContext, PassManager
@@ -124,8 +125,10 @@ def calibration_plan(cfg: CompileConfig, adapter) -> tuple[CalibSpec, InputSet |
     are never used for calibration.
     """
     spec = cfg.calib or default_calib(adapter)
-    if spec.kind is CalibKind.PROMPTS and pipeline_of(cfg) is None:
-        raise UserError(f"--calib {spec.describe()}: needs a diffusers pipeline folder as MODEL, with --component")
+    if spec.kind is CalibKind.PROMPTS:
+        if pipeline_of(cfg) is None:
+            raise UserError(f"--calib {spec.describe()}: needs a diffusers pipeline folder as MODEL, with --component")
+        return spec, None, prompts_held_out(cfg, spec, adapter)
     held_out = held_out_inputs(adapter, cfg.validate_count, cfg.seed)
     if spec.kind is not CalibKind.FILE:
         return spec, None, held_out
@@ -134,6 +137,22 @@ def calibration_plan(cfg: CompileConfig, adapter) -> tuple[CalibSpec, InputSet |
         calib, held_out = data.split(data.count - max(1, data.count // 4))
         return spec, calib, held_out
     return spec, data, held_out
+
+
+def prompts_held_out(cfg: CompileConfig, spec: CalibSpec, adapter) -> InputSet:
+    """Validation inputs for a pipeline source: the pipeline's own calls on the held-back prompts (the
+    component sees the real text encoder's outputs, which synthetic inputs do not resemble); synthetic
+    inputs when the file has fewer than four prompts."""
+    _, held = split_prompts(read_prompts(spec.path))
+    if not held:
+        return held_out_inputs(adapter, cfg.validate_count, cfg.seed)
+    folder, component = pipeline_of(cfg)
+    sampler = cfg.fidelity.sampler
+    with tempfile.TemporaryDirectory(prefix="qcompile-heldout-") as tmp:
+        rec = record_pipeline(folder, component, held, adapter, Path(tmp), steps=sampler.steps,
+                              guidance=sampler.guidance, seed=cfg.seed + HELD_OUT_SEED_OFFSET,
+                              unbatched=unbatched_inputs(adapter), source={"held_out": len(held)})
+        return rec.spread_rows(cfg.validate_count)
 
 
 def pipeline_of(cfg: CompileConfig) -> tuple[Path, str] | None:

@@ -78,3 +78,34 @@ def test_prompts_spec_and_its_errors(tmp_path):
     (tmp_path / "empty.txt").write_text("\n \n")
     with pytest.raises(UserError, match="has no prompts"):
         read_prompts(tmp_path / "empty.txt")
+
+
+def test_held_back_prompts_validate_the_build_and_are_not_calibrated_on(pipeline_dir, tmp_path):
+    """With four or more prompts the last quarter is held back: the build validates on the pipeline's own
+    calls for them (real text-encoder states, not synthetic ones) and calibrates on the rest only."""
+    from diffusers import StableDiffusionPipeline
+
+    from qcompile.build import calibration_plan
+    from qcompile.calibration.calibrate import record
+    from qcompile.calibration.pipeline_recorder import split_prompts
+    from qcompile.config import CompileConfig, FidelitySettings, SamplerSettings
+
+    prompts = ["a cat", "a dog", "red fox", "blue sky", "old tree", "green leaf", "wet rock", "hot sun"]
+    assert split_prompts(prompts) == (prompts[:6], prompts[6:]) and split_prompts(prompts[:3]) == (prompts[:3], [])
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(prompts))
+    cfg = CompileConfig(model=str(pipeline_dir), component="unet", out_dir=tmp_path / "out",
+                        calib=CalibSpec.parse(f"prompts:{path}"), validate_count=6,
+                        fidelity=FidelitySettings(sampler=SamplerSettings(steps=3)))
+    adapter = resolve_model(str(pipeline_dir), "unet")
+    spec, inputs, held_out = calibration_plan(cfg, adapter)
+    assert inputs is None and held_out.count == 6
+    pipe = StableDiffusionPipeline.from_pretrained(str(pipeline_dir))
+    with torch.no_grad():
+        cond, uncond = pipe.encode_prompt(prompts[6:], "cpu", 1, do_classifier_free_guidance=True)
+    allowed = np.concatenate([cond.numpy(), uncond.numpy()])
+    for row in held_out.arrays["encoder_hidden_states"]:  # each row is a held-back prompt's (or "") states
+        assert np.min(np.abs(allowed - row).reshape(len(allowed), -1).max(axis=1)) < 1e-5
+    rec = record(spec, adapter, None, tmp_path / "rec", names=("sample", "timestep"), sampler=cfg.fidelity.sampler,
+                 seed=0, pipeline=(pipeline_dir, "unet"))
+    assert rec.rows == 6 * 3 * 2  # the six calibration prompts only

@@ -14,7 +14,7 @@ import onnx_graphsurgeon as gs
 from qcompile.artifact import file_fingerprint
 from qcompile.calibration.cache import RECORDING_DIR, CalibrationCache
 from qcompile.calibration.inputs import InputSet, load_npz, synthetic_inputs, unbatched_inputs
-from qcompile.calibration.pipeline_recorder import read_prompts, record_pipeline
+from qcompile.calibration.pipeline_recorder import read_prompts, record_pipeline, split_prompts
 from qcompile.calibration.recorder import Recording, record_input_set, record_sampling
 from qcompile.calibration.stats import collect_stats
 from qcompile.config import CalibKind, CalibSpec, SamplerSettings
@@ -51,7 +51,8 @@ def record(spec: CalibSpec, adapter, fp32_path: Path, folder: Path, *, names: tu
     if spec.kind is CalibKind.PROMPTS:
         if pipeline is None:
             raise UserError(f"--calib {spec.describe()}: needs a diffusers pipeline folder as MODEL, with --component")
-        return record_pipeline(pipeline[0], pipeline[1], read_prompts(spec.path), adapter, folder,
+        calibration, _ = split_prompts(read_prompts(spec.path))
+        return record_pipeline(pipeline[0], pipeline[1], calibration, adapter, folder,
                                steps=sampler.steps, guidance=sampler.guidance, seed=seed + CALIB_SEED_OFFSET,
                                unbatched=unbatched_inputs(adapter), source=source)
     if spec.kind is CalibKind.SAMPLE:

@@ -31,6 +31,16 @@ def read_prompts(path: Path) -> list[str]:
     return prompts
 
 
+def split_prompts(prompts: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(calibration prompts, held-back prompts): with four or more, the last quarter validates the build
+    and is never recorded for calibration (the rule a user's .npz follows too)."""
+    prompts = list(prompts)
+    if len(prompts) < 4:
+        return prompts, []
+    held = max(1, len(prompts) // 4)
+    return prompts[:-held], prompts[-held:]
+
+
 def record_pipeline(pipeline_dir: Path, component: str, prompts: Sequence[str], adapter, folder: Path, *,
                     steps: int, guidance: float, seed: int, unbatched: frozenset[str],
                     source: dict[str, Any]) -> Recording:
