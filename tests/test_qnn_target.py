@@ -120,3 +120,15 @@ def test_refused_graph_is_bisected_and_linear_as_gemm_avoids_it(tmp_path):
     gemm = quantize_float_model(src, tmp_path / "gemm.onnx", ranges, QNN_W8A16_CAPS, [LinearAsGemm()])
     got = ep.htp_session(gemm).run(None, {"x": x})[0]
     assert sqnr_db(make_session(gemm).run(None, {"x": x})[0], got) > 45
+
+
+def test_a_refused_build_names_the_first_activation_htp_refuses(tmp_path):
+    """The CLIP text encoder's token-embedding Gather does not finalize on HTP (MEM_ALLOC, as the class-label
+    Gather did on DiT before labels went to the host): the build stops in one line naming it."""
+    from qcompile.errors import UserError
+
+    cfg = CompileConfig(model="builtin:tiny-clip-text", target=TargetName.QNN_W8A16, out_dir=tmp_path / "out",
+                        calib=CalibSpec.parse("synthetic:4"), validate_count=2)
+    with pytest.raises(UserError, match=r"the first activation it refuses is 'embedding' from node '[^']+' \(Gather\)"):
+        build(cfg)
+    assert not (tmp_path / "out").exists()  # nothing half-written

@@ -24,6 +24,7 @@ import onnx_graphsurgeon as gs
 
 from qcompile.caps import TargetCaps
 from qcompile.config import TargetName
+from qcompile.errors import UserError
 from qcompile.graph_io import save_graph, save_graphs
 from qcompile.pass_manager import GraphProperty, Pass, PassContext, PassResult
 from qcompile.passes.cleanup import NameNodes
@@ -41,7 +42,7 @@ from qcompile.targets.qnn import ep
 from qcompile.targets.qnn.caps import QNN_W8A8_CAPS, QNN_W8A16_CAPS
 from qcompile.targets.qnn.encodings import write_encodings
 from qcompile.targets.qnn.runner import HOST_FILE, QnnRunner
-from qcompile.targets.qnn.validate import check_on_htp, sampling_on_htp
+from qcompile.targets.qnn.validate import check_on_htp, first_refused_prefix, sampling_on_htp
 
 DEFAULT_BATCH = 2  # one classifier-free-guidance pair per call
 FLOAT_DIR = "float"
@@ -139,7 +140,13 @@ class _QnnTarget:
         """On the HTP simulator: per bucket, three identical runs and agreement with the CPU EP (naming
         the first diverging tensor otherwise); for models that sample, a short sampling run.
         `artifact_runner` is the CPU-EP runner the evaluation already holds."""
-        htp = self.runner(artifact_dir, manifest, htp=True)
+        try:
+            htp = self.runner(artifact_dir, manifest, htp=True)
+        except UserError as exc:  # name what HTP cannot take: bisect the first bucket's graph
+            found = first_refused_prefix(Path(artifact_dir) / manifest["buckets"][0]["files"][0])
+            where = "" if found is None else f"; the first activation it refuses is '{found[0]}' from node " \
+                                             f"'{found[1]}' ({found[2]})"
+            raise UserError(f"{exc}{where}") from exc
         buckets = []
         timesteps = held_out.timesteps
         for k in range(htp.buckets):
