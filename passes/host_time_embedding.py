@@ -46,6 +46,26 @@ def integer_inputs(graph: gs.Graph) -> list[str]:
     return [t.name for t in graph.inputs if t.dtype is not None and np.issubdtype(np.dtype(t.dtype), np.integer)]
 
 
+def lookup_nodes(graph: gs.Graph, sources: set[str]) -> list[gs.Node]:
+    """Without a timestep (a text encoder): the integer arithmetic on the integer inputs and the
+    lookups they index (a Gather on a constant table), whose float outputs the device then reads. What
+    the lookups feed stays on the device: in a text encoder everything else depends on the ids alone."""
+    reached = set(sources)
+    chosen: list[gs.Node] = []
+    for node in graph.nodes:
+        variables = [t for t in node.inputs if t.name and constant_values(t) is None]
+        if not variables or not all(t.name in reached for t in variables):
+            continue
+        lookup = node.op == "Gather" and constant_values(node.inputs[0]) is not None
+        integer = all(t.dtype is not None and np.issubdtype(np.dtype(t.dtype), np.integer) for t in node.outputs)
+        if not (lookup or integer):
+            continue
+        chosen.append(node)
+        if not lookup:
+            reached.update(t.name for t in node.outputs)
+    return chosen
+
+
 def timestep_only_nodes(graph: gs.Graph, sources: set[str], cut: TimeEmbeddingCut) -> list[gs.Node]:
     """Nodes (graph order) computing from the `sources` inputs (timestep, labels) and constants alone."""
     reached = set(sources)
@@ -66,20 +86,25 @@ class MoveTimeEmbeddingToHost(Pass):
     name = PASS_NAME
     preserves = frozenset({GraphProperty.NODES_NAMED, GraphProperty.SHAPES_KNOWN, GraphProperty.QDQ_PAIRED})
 
-    def __init__(self, timestep: str, cut: TimeEmbeddingCut = TimeEmbeddingCut.FULL):
+    def __init__(self, timestep: str | None, cut: TimeEmbeddingCut = TimeEmbeddingCut.FULL):
+        """`timestep` None: only the integer inputs' lookups move (`lookup_nodes`)."""
         self.timestep = timestep
         self.cut = cut
         self.host_graph: gs.Graph | None = None  # set by run()
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         inputs = {t.name: t for t in graph.inputs}
-        if self.timestep not in inputs:
+        if self.timestep is not None and self.timestep not in inputs:
             raise UserError(f"{PASS_NAME}: the graph has no input '{self.timestep}'")
         if self.cut is TimeEmbeddingCut.NONE:
             self.host_graph = None
             return PassResult(modified=False, detail="cut disabled")
-        sources = {self.timestep, *integer_inputs(graph)}
-        host = timestep_only_nodes(graph, sources, self.cut)
+        if self.timestep is None:
+            sources = set(integer_inputs(graph))
+            host = lookup_nodes(graph, sources)
+        else:
+            sources = {self.timestep, *integer_inputs(graph)}
+            host = timestep_only_nodes(graph, sources, self.cut)
         host_ids = {id(n) for n in host}
         graph_outputs = {t.name for t in graph.outputs}
         frontier: dict[str, gs.Variable] = {}

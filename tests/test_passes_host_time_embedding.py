@@ -81,3 +81,23 @@ def test_a_graph_without_the_input_is_refused(unet):
 
     with pytest.raises(UserError, match="no input 'time'"):
         MoveTimeEmbeddingToHost("time").run(load_graph(unet), PassContext())
+
+
+def test_without_a_timestep_only_the_token_lookup_moves(tmp_path_factory, tmp_path):
+    """A text encoder (tiny CLIP): every node depends on the token ids alone, so the timestep rule would
+    move the whole model. Without a timestep only the integer ops and the embedding lookup move; the
+    device reads the looked-up embeddings, and host + device compute the original."""
+    clip = canonical_export("tiny-clip-text", tmp_path_factory)
+    graph = load_graph(clip)
+    move = MoveTimeEmbeddingToHost(None)
+    PassManager([StaticShapes(BATCH), move]).run(graph, PassContext())
+    assert [n.op for n in move.host_graph.nodes if n.op == "Gather"] == ["Gather"]
+    assert not any(n.op in ("MatMul", "Gemm", "LayerNormalization", "Softmax") for n in move.host_graph.nodes)
+    ids = np.random.default_rng(0).integers(0, 64, (BATCH, 16)).astype(np.int64)
+    want = make_session(clip).run(None, {"input_ids": ids})[0]
+    host = make_session(save_graph(move.host_graph, tmp_path / "host.onnx"))
+    embedded = dict(zip([o.name for o in host.get_outputs()], host.run(None, {"input_ids": ids}), strict=True))
+    device = make_session(save_graph(graph, tmp_path / "device.onnx"))
+    names = [i.name for i in device.get_inputs()]
+    assert "input_ids" not in names and all(np.asarray(embedded[n]).dtype.kind == "f" for n in names)
+    np.testing.assert_allclose(device.run(None, {n: embedded[n] for n in names})[0], want, rtol=1e-5, atol=1e-5)

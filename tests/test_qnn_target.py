@@ -123,12 +123,13 @@ def test_refused_graph_is_bisected_and_linear_as_gemm_avoids_it(tmp_path):
 
 
 def test_a_refused_build_names_the_first_activation_htp_refuses(tmp_path):
-    """The CLIP text encoder's token-embedding Gather does not finalize on HTP (MEM_ALLOC, as the class-label
-    Gather did on DiT before labels went to the host): the build stops in one line naming it."""
+    """Tiny SD3 does not finalize on HTP at 16 bits (MEM_ALLOC): the build stops in one line naming the
+    first activation HTP refuses, with its producer and op (a Reciprocal of the QK norm with this
+    calibration; its repro and rewrite are open work)."""
     from qcompile.errors import UserError
 
-    cfg = CompileConfig(model="builtin:tiny-clip-text", target=TargetName.QNN_W8A16, out_dir=tmp_path / "out",
+    cfg = CompileConfig(model="builtin:tiny-sd3", target=TargetName.QNN_W8A16, out_dir=tmp_path / "out",
                         calib=CalibSpec.parse("synthetic:4"), validate_count=2)
-    with pytest.raises(UserError, match=r"the first activation it refuses is 'embedding' from node '[^']+' \(Gather\)"):
+    with pytest.raises(UserError, match=r"the first activation it refuses is '[^']+' from node 'node_[^']+' \(\w+\)"):
         build(cfg)
     assert not (tmp_path / "out").exists()  # nothing half-written

@@ -35,6 +35,7 @@ from qcompile.passes.infer_shapes import InferShapes
 from qcompile.passes.insert_qdq import QuantPlan
 from qcompile.passes.insert_qdq_integer import InsertQDQEverywhere
 from qcompile.passes.linear_as_gemm import LinearAsGemm
+from qcompile.passes.remove_nan_guards import RemoveNanGuards
 from qcompile.passes.static_shapes import StaticShapes
 from qcompile.passes.unpatchify_depth_to_space import UnpatchifyAsDepthToSpace
 from qcompile.quant import TensorRange
@@ -83,11 +84,12 @@ class _QnnTarget:
         """The passes for one bucket. The host-embedding pass and a snapshot of the float device graph
         are kept on the target: `emit` writes them once, beside the buckets' Q/DQ models."""
         passes: list[Pass] = [NameNodes(), StaticShapes(self.batch)]
-        self._host = MoveTimeEmbeddingToHost(timestep_input, self.cut) if timestep_input else None
+        # Without a timestep too: a text encoder's token ids and the embedding lookup they index (which
+        # HTP refuses, as it refused DiT's class-label lookup) go to the host.
+        self._host = MoveTimeEmbeddingToHost(timestep_input, self.cut)
         self._float = KeepFloatGraph()
-        if self._host is not None:
-            passes.append(self._host)
-        return [*passes, EinsumAsTranspose(), InferShapes(), UnpatchifyAsDepthToSpace(),
+        passes.append(self._host)
+        return [*passes, RemoveNanGuards(), EinsumAsTranspose(), InferShapes(), UnpatchifyAsDepthToSpace(),
                 LinearAsGemm(), GroupNormAffineAsConv(), InferShapes(), self._float,
                 InsertQDQEverywhere(ranges, self.caps), InferShapes()]
 
