@@ -42,8 +42,18 @@ class TimeEmbeddingCut(enum.Enum):
     NONE = "none"  # leave everything on the device (for measuring what the cut is worth)
 
 
+def _is_integer(t: gs.Tensor) -> bool:
+    return t.dtype is not None and np.issubdtype(np.dtype(t.dtype), np.integer)
+
+
 def integer_inputs(graph: gs.Graph) -> list[str]:
-    return [t.name for t in graph.inputs if t.dtype is not None and np.issubdtype(np.dtype(t.dtype), np.integer)]
+    return [t.name for t in graph.inputs if _is_integer(t)]
+
+
+def _reads_only(node: gs.Node, reached: set[str]) -> bool:
+    """Whether `node` reads at least one of the `reached` tensors and, besides them, only constants."""
+    variables = [t for t in node.inputs if t.name and constant_values(t) is None]
+    return bool(variables) and all(t.name in reached for t in variables)
 
 
 def lookup_nodes(graph: gs.Graph, sources: set[str]) -> list[gs.Node]:
@@ -53,11 +63,10 @@ def lookup_nodes(graph: gs.Graph, sources: set[str]) -> list[gs.Node]:
     reached = set(sources)
     chosen: list[gs.Node] = []
     for node in graph.nodes:
-        variables = [t for t in node.inputs if t.name and constant_values(t) is None]
-        if not variables or not all(t.name in reached for t in variables):
+        if not _reads_only(node, reached):
             continue
         lookup = node.op == "Gather" and constant_values(node.inputs[0]) is not None
-        integer = all(t.dtype is not None and np.issubdtype(np.dtype(t.dtype), np.integer) for t in node.outputs)
+        integer = all(_is_integer(t) for t in node.outputs)
         if not (lookup or integer):
             continue
         chosen.append(node)
@@ -71,9 +80,7 @@ def timestep_only_nodes(graph: gs.Graph, sources: set[str], cut: TimeEmbeddingCu
     reached = set(sources)
     chosen: list[gs.Node] = []
     for node in graph.nodes:  # graph order is topological
-        inputs = [t for t in node.inputs if t.name]
-        variables = [t for t in inputs if constant_values(t) is None]
-        if not variables or not all(t.name in reached for t in variables):
+        if not _reads_only(node, reached):
             continue
         if cut is TimeEmbeddingCut.SINUSOID and node.op in WEIGHTED_OPS:
             continue

@@ -43,6 +43,14 @@ class BucketRunner:
     def bucket_of(self, timestep: float) -> int:
         return int(np.searchsorted(self.bucket_edges, timestep, side="right"))
 
+    def rows_of(self, bucket: int, count: int, timesteps: np.ndarray | None) -> np.ndarray:
+        """Indices of the `count` rows (with `timesteps`, or None for models without one) that `bucket`
+        runs: all of them when there is no timestep."""
+        if timesteps is None:
+            return np.arange(count)
+        return np.nonzero(np.searchsorted(self.bucket_edges, np.asarray(timesteps, np.float64), side="right")
+                          == bucket)[0]
+
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         """First output for a batch; a batch spanning several buckets is split by bucket (inputs
         without a batch axis, such as Flux's ids, go whole to every bucket)."""

@@ -31,6 +31,11 @@ def read_prompts(path: Path) -> list[str]:
     return prompts
 
 
+def _numpy(value) -> np.ndarray:
+    """A torch tensor (or a Python number) the pipeline passed, as numpy."""
+    return np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value)
+
+
 def split_prompts(prompts: Sequence[str]) -> tuple[list[str], list[str]]:
     """(calibration prompts, held-back prompts): with four or more, the last quarter validates the build
     and is never recorded for calibration (the rule a user's .npz follows too)."""
@@ -70,12 +75,11 @@ def record_pipeline(pipeline_dir: Path, component: str, prompts: Sequence[str], 
         for name, spec in specs.items():
             if name not in bound or bound[name] is None:
                 raise UserError(f"{pipeline_dir}: the pipeline called {component} without '{name}'")
-            value = np.asarray(bound[name].detach().cpu().numpy() if hasattr(bound[name], "detach") else bound[name])
+            value = _numpy(bound[name])
             if value.ndim == 0 and spec.batched:
                 value = np.full(batch, value)
             inputs[name] = value.astype(spec.dtype)
-        t = bound.get("timestep")
-        t = float(np.asarray(t.detach().cpu().numpy() if hasattr(t, "detach") else t).reshape(-1)[0])
+        t = float(_numpy(bound.get("timestep")).reshape(-1)[0])
         writer.add(inputs, t, step=step["n"], cfg=guidance > 1.0 and batch % 2 == 0)
         step["n"] += 1
 

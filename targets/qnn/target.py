@@ -19,7 +19,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx_graphsurgeon as gs
 
 from qcompile.caps import TargetCaps
@@ -152,12 +151,10 @@ class _QnnTarget:
         buckets = []
         timesteps = held_out.timesteps
         for k in range(htp.buckets):
-            rows = np.arange(held_out.count) if timesteps is None else \
-                np.nonzero([htp.bucket_of(float(t)) == k for t in timesteps])[0]
+            rows = htp.rows_of(k, held_out.count, timesteps)
             if len(rows) == 0:
                 continue
-            feed = {name: (v if name in held_out.unbatched else v[rows[:htp.batch]])
-                    for name, v in held_out.arrays.items()}
+            feed = held_out.take(rows[:htp.batch])
             buckets.append(check_on_htp(htp, artifact_runner, reference, feed, bits=self.caps.activation_dtype.bits))
         out: dict[str, Any] = {"device": "QNN HTP simulator (x86_64), CPU fallback disabled",
                                "static_batch": htp.batch, "buckets": buckets}

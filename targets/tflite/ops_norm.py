@@ -14,7 +14,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from qcompile.targets.tflite.builder import Quant
-from qcompile.targets.tflite.layout import channels_last, identity, invert
+from qcompile.targets.tflite.layout import channels_last, identity, invert, stored_shape
 from qcompile.targets.tflite.lower import Lowering
 from qcompile.targets.tflite.ops_shape import lower_reshape
 from qcompile.targets.tflite.values import Value
@@ -58,18 +58,10 @@ def normalize(ctx: Lowering, x: Value, stored_axes: Sequence[int], eps: float, n
     ctx.op("RSQRT", [shifted], [inv_std])
     if scale is not None:
         stored = tuple(np.broadcast_shapes(inv_std.stored_shape, scale.shape))
-        scaled = ctx.like(inv_std, name + "/inv_std_scaled", shape=_logical(stored, inv_std.perm))
+        scaled = ctx.like(inv_std, name + "/inv_std_scaled", shape=stored_shape(stored, invert(inv_std.perm)))
         ctx.op("MUL", [inv_std, ctx.constant(name + "/gamma", scale.astype(np.float32))], [scaled], "MulOptions")
         inv_std = scaled
     return _binary(ctx, "MUL", centred, inv_std, name + "/normalized")
-
-
-def _logical(stored_shape: Sequence[int], perm: Sequence[int]) -> tuple[int, ...]:
-    """The ONNX-order shape of a tensor stored as `stored_shape` with permutation `perm`."""
-    shape = [0] * len(perm)
-    for i, p in enumerate(perm):
-        shape[p] = int(stored_shape[i])
-    return tuple(shape)
 
 
 def affine(ctx: Lowering, y: Value, scale: np.ndarray | None, bias: np.ndarray | None, name: str) -> Value:

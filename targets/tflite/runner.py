@@ -48,26 +48,35 @@ class _Program:
         self.batch = batch
 
     def run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
-        n = max((len(np.asarray(feed[i["name"]])) for i in self.inputs if self._batched(i)), default=self.batch)
+        inputs = {spec["name"]: np.asarray(feed[spec["name"]]) for spec in self.inputs}
+        batched = {spec["name"] for spec in self.inputs if self._batched(spec)}
+        out_spec = self.outputs[0]
         parts = []
-        for start in range(0, n, self.batch):
-            count = min(self.batch, n - start)
-            args = {}
-            for spec in self.inputs:
-                x = np.asarray(feed[spec["name"]])
-                if self._batched(spec) and x.ndim and len(x) == n:
-                    x = x[start:start + count]
-                    if count < self.batch:
-                        x = np.concatenate([x, np.repeat(x[-1:], self.batch - count, axis=0)])
-                x = np.ascontiguousarray(np.transpose(_to_stored(x, spec), spec["perm"]))
-                args[spec.get("key", spec["name"])] = x
-            out_spec = self.outputs[0]
+        for chunk, count in static_chunks(inputs, self.batch, batched):
+            args = {spec.get("key", spec["name"]): np.ascontiguousarray(
+                np.transpose(_to_stored(chunk[spec["name"]], spec), spec["perm"])) for spec in self.inputs}
             out = _from_stored(self.runner(**args)[out_spec.get("key", out_spec["name"])], out_spec)
             parts.append(np.transpose(out, invert(out_spec["perm"]))[:count])
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
     def _batched(self, spec: dict) -> bool:
         return bool(spec["shape"]) and spec["shape"][0] == self.batch
+
+
+def static_chunks(feed: dict[str, np.ndarray], batch: int, batched: set[str]):
+    """(chunk, rows in it): `feed` cut into chunks of a static-batch model's `batch`, the last padded by
+    repeating its final row. Only the `batched` inputs whose length is the batch's are cut; the others
+    (Flux's position ids, say) go whole into every chunk."""
+    n = max((len(feed[k]) for k in batched if feed[k].ndim), default=batch)
+    for start in range(0, n, batch):
+        count = min(batch, n - start)
+        chunk = dict(feed)
+        for k in batched:
+            v = feed[k]
+            if v.ndim and len(v) == n:
+                v = v[start:start + count]
+                chunk[k] = np.concatenate([v, np.repeat(v[-1:], batch - count, axis=0)]) if count < batch else v
+        yield chunk, count
 
 
 def _bucket_order(item: tuple[str, dict]) -> tuple[int, str]:

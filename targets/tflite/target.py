@@ -118,11 +118,10 @@ class TfliteInt8Target(_TfliteTarget):
         buckets = []
         for k, entry in enumerate(entries):
             key = entry["signature"]
-            rows = np.arange(held_out.count) if held_out.timesteps is None else \
-                np.nonzero([artifact_runner.bucket_of(float(t)) == k for t in held_out.timesteps])[0]
+            rows = artifact_runner.rows_of(k, held_out.count, held_out.timesteps)
             if len(rows) == 0:
                 continue
-            feed = {n: (v if n in held_out.unbatched else v[rows]) for n, v in held_out.arrays.items()}
+            feed = held_out.take(rows)
             qdq = artifact_dir / entry["qdq"]
             tensors = quantized_tensor_agreement(artifact_dir / MODEL_FILE, key, qdq, entry["quantized"], feed,
                                                  batch=batch)

@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 
 from qcompile.graph_io import constant_values
 from qcompile.runtime import make_session
-from qcompile.targets.tflite.runner import TfliteRunner
+from qcompile.targets.tflite.runner import TfliteRunner, static_chunks
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,8 @@ def run_onnx_static(path: Path, feed: dict[str, np.ndarray], batch: int, *, opti
     inputs = {i.name: np.asarray(feed[i.name]) for i in session.get_inputs()}
     # Batched inputs lead with the model's batch; others (Flux's position ids, say) pass whole.
     batched = {i.name for i in session.get_inputs() if i.shape and i.shape[0] == batch}
-    return np.concatenate([session.run(None, chunk)[0][:count] for chunk, count in _chunks(inputs, batch, batched)])
+    chunks = static_chunks(inputs, batch, batched)
+    return np.concatenate([session.run(None, chunk)[0][:count] for chunk, count in chunks])
 
 
 def compare_with_qdq(qdq_onnx: Path, tflite: Path, feed: dict[str, np.ndarray], *, batch: int,
@@ -104,7 +105,7 @@ def quantized_tensor_agreement(tflite: Path, key: str, qdq_onnx: Path, quantized
     local = _probe_session(qdq_onnx, names, injected=True)
     counts = {n: np.zeros(5, np.int64) for n in names}  # local max, local differing, e2e max, e2e differing, size
     batched = {n for n, spec in interpreter.inputs.items() if spec["shape"] and spec["shape"][0] == batch}
-    for chunk, _ in _chunks({n: np.asarray(feed[n]) for n in interpreter.inputs}, batch, batched):
+    for chunk, _ in static_chunks({n: np.asarray(feed[n]) for n in interpreter.inputs}, batch, batched):
         test = interpreter.run(chunk)
         onnx_feed = {i.name: chunk[i.name] for i in end_to_end.get_inputs()}
         e2e = dict(zip(names, end_to_end.run(names, onnx_feed), strict=True))
@@ -122,18 +123,6 @@ def quantized_tensor_agreement(tflite: Path, key: str, qdq_onnx: Path, quantized
 
 
 INJECTED = "/injected"
-
-
-def _chunks(feed: dict[str, np.ndarray], batch: int, batched: set[str]):
-    """(chunk, rows in it): `feed` cut into static-batch chunks, the last padded by repeating its final row."""
-    n = max(len(feed[k]) for k in batched)
-    for start in range(0, n, batch):
-        count = min(batch, n - start)
-        chunk = dict(feed)
-        for k in batched:
-            v = feed[k][start:start + count]
-            chunk[k] = np.concatenate([v, np.repeat(v[-1:], batch - count, axis=0)]) if count < batch else v
-        yield chunk, count
 
 
 def _probe_session(path: Path, names: list[str], *, injected: bool):
