@@ -87,3 +87,25 @@ class OnnxRunner(BucketRunner):
 
     def run_bucket(self, bucket: int, feed: dict[str, np.ndarray]) -> np.ndarray:
         return self.sessions[bucket].run(self.output_names[:1], feed)[0]
+
+
+def pad_batch(x: np.ndarray, batch: int) -> np.ndarray:
+    """`x` with its last sample repeated up to `batch` rows (a static-batch graph's last chunk)."""
+    if len(x) >= batch:
+        return x
+    return np.concatenate([x, np.repeat(x[-1:], batch - len(x), axis=0)])
+
+
+def static_chunks(feed: dict[str, np.ndarray], batch: int, batched: set[str]):
+    """(chunk, rows in it): `feed` cut into chunks of a static-batch model's `batch`, the last padded by
+    repeating its final row. The `batched` inputs with the most rows are cut; every other input (Flux's
+    position ids, say) goes whole into every chunk."""
+    n = max((len(feed[k]) for k in batched if feed[k].ndim), default=batch)
+    for start in range(0, n, batch):
+        count = min(batch, n - start)
+        chunk = dict(feed)
+        for k in batched:
+            v = feed[k]
+            if v.ndim and len(v) == n:
+                chunk[k] = pad_batch(v[start:start + count], batch)
+        yield chunk, count

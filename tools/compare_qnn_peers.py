@@ -37,9 +37,8 @@ from qcompile.graph_io import load_graph, save_graph
 from qcompile.models.source import resolve_model
 from qcompile.pass_manager import PassContext, PassManager
 from qcompile.passes.static_shapes import StaticShapes
-from qcompile.runtime import BucketRunner, OnnxRunner
+from qcompile.runtime import BucketRunner, OnnxRunner, static_chunks
 from qcompile.targets.qnn import ep
-from qcompile.targets.qnn.runner import pad_batch
 from qcompile.targets.qnn.target import DEFAULT_BATCH, QnnW8A8Target
 from qcompile.targets.qnn.validate import _FewLabels
 
@@ -57,13 +56,8 @@ class SessionRunner(BucketRunner):
         self.input_names = tuple(i.name for i in session.get_inputs())
 
     def run_bucket(self, bucket: int, feed: dict[str, np.ndarray]) -> np.ndarray:
-        n = len(feed[self.input_names[0]])
-        parts = []
-        for start in range(0, n, self.batch):
-            count = min(self.batch, n - start)
-            chunk = {k: pad_batch(v[start:start + count], self.batch) for k, v in feed.items()}
-            parts.append(self.session.run(None, chunk)[0][:count])
-        return np.concatenate(parts)
+        chunks = static_chunks(feed, self.batch, set(feed))  # the reference model's inputs all lead with rows
+        return np.concatenate([self.session.run(None, chunk)[0][:count] for chunk, count in chunks])
 
 
 def static_float_model(artifact: Path, out: Path, batch: int) -> Path:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from qcompile.runtime import BucketRunner, make_session
+from qcompile.runtime import BucketRunner, make_session, static_chunks
 from qcompile.targets.qnn import ep
 
 HOST_FILE = "host_time_embedding.onnx"
@@ -38,13 +38,8 @@ class QnnRunner(BucketRunner):
 
     def run_bucket(self, bucket: int, feed: dict[str, np.ndarray]) -> np.ndarray:
         key = self.sample_name if self.sample_name in feed else next(k for k, v in feed.items() if v.ndim)
-        n = len(feed[key])
-        parts = []
-        for start in range(0, n, self.batch):
-            count = min(self.batch, n - start)
-            chunk = {k: pad_batch(v[start:start + count], self.batch) if v.ndim and len(v) == n else v
-                     for k, v in feed.items()}
-            parts.append(self.run_chunk(bucket, chunk)[:count])
+        rows = {k for k, v in feed.items() if v.ndim and len(v) == len(feed[key])}  # not Flux's ids, say
+        parts = [self.run_chunk(bucket, chunk)[:count] for chunk, count in static_chunks(feed, self.batch, rows)]
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
     def device_feed(self, chunk: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -61,10 +56,3 @@ class QnnRunner(BucketRunner):
 
     def session(self, bucket: int) -> ort.InferenceSession:
         return self.sessions[bucket]
-
-
-def pad_batch(x: np.ndarray, batch: int) -> np.ndarray:
-    """`x` with its last sample repeated up to `batch` rows (a static-batch graph's last chunk)."""
-    if len(x) >= batch:
-        return x
-    return np.concatenate([x, np.repeat(x[-1:], batch - len(x), axis=0)])

@@ -21,9 +21,8 @@ import numpy as np
 from qcompile.evaluation.metrics import cosine, sqnr_db
 from qcompile.graph_io import constant_values, load_graph, module_path, save_graph
 from qcompile.passes.insert_qdq_integer import unrenamed
-from qcompile.runtime import make_session
+from qcompile.runtime import make_session, pad_batch
 from qcompile.targets.qnn import ep
-from qcompile.targets.qnn.runner import pad_batch
 
 # Below this SQNR between HTP and the CPU EP an intermediate tensor counts as diverged. HTP rounds its
 # requantizations and evaluates Sigmoid/Softmax differently, so at 8 bits the two runtimes drift apart

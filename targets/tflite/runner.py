@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from qcompile.errors import UserError
-from qcompile.runtime import BucketRunner
+from qcompile.runtime import BucketRunner, static_chunks
 from qcompile.targets.tflite import deps
 from qcompile.targets.tflite.emit import METADATA_KEY
 from qcompile.targets.tflite.layout import invert
@@ -61,22 +61,6 @@ class _Program:
 
     def _batched(self, spec: dict) -> bool:
         return bool(spec["shape"]) and spec["shape"][0] == self.batch
-
-
-def static_chunks(feed: dict[str, np.ndarray], batch: int, batched: set[str]):
-    """(chunk, rows in it): `feed` cut into chunks of a static-batch model's `batch`, the last padded by
-    repeating its final row. Only the `batched` inputs whose length is the batch's are cut; the others
-    (Flux's position ids, say) go whole into every chunk."""
-    n = max((len(feed[k]) for k in batched if feed[k].ndim), default=batch)
-    for start in range(0, n, batch):
-        count = min(batch, n - start)
-        chunk = dict(feed)
-        for k in batched:
-            v = feed[k]
-            if v.ndim and len(v) == n:
-                v = v[start:start + count]
-                chunk[k] = np.concatenate([v, np.repeat(v[-1:], batch - count, axis=0)]) if count < batch else v
-        yield chunk, count
 
 
 def _bucket_order(item: tuple[str, dict]) -> tuple[int, str]:
