@@ -4,6 +4,8 @@ with AIMET encodings that match the Q/DQ graph, and a divergence finder that nam
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -14,6 +16,7 @@ from qnn_helpers import quantize_float_model, require_htp
 from qcompile.build import build
 from qcompile.config import CalibSpec, CompileConfig, TargetName
 from qcompile.graph_io import constant_values, load_graph
+from qcompile.targets.qnn.context import write_contexts
 
 # The issue's acceptance families at W8A16 (the reference model is measured by the build in the README).
 FAMILIES = ["builtin:tiny-sd-unet", "builtin:tiny-dit", "builtin:tiny-vae-decoder"]
@@ -30,7 +33,10 @@ def test_family_runs_entirely_on_htp_at_w8a16(model, tmp_path):
                         calib=CalibSpec.parse("synthetic:8"), validate_count=4)
     result = build(cfg)  # a session with CPU fallback disabled refuses any node HTP cannot take
     device = result.report["device"]
-    assert device["checks"] == {"htp_deterministic": True, "htp_agrees_with_cpu_ep": True}
+    assert device["checks"] == {"htp_deterministic": True, "htp_agrees_with_cpu_ep": True,
+                                "context_binary_identical": True}
+    # one bucket: the shipped context binary itself loads on the simulator and is what was checked
+    assert [b["checked"] for b in device["context"]["buckets"]] == ["shipped context"]
     assert result.report["summary"]["htp_cosine_min"] >= 0.99, device  # the issue's acceptance bar
     # On the CPU EP over all held-out inputs the mean is the fair number: with 8 random calibration
     # latents one held-out VAE latent falls outside the graph input's calibrated range and is clipped
@@ -47,7 +53,24 @@ def test_artifact_files_and_encodings_match_the_qdq_graph(tmp_path):
     assert [b["files"][0] for b in manifest["buckets"]] == ["model_t0.onnx", "model_t1.onnx"]
     assert all("host_time_embedding.onnx" in b["files"] for b in manifest["buckets"])
     assert manifest["sdk_files"] == ["float/model.onnx", "float/model.onnx.data", "float/encodings_t0.json",
-                                     "float/encodings_t1.json"]
+                                     "float/encodings_t1.json", "context/model_t0_ctx.onnx",
+                                     "context/model_t0_ctx_qnn.bin", "context/model_t1_ctx.onnx"]
+    # both buckets' EPContext models point into the one weight-shared binary ...
+    for k in range(2):
+        node = onnx.load(str(out / f"context/model_t{k}_ctx.onnx")).graph.node[0]
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert node.op_type == "EPContext" and attrs["ep_cache_context"] == b"model_t0_ctx_qnn.bin"
+        assert attrs["embed_mode"] == 0  # the binary sits beside the EPContext models, not inside them
+    # ... which stores the weights once: well under two unshared binaries
+    with tempfile.TemporaryDirectory() as tmp:
+        unshared = write_contexts([out / "model_t0.onnx", out / "model_t1.onnx"], Path(tmp), shared=False)
+        unshared_bytes = sum(p.stat().st_size for p in unshared if p.suffix == ".bin")
+    context = result.report["device"]["context"]
+    assert context["weight_shared"] and context["binary_bytes"] < 0.8 * unshared_bytes
+    # the simulator cannot load a weight-shared context; each bucket's compiled graph is proven unshared
+    assert not context["shipped_loads_on_simulator"]
+    assert [(b["bucket"], b["identical"], b["checked"]) for b in context["buckets"]] == [
+        (0, True, "unshared context"), (1, True, "unshared context")]
     float_model = onnx.load(str(out / "float/model.onnx"), load_external_data=False)
     initializers = {t.name for t in float_model.graph.initializer}
     float_tensors = {o for n in float_model.graph.node for o in n.output} | {i.name for i in float_model.graph.input}

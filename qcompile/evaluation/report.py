@@ -71,6 +71,11 @@ def format_table(report: Mapping[str, Any]) -> str:
             line += (f"; sample PSNR vs fp32 {s['htp_sample_psnr_db_vs_fp32']:.2f} dB (CPU EP on the same images "
                      f"{s['htp_cpu_ep_sample_psnr_db_vs_fp32']:.2f})")
         lines.append(line)
+    if s.get("htp_context_bytes") is not None:
+        shared = f", weight-shared by {len(report['buckets'])} buckets" if s["htp_context_weight_shared"] else ""
+        same = "bit-identical" if s["htp_context_identical"] else "NOT identical"
+        lines.append(f"  context binary {s['htp_context_bytes'] / 1e6:.2f} MB{shared}; compiled graphs {same} "
+                     "to the Q/DQ graphs on HTP")
     verdict = "PASSED" if report["passed"] else "FAILED"
     failed = [k for k, ok in report["checks"].items() if not ok]
     lines.append(f"  {verdict}" + (f": below threshold {', '.join(failed)}" if failed else ""))

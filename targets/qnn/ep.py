@@ -53,10 +53,11 @@ def runtime_version() -> str:
 
 
 def htp_session(model: Path | bytes, *, options: Mapping[str, str] | None = None,
-                session_config: Mapping[str, str] | None = None) -> ort.InferenceSession:
-    """A session whose every node runs on the HTP backend; fails rather than fall back to the CPU."""
+                session_config: Mapping[str, str] | None = None, quiet: bool = False) -> ort.InferenceSession:
+    """A session whose every node runs on the HTP backend; fails rather than fall back to the CPU.
+    `quiet`: a refusal the caller expects and reports itself is not also logged by onnxruntime."""
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4 if quiet else 3
     so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     for key, value in (session_config or {}).items():
         so.add_session_config_entry(key, value)

@@ -10,15 +10,18 @@ Pipeline per timestep bucket, on the canonical float graph:
 
 Files: one Q/DQ model per bucket sharing one weight file (as `ort-int8`), the host model, and for QNN
 SDK users the float device graph (`float/model.onnx`) with one AIMET-style encodings file per bucket,
-for `qnn-onnx-converter --quantization_overrides`.
+for `qnn-onnx-converter --quantization_overrides`; for devices, the bucket graphs compiled into QNN
+context binaries (`context/`: one weight-shared binary for all buckets), see `context.py`.
 """
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from qcompile.caps import TargetCaps
@@ -40,9 +43,10 @@ from qcompile.passes.unpatchify_depth_to_space import UnpatchifyAsDepthToSpace
 from qcompile.quant import TensorRange
 from qcompile.targets.qnn import ep
 from qcompile.targets.qnn.caps import QNN_W8A8_CAPS, QNN_W8A16_CAPS
+from qcompile.targets.qnn.context import CONTEXT_DIR, check_contexts, write_contexts
 from qcompile.targets.qnn.encodings import write_encodings
 from qcompile.targets.qnn.runner import HOST_FILE, QnnRunner
-from qcompile.targets.qnn.validate import check_on_htp, first_refused_prefix, sampling_on_htp
+from qcompile.targets.qnn.validate import bucket_chunk, check_on_htp, first_refused_prefix, sampling_on_htp
 
 DEFAULT_BATCH = 2  # one classifier-free-guidance pair per call
 FLOAT_DIR = "float"
@@ -112,7 +116,20 @@ class _QnnTarget:
             name = f"{FLOAT_DIR}/encodings_t{k}.json" if len(graphs) > 1 else f"{FLOAT_DIR}/encodings.json"
             write_encodings(graph, float_graph, out_dir / name)
             self._sdk_files.append(name)
+        self._sdk_files += self._contexts([out_dir / f[0] for f in files], out_dir)
         return [[*f, *extra] for f in files]
+
+    @staticmethod
+    def _contexts(models: list[Path], out_dir: Path) -> list[str]:
+        """Context binaries for devices (one weight-shared binary for several buckets). A graph HTP
+        refuses writes none: the device check then names the first activation it refuses."""
+        print(f"[qcompile] qnn: compiling {len(models)} graph(s) into context binaries", flush=True)
+        try:
+            written = write_contexts(models, out_dir / CONTEXT_DIR, shared=len(models) > 1)
+        except UserError:
+            shutil.rmtree(out_dir / CONTEXT_DIR, ignore_errors=True)
+            return []
+        return [p.relative_to(out_dir).as_posix() for p in written]
 
     def sdk_files(self) -> list[str]:
         """Files for QNN SDK users (float device graph, encodings per bucket), not run by the runner."""
@@ -148,7 +165,7 @@ class _QnnTarget:
             where = "" if found is None else f"; the first activation it refuses is '{found[0]}' from node " \
                                              f"'{found[1]}' ({found[2]})"
             raise UserError(f"{exc}{where}") from exc
-        buckets = []
+        buckets, chunks = [], {}
         timesteps = held_out.timesteps
         for k in range(htp.buckets):
             rows = htp.rows_of(k, held_out.count, timesteps)
@@ -156,14 +173,22 @@ class _QnnTarget:
                 continue
             feed = held_out.take(rows[:htp.batch])
             buckets.append(check_on_htp(htp, artifact_runner, reference, feed, bits=self.caps.activation_dtype.bits))
+            chunks[k] = bucket_chunk(htp, feed)[1]
         out: dict[str, Any] = {"device": "QNN HTP simulator (x86_64), CPU fallback disabled",
                                "static_batch": htp.batch, "buckets": buckets}
+        if (Path(artifact_dir) / CONTEXT_DIR).is_dir():
+            # every bucket's binary is checked: identity needs inputs, not inputs of the bucket's timesteps
+            any_rows = bucket_chunk(htp, held_out.take(np.arange(min(htp.batch, held_out.count))))[1]
+            out["context"] = check_contexts(Path(artifact_dir), htp,
+                                            {k: chunks.get(k, any_rows) for k in range(htp.buckets)})
         setup = adapter.sampling()
         if setup is not None and htp.timestep_name is not None and samples > 0:
             out["sampling"] = sampling_on_htp(reference, htp, artifact_runner, setup, sampler, samples=samples,
                                               sample_name=htp.sample_name, timestep_name=htp.timestep_name)
         out["checks"] = {"htp_deterministic": all(b["runs_identical"] for b in buckets),
                          "htp_agrees_with_cpu_ep": all(b["agrees"] for b in buckets)}
+        if "context" in out:
+            out["checks"]["context_binary_identical"] = out["context"]["identical"]
         summary = {"htp_vs_fp32_sqnr_db_min": min(b["htp_vs_fp32_sqnr_db"] for b in buckets),
                    "htp_vs_cpu_ep_sqnr_db_min": min(b["htp_vs_cpu_sqnr_db"] for b in buckets),
                    "htp_cosine_min": min(b["htp_vs_fp32_cosine"] for b in buckets)}
@@ -171,6 +196,10 @@ class _QnnTarget:
             summary.update({f"htp_{k}": out["sampling"][k] for k in
                             ("sample_psnr_db_vs_fp32", "sample_psnr_db_vs_cpu_ep", "cpu_ep_sample_psnr_db_vs_fp32",
                              "accuracy_htp")})
+        if "context" in out:
+            summary.update({"htp_context_bytes": out["context"]["binary_bytes"],
+                            "htp_context_weight_shared": out["context"]["weight_shared"],
+                            "htp_context_identical": out["context"]["identical"]})
         out["summary"] = summary
         return out
 

@@ -104,15 +104,22 @@ def first_divergence(model: Path, feed: dict[str, np.ndarray], *, tolerance_db: 
     return None
 
 
-def check_on_htp(runner_htp, runner_cpu, reference, inputs: dict[str, np.ndarray], *, bits: int) -> dict[str, Any]:
-    """Runs one static batch of `inputs` three times on HTP, once on the CPU EP and in fp32; on a
-    mismatch (runs differ, or HTP trails the CPU EP against fp32) names the first diverging tensor."""
+def bucket_chunk(runner_htp, inputs: dict[str, np.ndarray]) -> tuple[int, dict[str, np.ndarray]]:
+    """(bucket, one static batch): the bucket of the first row's timestep, the rows cut or padded to
+    the device graph's batch."""
     bucket = 0
     if runner_htp.timestep_name is not None:
         bucket = runner_htp.bucket_of(float(np.asarray(inputs[runner_htp.timestep_name]).reshape(-1)[0]))
     n = len(np.asarray(inputs[runner_htp.input_names[0]]))
     chunk = {k: pad_batch(np.asarray(v)[:runner_htp.batch], runner_htp.batch) if np.ndim(v) and len(v) == n else v
              for k, v in inputs.items()}
+    return bucket, chunk
+
+
+def check_on_htp(runner_htp, runner_cpu, reference, inputs: dict[str, np.ndarray], *, bits: int) -> dict[str, Any]:
+    """Runs one static batch of `inputs` three times on HTP, once on the CPU EP and in fp32; on a
+    mismatch (runs differ, or HTP trails the CPU EP against fp32) names the first diverging tensor."""
+    bucket, chunk = bucket_chunk(runner_htp, inputs)
     runs = [runner_htp.run_chunk(bucket, chunk) for _ in range(RUNS)]
     cpu = runner_cpu.run_chunk(bucket, chunk)
     fp32 = np.asarray(reference.run(chunk))
