@@ -128,8 +128,9 @@ class InsertQDQEverywhere(Pass):
                 out[t.name] = QParams(np.array(scale, np.float32), np.array(zero, dtype.numpy), dtype)
             elif producer is not None and producer.op in self.caps.same_scale_ops and source.name in out:
                 out[t.name] = out[source.name]
-            elif t.name in self.ranges:
-                out[t.name] = activation_qparams(self.ranges[t.name], dtype, symmetric=self.caps.activation_symmetric)
+            elif t.name in self.ranges or derived_range(producer, self.ranges) is not None:
+                rng = self.ranges[t.name] if t.name in self.ranges else derived_range(producer, self.ranges)
+                out[t.name] = activation_qparams(rng, dtype, symmetric=self.caps.activation_symmetric)
             else:
                 where = f" ({producer.op} {producer.name})" if producer is not None else " (graph input)"
                 raise UserError(f"{PASS_NAME}: no calibrated range for tensor '{t.name}'{where}; the calibration "
@@ -172,6 +173,19 @@ class InsertQDQEverywhere(Pass):
         producer.outputs[producer.outputs.index(y)] = pre
         dq_out = insert_qdq_pair(graph, pre, qp, PASS_NAME)
         dq_out.inputs[0].outputs[0] = y
+
+
+def derived_range(producer: gs.Node | None, ranges: Mapping[str, TensorRange]) -> TensorRange | None:
+    """The range of an Add of a constant to a calibrated tensor, by interval arithmetic. Rewrites that
+    change what a tensor holds rename it (its statistics no longer apply); see bound_attention_mask."""
+    if producer is None or producer.op != "Add" or len(producer.inputs) != 2:
+        return None
+    for x, c in (producer.inputs, producer.inputs[::-1]):
+        values = constant_values(c)
+        if values is not None and values.size and x.name in ranges:
+            r = ranges[x.name]
+            return TensorRange(r.lo + float(values.min()), r.hi + float(values.max()))
+    return None
 
 
 def _raise_opset(graph: gs.Graph, opset: int) -> None:

@@ -5,7 +5,8 @@ Pipeline per timestep bucket, on the canonical float graph:
 2. the timestep embedding moves to the host (`host_time_embedding.onnx`, float, run by onnxruntime
    on the CPU), its outputs become device inputs;
 3. HTP-safe rewrites (GroupNorm affine as a depthwise 1x1 Conv, permuting Einsum as Transpose, the
-   6-D unpatchify as DepthToSpace, MatMul + bias as Gemm);
+   6-D unpatchify as DepthToSpace, MatMul + bias as Gemm) and integer-safe ones (SDPA's NaN guards
+   dropped, "minus infinity" attention masks bounded by the scores' range);
 4. every float tensor and constant quantized (`insert_qdq_integer`).
 
 Files: one Q/DQ model per bucket sharing one weight file (as `ort-int8`), the host model, and for QNN
@@ -29,6 +30,7 @@ from qcompile.config import TargetName
 from qcompile.errors import UserError
 from qcompile.graph_io import save_graph, save_graphs
 from qcompile.pass_manager import GraphProperty, Pass, PassContext, PassResult
+from qcompile.passes.bound_attention_mask import BoundAttentionMask
 from qcompile.passes.cleanup import NameNodes
 from qcompile.passes.einsum_as_transpose import EinsumAsTranspose
 from qcompile.passes.groupnorm_affine_conv import GroupNormAffineAsConv
@@ -92,8 +94,8 @@ class _QnnTarget:
         self._host = MoveTimeEmbeddingToHost(timestep_input, self.cut)
         self._float = KeepFloatGraph()
         passes.append(self._host)
-        return [*passes, RemoveNanGuards(), EinsumAsTranspose(), InferShapes(), UnpatchifyAsDepthToSpace(),
-                LinearAsGemm(), GroupNormAffineAsConv(), InferShapes(), self._float,
+        return [*passes, RemoveNanGuards(), BoundAttentionMask(ranges), EinsumAsTranspose(), InferShapes(),
+                UnpatchifyAsDepthToSpace(), LinearAsGemm(), GroupNormAffineAsConv(), InferShapes(), self._float,
                 InsertQDQEverywhere(ranges, self.caps), InferShapes()]
 
     def emit(self, graphs: Sequence[gs.Graph], out_dir: Path) -> list[list[str]]:
