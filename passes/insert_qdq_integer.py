@@ -20,12 +20,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
 from qcompile.caps import TargetCaps
 from qcompile.errors import UserError
-from qcompile.graph_io import constant_values, redirect_consumers
+from qcompile.graph_io import constant_values, raise_opset, redirect_consumers
 from qcompile.pass_manager import GraphProperty, Pass, PassContext, PassResult
 from qcompile.passes.insert_qdq import (
     QuantPlan,
@@ -99,7 +98,7 @@ class InsertQDQEverywhere(Pass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         if self.caps.activation_dtype.bits > 8 and graph.opset < WIDE_QDQ_OPSET:
-            _raise_opset(graph, WIDE_QDQ_OPSET)
+            raise_opset(graph, WIDE_QDQ_OPSET)
         graph.toposort()
         act_qp = self.activation_qparams(graph)
         constants = sum(self._quantize_constants(graph, node, act_qp) for node in list(graph.nodes)
@@ -186,14 +185,6 @@ def derived_range(producer: gs.Node | None, ranges: Mapping[str, TensorRange]) -
             r = ranges[x.name]
             return TensorRange(r.lo + float(values.min()), r.hi + float(values.max()))
     return None
-
-
-def _raise_opset(graph: gs.Graph, opset: int) -> None:
-    """The default domain's version lives in both `opset` and `import_domains`; the exporter reads the latter."""
-    graph.opset = opset
-    if graph.import_domains is not None:
-        graph.import_domains = [d for d in graph.import_domains if d.domain not in ("", "ai.onnx")] + \
-            [onnx.helper.make_opsetid("", opset)]
 
 
 def _per_tensor_weight(values: np.ndarray, dtype: QuantDType) -> QParams:

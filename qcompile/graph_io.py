@@ -68,6 +68,15 @@ def module_path(node: gs.Node) -> str:
     return node_meta(node).get(MODULE_KEY, "")
 
 
+def raise_opset(graph: gs.Graph, opset: int) -> None:
+    """Set the default domain's version; it lives in both `opset` and `import_domains` (the exporter
+    reads the latter)."""
+    graph.opset = opset
+    if graph.import_domains is not None:
+        graph.import_domains = [d for d in graph.import_domains if d.domain not in ("", "ai.onnx")] + \
+            [onnx.helper.make_opsetid("", opset)]
+
+
 def tag_new_node(node: gs.Node, pass_name: str, like: gs.Node | None = None) -> gs.Node:
     """Record which pass made `node` (provenance) and inherit the module path of the node it replaces."""
     meta = node_meta(node)

@@ -5,7 +5,7 @@ Pipeline per timestep bucket, on the canonical float graph:
 2. the timestep embedding moves to the host (`host_time_embedding.onnx`, float, run by onnxruntime
    on the CPU), its outputs become device inputs;
 3. HTP-safe rewrites (GroupNorm affine as a depthwise 1x1 Conv, permuting Einsum as Transpose, the
-   6-D unpatchify as DepthToSpace, MatMul + bias as Gemm) and integer-safe ones (SDPA's NaN guards
+   6-D unpatchify as DepthToSpace, RMSNorm as one node, MatMul + bias as Gemm) and integer-safe ones (SDPA's NaN guards
    dropped, "minus infinity" attention masks bounded by the scores' range);
 4. every float tensor and constant quantized (`insert_qdq_integer`).
 
@@ -33,6 +33,7 @@ from qcompile.pass_manager import GraphProperty, Pass, PassContext, PassResult
 from qcompile.passes.bound_attention_mask import BoundAttentionMask
 from qcompile.passes.cleanup import NameNodes
 from qcompile.passes.einsum_as_transpose import EinsumAsTranspose
+from qcompile.passes.fuse_rmsnorm import FuseRMSNorm
 from qcompile.passes.groupnorm_affine_conv import GroupNormAffineAsConv
 from qcompile.passes.host_time_embedding import MoveTimeEmbeddingToHost, TimeEmbeddingCut
 from qcompile.passes.infer_shapes import InferShapes
@@ -95,8 +96,8 @@ class _QnnTarget:
         self._float = KeepFloatGraph()
         passes.append(self._host)
         return [*passes, RemoveNanGuards(), BoundAttentionMask(ranges), EinsumAsTranspose(), InferShapes(),
-                UnpatchifyAsDepthToSpace(), LinearAsGemm(), GroupNormAffineAsConv(), InferShapes(), self._float,
-                InsertQDQEverywhere(ranges, self.caps), InferShapes()]
+                UnpatchifyAsDepthToSpace(), FuseRMSNorm(), LinearAsGemm(), GroupNormAffineAsConv(), InferShapes(),
+                self._float, InsertQDQEverywhere(ranges, self.caps), InferShapes()]
 
     def emit(self, graphs: Sequence[gs.Graph], out_dir: Path) -> list[list[str]]:
         out_dir = Path(out_dir)
