@@ -30,9 +30,13 @@ class StaticShapes(Pass):
         if batch < 1:
             raise UserError(f"static shapes: batch must be at least 1 (got {batch})")
         self.batch = batch
+        # Inputs exported without a symbolic batch (Flux's positional ids), set by run(): the same for
+        # every sample, so a host pass may treat them like the timestep.
+        self.unbatched: tuple[str, ...] = ()
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         fixed = 0
+        unbatched = []
         for t in graph.inputs:
             if t.shape is None:
                 raise UserError(f"static shapes: graph input '{t.name}' has no shape")
@@ -40,10 +44,13 @@ class StaticShapes(Pass):
             if shape and not _is_static(shape[0]):
                 shape[0] = self.batch
                 fixed += 1
+            elif shape:
+                unbatched.append(t.name)
             if not all(_is_static(d) for d in shape):
                 raise UserError(f"static shapes: graph input '{t.name}' has symbolic dimensions {t.shape} besides the "
                                 "batch; TFLite tensors are static")
             t.shape = shape
+        self.unbatched = tuple(unbatched)
         before = len(graph.nodes)
         # A separate context: the inner passes' property bookkeeping is this pass's own business.
         PassManager([InferShapes(), FoldConstants(), EliminateDeadNodes()], fixed_point=True).run(graph, PassContext())

@@ -101,3 +101,28 @@ def test_without_a_timestep_only_the_token_lookup_moves(tmp_path_factory, tmp_pa
     names = [i.name for i in device.get_inputs()]
     assert "input_ids" not in names and all(np.asarray(embedded[n]).dtype.kind == "f" for n in names)
     np.testing.assert_allclose(device.run(None, {n: embedded[n] for n in names})[0], want, rtol=1e-5, atol=1e-5)
+
+
+def test_flux_guidance_and_rotary_embedding_move_with_the_timestep(tmp_path_factory, tmp_path):
+    """Flux: the guidance strength is embedded like the timestep (per-sample scalar) and the rotary
+    embedding comes from the token ids (no batch axis); both leave the device, which then holds no
+    Sin/Cos and no Expand (HTP refuses the rotary embedding's float64 Expand), and host + device
+    compute the original."""
+    flux = canonical_export("tiny-flux", tmp_path_factory)
+    adapter = resolve_model("builtin:tiny-flux")
+    feed = adapter.synthetic_inputs([900.0, 15.0], seed=3)
+    graph = load_graph(flux)
+    static = StaticShapes(BATCH)
+    move = MoveTimeEmbeddingToHost("timestep", positions=static)
+    PassManager([static, move]).run(graph, PassContext())
+    assert set(static.unbatched) == {"img_ids", "txt_ids"}
+    host = make_session(save_graph(move.host_graph, tmp_path / "host.onnx"))
+    host_inputs = {i.name for i in host.get_inputs()}
+    assert {"timestep", "guidance", "img_ids", "txt_ids"} <= host_inputs
+    embedded = dict(zip([o.name for o in host.get_outputs()], host.run(None, {n: feed[n] for n in host_inputs}),
+                        strict=True))
+    device = make_session(save_graph(graph, tmp_path / "device.onnx"))
+    names = [i.name for i in device.get_inputs()]
+    assert not {n.op for n in graph.nodes} & {"Sin", "Cos", "Expand"}
+    got = device.run(None, {n: feed[n] if n in feed else embedded[n] for n in names})[0]
+    np.testing.assert_allclose(got, make_session(flux).run(None, feed)[0], rtol=1e-4, atol=1e-4)

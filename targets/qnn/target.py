@@ -89,10 +89,11 @@ class _QnnTarget:
                  timestep_input: str | None = None) -> list[Pass]:
         """The passes for one bucket. The host-embedding pass and a snapshot of the float device graph
         are kept on the target: `emit` writes them once, beside the buckets' Q/DQ models."""
-        passes: list[Pass] = [NameNodes(), StaticShapes(self.batch)]
+        static = StaticShapes(self.batch)
+        passes: list[Pass] = [NameNodes(), static]
         # Without a timestep too: a text encoder's token ids and the embedding lookup they index (which
         # HTP refuses, as it refused DiT's class-label lookup) go to the host.
-        self._host = MoveTimeEmbeddingToHost(timestep_input, self.cut)
+        self._host = MoveTimeEmbeddingToHost(timestep_input, self.cut, positions=static)
         self._float = KeepFloatGraph()
         passes.append(self._host)
         return [*passes, RemoveNanGuards(), BoundAttentionMask(ranges), EinsumAsTranspose(), InferShapes(),

@@ -191,14 +191,26 @@ def sampling_on_htp(reference, runner_htp, runner_cpu, setup, sampler, *, sample
 def first_refused_prefix(model: Path) -> tuple[str, str, str] | None:
     """When HTP refuses a whole graph, the smallest prefix it also refuses: the graph is cut after
     each quantized activation in turn (bisection over graph order). Returns (tensor, producer, op)
-    of the activation whose addition makes HTP fail, or None if every prefix compiles."""
+    of the activation whose addition makes HTP fail, or None if every prefix compiles.
+
+    Prefix k is every node the first k+1 activations need, with each of those activations that is
+    read outside the prefix as an output, so prefix k+1 contains prefix k and the bisection's answer
+    is the first refusal in graph order. (Cutting at one tensor alone keeps only its ancestors; HTP's
+    refusals depend on what else is in the graph, and tiny SD3's Reciprocal was then missed for a
+    Slice 30 activations later.)"""
     graph = load_graph(model)
     cuts = [n.outputs[0].name for n in graph.nodes
             if n.op == "DequantizeLinear" and constant_values(n.inputs[0]) is None and n.inputs[0].inputs]
 
     def compiles(index: int, folder: Path) -> bool:
         g = load_graph(model)
-        g.outputs = [g.tensors()[cuts[index]]]
+        tensors = g.tensors()
+        readers = {name: [c.name for c in tensors[name].outputs] for name in cuts[:index + 1]}
+        g.outputs = [tensors[name] for name in cuts[:index + 1]]
+        g.cleanup().toposort()
+        inside = {n.name for n in g.nodes}
+        g.outputs = [tensors[name] for name in cuts[:index + 1]
+                     if name == cuts[index] or not readers[name] or any(r not in inside for r in readers[name])]
         g.cleanup().toposort()
         try:
             ep.htp_session(save_graph(g, folder / f"prefix{index}.onnx"))
