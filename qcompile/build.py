@@ -175,7 +175,8 @@ def exclusions(cfg: CompileConfig, adapter, caps) -> tuple[str, ...]:
 
 def build(cfg: CompileConfig) -> BuildResult:
     t_start = time.perf_counter()
-    target = load_target(cfg.target, static_batch=cfg.static_batch)  # an unknown target fails before any work
+    # an unknown target fails before any work
+    target = load_target(cfg.target, static_batch=cfg.static_batch, htp_arch=cfg.htp_arch)
     adapter = resolve(cfg)
     spec, calib_inputs, held_out = calibration_plan(cfg, adapter)
     excluded = exclusions(cfg, adapter, target.caps)
@@ -333,6 +334,8 @@ def _manifest(cfg, spec: CalibSpec, adapter, target, exported, fp32_path: Path, 
         "buckets": buckets,
         # Files a target writes for other toolchains (QNN: float graph + encodings), not run by its runner.
         "sdk_files": target.sdk_files() if hasattr(target, "sdk_files") else [],
+        # What the device files were made for (QNN: the HTP architecture of the context binaries).
+        "device": target.device_record() if hasattr(target, "device_record") else {},
         "pass_log": [e.as_dict() for e in ctx.log],
         "tools": tool_versions(),
     }

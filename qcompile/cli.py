@@ -58,6 +58,9 @@ def _quant_args(p: argparse.ArgumentParser) -> None:
                    help="at most N layers kept float by --mixed-precision (alone: exactly the N most sensitive)")
     g.add_argument("--static-batch", type=int, default=None, metavar="N",
                    help="batch of a static-shape target (tflite-*, qnn-*); 2 runs a CFG step in one call")
+    g.add_argument("--htp-arch", type=int, default=None, metavar="V",
+                   help="qnn-*: HTP architecture to compile context binaries for and simulate (73: Snapdragon "
+                        "8 Gen 2, 75: 8 Gen 3, 79: 8 Elite); default: the QNN backend's")
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
@@ -148,7 +151,7 @@ def _config(args: argparse.Namespace, *, with_quant: bool):
                          bucket_method=BucketMethod.parse(args.bucket_method),
                          exclude=tuple(args.exclude), full_integer=args.full_integer,
                          mixed_precision_sqnr_db=args.mixed_precision, max_float_layers=args.max_float_layers,
-                         split_shortcut=args.split_shortcut, static_batch=args.static_batch,
+                         split_shortcut=args.split_shortcut, static_batch=args.static_batch, htp_arch=args.htp_arch,
                          smoothquant_alpha=args.smoothquant,
                          validate_count=args.validate, thresholds=thresholds, fidelity=fidelity)
 

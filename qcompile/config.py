@@ -170,6 +170,9 @@ class CompileConfig:
     # The batch a static-shape target (TFLite, QNN) is built for; None: the target's default
     # (TFLite 1, QNN 2: one classifier-free-guidance step). The runner runs other batches in chunks.
     static_batch: int | None = None
+    # The HTP architecture (v73, v75, v79, ...) a QNN target compiles its context binaries for and the
+    # simulator emulates; None: the QNN backend's default.
+    htp_arch: int | None = None
     seed: int = 0
     opset: int = 20
     thresholds: Thresholds = field(default_factory=Thresholds)
@@ -182,6 +185,8 @@ class CompileConfig:
             raise UserError(f"--smoothquant {self.smoothquant_alpha}: alpha must be within [0, 1]")
         if self.static_batch is not None and self.static_batch < 1:
             raise UserError(f"--static-batch {self.static_batch}: needs at least 1")
+        if self.htp_arch is not None and self.htp_arch < 68:
+            raise UserError(f"--htp-arch {self.htp_arch}: HTP architectures start at 68 (v68)")
         if self.validate_count < 1:
             raise UserError(f"--validate {self.validate_count}: needs at least one input")
         if self.opset < 18:

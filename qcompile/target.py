@@ -56,17 +56,23 @@ TARGETS: dict[TargetName, str] = {
 }
 
 
-def load_target(name: TargetName, *, static_batch: int | None = None) -> Target:
-    """The target's object; `static_batch` sets the batch of a target built with static shapes."""
+# Target options: (constructor parameter, command-line option, which targets take it).
+TARGET_OPTIONS = (("batch", "--static-batch", "static-shape targets (tflite-*, qnn-*)"),
+                  ("htp_arch", "--htp-arch", "the qnn-* targets"))
+
+
+def load_target(name: TargetName, *, static_batch: int | None = None, htp_arch: int | None = None) -> Target:
+    """The target's object; `static_batch` sets the batch of a target built with static shapes,
+    `htp_arch` the HTP architecture of a QNN target."""
     spec = TARGETS.get(name)
     if spec is None:
         ready = ", ".join(t.value for t in TARGETS)
         raise UserError(f"--target {name.value}: not available in this version; available: {ready}")
     module_name, cls_name = spec.split(":")
     cls = getattr(importlib.import_module(module_name), cls_name)
-    if static_batch is None:
-        return cls()
-    if "batch" not in inspect.signature(cls).parameters:
-        raise UserError(f"--static-batch: target {name.value} keeps the batch dynamic; the option is for "
-                        "static-shape targets (tflite-*, qnn-*)")
-    return cls(batch=static_batch)
+    given = {"batch": static_batch, "htp_arch": htp_arch}
+    accepted = inspect.signature(cls).parameters
+    for param, option, who in TARGET_OPTIONS:
+        if given[param] is not None and param not in accepted:
+            raise UserError(f"{option}: target {name.value} does not take it; the option is for {who}")
+    return cls(**{k: v for k, v in given.items() if v is not None})

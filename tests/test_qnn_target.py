@@ -50,9 +50,10 @@ def test_family_runs_entirely_on_htp_at_w8a16(model, tmp_path):
 
 def test_artifact_files_and_encodings_match_the_qdq_graph(tmp_path):
     cfg = CompileConfig(model="builtin:tiny-sd-unet", target=TargetName.QNN_W8A8, out_dir=tmp_path / "out",
-                        calib=CalibSpec.parse("synthetic:8"), validate_count=2, buckets=2)
+                        calib=CalibSpec.parse("synthetic:8"), validate_count=2, buckets=2, htp_arch=75)
     result = build(cfg)
     out, manifest = result.out_dir, result.manifest
+    assert manifest["device"] == {"htp_arch": 75}  # contexts compiled for v75, and the simulator ran v75
     assert [b["files"][0] for b in manifest["buckets"]] == ["model_t0.onnx", "model_t1.onnx"]
     assert all("host_time_embedding.onnx" in b["files"] for b in manifest["buckets"])
     assert manifest["sdk_files"] == ["float/model.onnx", "float/model.onnx.data", "float/encodings_t0.json",
@@ -66,7 +67,7 @@ def test_artifact_files_and_encodings_match_the_qdq_graph(tmp_path):
         assert attrs["embed_mode"] == 0  # the binary sits beside the EPContext models, not inside them
     # ... which stores the weights once: well under two unshared binaries
     with tempfile.TemporaryDirectory() as tmp:
-        unshared = write_contexts([out / "model_t0.onnx", out / "model_t1.onnx"], Path(tmp), shared=False)
+        unshared = write_contexts([out / "model_t0.onnx", out / "model_t1.onnx"], Path(tmp), shared=False, arch=75)
         unshared_bytes = sum(p.stat().st_size for p in unshared if p.suffix == ".bin")
     context = result.report["device"]["context"]
     assert context["weight_shared"] and context["binary_bytes"] < 0.8 * unshared_bytes

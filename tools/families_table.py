@@ -41,7 +41,11 @@ def main() -> None:
                      "eps_cos_mean": s["eps_cos_mean"], "eps_cos_min": s["eps_cos_min"],
                      "eps_sqnr_db_mean": s["eps_sqnr_db_mean"], "eps_sqnr_db_min": s["eps_sqnr_db_min"],
                      "size_ratio": s["size_ratio"], "float_layers": len(m["quantization"]["float_layers"]),
-                     "seconds": round(time.perf_counter() - t0, 1)})
+                     "seconds": round(time.perf_counter() - t0, 1),
+                     **{k: s[k] for k in ("htp_cosine_min", "htp_vs_fp32_sqnr_db_min", "htp_vs_cpu_ep_sqnr_db_min")
+                        if k in s}})
+        if "device" in result.report:
+            rows[-1]["htp_checks"] = result.report["device"]["checks"]
     print("\n| model | class | exporter | export max abs diff | eps cos mean (min) | eps SQNR dB mean (min) "
           "| size vs fp32 | float layers | build s |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -49,6 +53,14 @@ def main() -> None:
         print(f"| {r['model']} | {r['class']} | {r['exporter']} | {r['export_max_abs_diff']:.1e} | "
               f"{r['eps_cos_mean']:.4f} ({r['eps_cos_min']:.4f}) | {r['eps_sqnr_db_mean']:.1f} "
               f"({r['eps_sqnr_db_min']:.1f}) | {r['size_ratio']:.3f} | {r['float_layers']} | {r['seconds']} |")
+    device = [r for r in rows if "htp_cosine_min" in r]
+    if device:  # targets proven on a device simulator (qnn-*)
+        print("\n| model | on HTP: cosine min | SQNR vs fp32 dB | SQNR vs CPU EP dB | checks |")
+        print("|---|---|---|---|---|")
+        for r in device:
+            passed = ", ".join(k for k, ok in r["htp_checks"].items() if ok)
+            print(f"| {r['model']} | {r['htp_cosine_min']:.5f} | {r['htp_vs_fp32_sqnr_db_min']:.1f} | "
+                  f"{r['htp_vs_cpu_ep_sqnr_db_min']:.1f} | {passed} |")
     (args.out / "families.json").write_text(json.dumps(rows, indent=2))
 
 

@@ -32,7 +32,7 @@ def context_model_name(model: str) -> str:
     return f"{Path(model).stem}_ctx.onnx"
 
 
-def write_contexts(models: Sequence[Path], out_dir: Path, *, shared: bool) -> list[Path]:
+def write_contexts(models: Sequence[Path], out_dir: Path, *, shared: bool, arch: int | None = None) -> list[Path]:
     """Compile each Q/DQ model into `out_dir` (an EPContext model each, binaries beside them, not
     embedded); with `shared`, one weight-shared binary for all. Returns every file written."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -44,7 +44,7 @@ def write_contexts(models: Sequence[Path], out_dir: Path, *, shared: bool) -> li
             config["ep.share_ep_contexts"] = "1"
             if i == len(models) - 1:
                 config["ep.stop_share_ep_contexts"] = "1"  # this session writes the one .bin
-        ep.htp_session(model, session_config=config)
+        ep.htp_session(model, session_config=config, arch=arch)
     return sorted(set(out_dir.iterdir()) - before)
 
 
@@ -59,7 +59,7 @@ def check_contexts(artifact_dir: Path, runner_htp, feeds: dict[int, dict[str, np
                            "weight_shared": len(shipped) > 1 and len(bins) == 1}
     try:
         if shipped:
-            ep.htp_session(shipped[0], quiet=True)
+            ep.htp_session(shipped[0], quiet=True, arch=runner_htp.htp_arch)
         out["shipped_loads_on_simulator"] = bool(shipped)
     except UserError as exc:
         out["shipped_loads_on_simulator"] = False
@@ -72,8 +72,8 @@ def check_contexts(artifact_dir: Path, runner_htp, feeds: dict[int, dict[str, np
             if out["shipped_loads_on_simulator"] and not out["weight_shared"]:
                 ctx = folder / context_model_name(model.name)  # the shipped file itself
             else:
-                write_contexts([model], Path(tmp), shared=False)
-            session = ep.htp_session(ctx)
+                write_contexts([model], Path(tmp), shared=False, arch=runner_htp.htp_arch)
+            session = ep.htp_session(ctx, arch=runner_htp.htp_arch)
             feed = runner_htp.device_feed(chunk)
             got = session.run([runner_htp.output_name], feed)[0]
             want = runner_htp.run_chunk(bucket, chunk)

@@ -53,15 +53,19 @@ def runtime_version() -> str:
 
 
 def htp_session(model: Path | bytes, *, options: Mapping[str, str] | None = None,
-                session_config: Mapping[str, str] | None = None, quiet: bool = False) -> ort.InferenceSession:
+                session_config: Mapping[str, str] | None = None, quiet: bool = False,
+                arch: int | None = None) -> ort.InferenceSession:
     """A session whose every node runs on the HTP backend; fails rather than fall back to the CPU.
-    `quiet`: a refusal the caller expects and reports itself is not also logged by onnxruntime."""
+    `quiet`: a refusal the caller expects and reports itself is not also logged by onnxruntime.
+    `arch`: the HTP architecture to compile for (and simulate); None: the backend's default."""
     so = ort.SessionOptions()
     so.log_severity_level = 4 if quiet else 3
     so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     for key, value in (session_config or {}).items():
         so.add_session_config_entry(key, value)
     provider = {"backend_path": qnn_module().get_qnn_htp_path(), **(options or {})}
+    if arch is not None:
+        provider["htp_arch"] = str(arch)
     so.add_provider_for_devices(list(_devices()), provider)
     source = str(model) if isinstance(model, Path) else model
     try:

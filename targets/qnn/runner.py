@@ -21,11 +21,13 @@ HOST_FILE = "host_time_embedding.onnx"
 
 class QnnRunner(BucketRunner):
     def __init__(self, paths: Sequence[Path], *, host: Path | None = None, bucket_edges: Sequence[float] = (),
-                 timestep_name: str | None = None, sample_name: str | None = None, htp: bool = True):
+                 timestep_name: str | None = None, sample_name: str | None = None, htp: bool = True,
+                 htp_arch: int | None = None):
         super().__init__(len(paths), bucket_edges=bucket_edges, timestep_name=timestep_name, sample_name=sample_name)
         self.htp = htp
+        self.htp_arch = htp_arch
         self.paths = [Path(p) for p in paths]
-        self.sessions = [ep.htp_session(Path(p)) if htp else make_session(Path(p)) for p in paths]
+        self.sessions = [ep.htp_session(Path(p), arch=htp_arch) if htp else make_session(Path(p)) for p in paths]
         self.host = make_session(host) if host is not None else None
         device_inputs = self.sessions[0].get_inputs()
         self.batch = next((i.shape[0] for i in device_inputs if i.shape and isinstance(i.shape[0], int)), 1)

@@ -74,10 +74,12 @@ class _QnnTarget:
     caps: TargetCaps
     runtime_name = "onnxruntime CPU EP running the HTP's Q/DQ graph (device checks: QNN HTP simulator)"
 
-    def __init__(self, batch: int = DEFAULT_BATCH, cut: TimeEmbeddingCut = TimeEmbeddingCut.FULL):
+    def __init__(self, batch: int = DEFAULT_BATCH, cut: TimeEmbeddingCut = TimeEmbeddingCut.FULL,
+                 htp_arch: int | None = None):
         ep.qnn_module()  # a missing extra fails here, once, with the package to install
         self.batch = batch
         self.cut = cut
+        self.htp_arch = htp_arch
         self._host: MoveTimeEmbeddingToHost | None = None
         self._float: KeepFloatGraph | None = None
         self._sdk_files: list[str] = []
@@ -120,20 +122,26 @@ class _QnnTarget:
             name = f"{FLOAT_DIR}/encodings_t{k}.json" if len(graphs) > 1 else f"{FLOAT_DIR}/encodings.json"
             write_encodings(graph, float_graph, out_dir / name)
             self._sdk_files.append(name)
-        self._sdk_files += self._contexts([out_dir / f[0] for f in files], out_dir)
+        self._sdk_files += self._contexts([out_dir / f[0] for f in files], out_dir, self.htp_arch)
         return [[*f, *extra] for f in files]
 
     @staticmethod
-    def _contexts(models: list[Path], out_dir: Path) -> list[str]:
+    def _contexts(models: list[Path], out_dir: Path, arch: int | None) -> list[str]:
         """Context binaries for devices (one weight-shared binary for several buckets). A graph HTP
         refuses writes none: the device check then names the first activation it refuses."""
-        print(f"[qcompile] qnn: compiling {len(models)} graph(s) into context binaries", flush=True)
+        where = f" for HTP v{arch}" if arch is not None else ""
+        print(f"[qcompile] qnn: compiling {len(models)} graph(s) into context binaries{where}", flush=True)
         try:
-            written = write_contexts(models, out_dir / CONTEXT_DIR, shared=len(models) > 1)
+            written = write_contexts(models, out_dir / CONTEXT_DIR, shared=len(models) > 1, arch=arch)
         except UserError:
             shutil.rmtree(out_dir / CONTEXT_DIR, ignore_errors=True)
             return []
         return [p.relative_to(out_dir).as_posix() for p in written]
+
+    def device_record(self) -> dict[str, Any]:
+        """The manifest's `device`: the HTP architecture the context binaries are compiled for (and the
+        simulator emulates when it runs this artifact); None is the QNN backend's default."""
+        return {"htp_arch": self.htp_arch}
 
     def sdk_files(self) -> list[str]:
         """Files for QNN SDK users (float device graph, encodings per bucket), not run by the runner."""
@@ -154,6 +162,7 @@ class _QnnTarget:
             timestep_name=manifest["model"].get("timestep_input"),
             sample_name=manifest["model"].get("sample_input"),
             htp=htp,
+            htp_arch=(manifest.get("device") or {}).get("htp_arch", self.htp_arch),
         )
 
 
@@ -165,7 +174,7 @@ class _QnnTarget:
         try:
             htp = self.runner(artifact_dir, manifest, htp=True)
         except UserError as exc:  # name what HTP cannot take: bisect the first bucket's graph
-            found = first_refused_prefix(Path(artifact_dir) / manifest["buckets"][0]["files"][0])
+            found = first_refused_prefix(Path(artifact_dir) / manifest["buckets"][0]["files"][0], self.htp_arch)
             where = "" if found is None else f"; the first activation it refuses is '{found[0]}' from node " \
                                              f"'{found[1]}' ({found[2]})"
             raise UserError(f"{exc}{where}") from exc

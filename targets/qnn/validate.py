@@ -85,12 +85,13 @@ def exposed_activations(model: Path, out_path: Path) -> tuple[Path, list[Exposed
     return save_graph(graph, out_path), listed
 
 
-def first_divergence(model: Path, feed: dict[str, np.ndarray], *, tolerance_db: float) -> Divergence | None:
+def first_divergence(model: Path, feed: dict[str, np.ndarray], *, tolerance_db: float,
+                     arch: int | None = None) -> Divergence | None:
     """The first quantized activation (graph order) where HTP and the CPU EP disagree, or None."""
     with tempfile.TemporaryDirectory(prefix="qcompile-qnn-expose-") as tmp:
         exposed, listed = exposed_activations(model, Path(tmp) / "exposed.onnx")
         names = [e.output for e in listed]
-        htp = ep.htp_session(exposed)
+        htp = ep.htp_session(exposed, arch=arch)
         cpu = make_session(exposed, optimize=False)
         device_feed = {i.name: feed[i.name] for i in htp.get_inputs()}
         got = dict(zip(names, htp.run(names, device_feed), strict=True))
@@ -135,7 +136,7 @@ def check_on_htp(runner_htp, runner_cpu, reference, inputs: dict[str, np.ndarray
     result["agrees"] = result["htp_vs_fp32_sqnr_db"] >= result["cpu_vs_fp32_sqnr_db"] - HTP_SQNR_SLACK_DB
     if not result["runs_identical"] or not result["agrees"]:
         found = first_divergence(runner_htp.paths[bucket], runner_htp.device_feed(chunk),
-                                 tolerance_db=DIVERGENCE_SQNR_DB[bits])
+                                 tolerance_db=DIVERGENCE_SQNR_DB[bits], arch=runner_htp.htp_arch)
         result["first_divergence"] = None if found is None else found.as_dict()
     return result
 
@@ -188,7 +189,7 @@ def sampling_on_htp(reference, runner_htp, runner_cpu, setup, sampler, *, sample
     }
 
 
-def first_refused_prefix(model: Path) -> tuple[str, str, str] | None:
+def first_refused_prefix(model: Path, arch: int | None = None) -> tuple[str, str, str] | None:
     """When HTP refuses a whole graph, the smallest prefix it also refuses: the graph is cut after
     each quantized activation in turn (bisection over graph order). Returns (tensor, producer, op)
     of the activation whose addition makes HTP fail, or None if every prefix compiles.
@@ -213,7 +214,7 @@ def first_refused_prefix(model: Path) -> tuple[str, str, str] | None:
                      if name == cuts[index] or not readers[name] or any(r not in inside for r in readers[name])]
         g.cleanup().toposort()
         try:
-            ep.htp_session(save_graph(g, folder / f"prefix{index}.onnx"))
+            ep.htp_session(save_graph(g, folder / f"prefix{index}.onnx"), arch=arch)
         except Exception:  # noqa: BLE001 - any refusal counts
             return False
         return True
