@@ -8,9 +8,12 @@ the first tensor to fall, from 40 dB to nothing).
 
 A finite mask works as well as an infinite one: a blocked logit only has to sit far enough below
 every unblocked one that exp() of the gap vanishes. With the scores inside their calibrated range
-[lo, hi], a mask of -(hi - lo) - GAP puts every blocked logit at least GAP below the smallest
-unblocked one, so each weighs at most exp(-GAP) of it (1e-7 at GAP 16; 77 blocked tokens 1e-5,
-below a 16-bit softmax's resolution).
+[lo, hi] and the mask's other values at least b (0 for a pure mask), a blocked value of
+b - (hi - lo) - GAP puts every blocked logit at least GAP below the smallest unblocked one, so each
+weighs at most exp(-GAP) of it (1e-7 at GAP 16; 77 blocked tokens 1e-5, below a 16-bit softmax's
+resolution). Only the blocking values change. A row blocked entirely, whose softmax is NaN in float
+(exporters' NaN guards then write zeros), becomes the softmax of its scores: such a row's output is
+meaningless either way.
 
 Each rewritten sum gets a new name: the calibrated statistics under the old name saw -3.4e38. The
 integer Q/DQ pass derives its range from the scores' range and the bounded mask (an Add of a constant).
@@ -64,10 +67,12 @@ class BoundAttentionMask(Pass):
             total = add.outputs[0]
             if rng is None or total.name in outputs:
                 continue  # without the scores' range there is nothing to bound by; outputs keep names
-            floor = -((rng.hi - rng.lo) + GAP)
             values = constant_values(mask)
+            kept = values[values > BLOCKED]  # a bias beside the blocks (ALiBi, say) keeps its values
+            floor = min(float(kept.min()), 0.0) if kept.size else 0.0
+            floor -= (rng.hi - rng.lo) + GAP
             new_mask = gs.Constant(f"{add.name}_bounded_mask",
-                                   np.maximum(values, np.asarray(floor, values.dtype)).astype(values.dtype))
+                                   np.where(values <= BLOCKED, floor, values).astype(values.dtype))
             add.inputs[add.inputs.index(mask)] = new_mask
             renamed = gs.Variable(f"{total.name}_bounded", dtype=total.dtype, shape=total.shape)
             redirect_consumers(total, renamed)

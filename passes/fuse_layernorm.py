@@ -54,23 +54,23 @@ class FuseLayerNorm(Pass):
         return 1
 
 
-# --- matching ------------------------------------------------------------------------------------
-def _consumers(t: gs.Tensor) -> list[gs.Node]:
+# --- matching (shared with fuse_rmsnorm) ----------------------------------------------------------
+def consumers(t: gs.Tensor) -> list[gs.Node]:
     return list({id(c): c for c in t.outputs}.values())
 
 
-def _only_consumer(t: gs.Tensor, outs: set[str], op: str) -> gs.Node | None:
-    consumers = _consumers(t)
-    if len(consumers) != 1 or t.name in outs or consumers[0].op != op:
+def only_consumer(t: gs.Tensor, outs: set[str], op: str) -> gs.Node | None:
+    readers = consumers(t)
+    if len(readers) != 1 or t.name in outs or readers[0].op != op:
         return None
-    return consumers[0]
+    return readers[0]
 
 
-def _other(node: gs.Node, t: gs.Tensor) -> gs.Tensor:
+def other_operand(node: gs.Node, t: gs.Tensor) -> gs.Tensor:
     return node.inputs[1] if node.inputs[0] is t else node.inputs[0]
 
 
-def _reduced_axes(node: gs.Node, opset: int, rank: int) -> tuple[int, ...] | None:
+def reduced_axes(node: gs.Node, opset: int, rank: int) -> tuple[int, ...] | None:
     """Negative axes of a keepdims ReduceMean, or None when they cannot be read."""
     if not node.attrs.get("keepdims", 1):
         return None
@@ -83,14 +83,14 @@ def _reduced_axes(node: gs.Node, opset: int, rank: int) -> tuple[int, ...] | Non
     return tuple(sorted(int(a) - rank if int(a) >= 0 else int(a) for a in np.ravel(axes)))
 
 
-def _scalar(t: gs.Tensor) -> float | None:
+def scalar_value(t: gs.Tensor) -> float | None:
     values = constant_values(t)
     return float(values.reshape(-1)[0]) if values is not None and values.size == 1 else None
 
 
-def _affine(node: gs.Node, data: gs.Tensor, norm_shape: tuple[int, ...]) -> np.ndarray | None:
+def affine_operand(node: gs.Node, data: gs.Tensor, norm_shape: tuple[int, ...]) -> np.ndarray | None:
     """The other operand of `node`, broadcast to the normalized shape, when it broadcasts only there."""
-    values = constant_values(_other(node, data))
+    values = constant_values(other_operand(node, data))
     if values is None:
         return None
     trailing = values.shape[values.ndim - len(norm_shape):] if values.ndim > len(norm_shape) else values.shape
@@ -107,44 +107,44 @@ def _match(mean: gs.Node, opset: int, outs: set[str]):
     shape = x.shape
     if shape is None:
         return None
-    axes = _reduced_axes(mean, opset, len(shape))
+    axes = reduced_axes(mean, opset, len(shape))
     if axes is None or axes != tuple(range(-len(axes), 0)):
         return None
     norm_shape = tuple(shape[len(shape) - len(axes):])
     if not all(isinstance(d, int) for d in norm_shape):
         return None
-    sub = _only_consumer(mean.outputs[0], outs, "Sub")
+    sub = only_consumer(mean.outputs[0], outs, "Sub")
     if sub is None or sub.inputs[0] is not x or sub.inputs[1] is not mean.outputs[0]:
         return None
     d = sub.outputs[0]
-    users = _consumers(d)
+    users = consumers(d)
     if d.name in outs or len(users) != 2:
         return None
     square = next((u for u in users if u.op == "Pow" or (u.op == "Mul" and u.inputs[0] is d is u.inputs[1])), None)
     divide = next((u for u in users if u is not square and u.op in ("Div", "Mul")), None)
-    if square is None or divide is None or (square.op == "Pow" and _scalar(square.inputs[1]) != 2.0):
+    if square is None or divide is None or (square.op == "Pow" and scalar_value(square.inputs[1]) != 2.0):
         return None
-    var = _only_consumer(square.outputs[0], outs, "ReduceMean")
-    if var is None or var.inputs[0] is not square.outputs[0] or _reduced_axes(var, opset, len(shape)) != axes:
+    var = only_consumer(square.outputs[0], outs, "ReduceMean")
+    if var is None or var.inputs[0] is not square.outputs[0] or reduced_axes(var, opset, len(shape)) != axes:
         return None
-    add_eps = _only_consumer(var.outputs[0], outs, "Add")
-    eps = _scalar(_other(add_eps, var.outputs[0])) if add_eps is not None else None
-    sqrt = _only_consumer(add_eps.outputs[0], outs, "Sqrt") if eps is not None else None
+    add_eps = only_consumer(var.outputs[0], outs, "Add")
+    eps = scalar_value(other_operand(add_eps, var.outputs[0])) if add_eps is not None else None
+    sqrt = only_consumer(add_eps.outputs[0], outs, "Sqrt") if eps is not None else None
     if sqrt is None:
         return None
     if divide.op == "Div":
         if divide.inputs[0] is not d or divide.inputs[1] is not sqrt.outputs[0]:
             return None
     else:
-        recip = _only_consumer(sqrt.outputs[0], outs, "Reciprocal")
-        if recip is None or _other(divide, d) is not recip.outputs[0]:
+        recip = only_consumer(sqrt.outputs[0], outs, "Reciprocal")
+        if recip is None or other_operand(divide, d) is not recip.outputs[0]:
             return None
     last, tail, gamma, beta = divide, divide.outputs[0], None, None
-    mul = _only_consumer(tail, outs, "Mul")
-    if mul is not None and (gamma := _affine(mul, tail, norm_shape)) is not None:
+    mul = only_consumer(tail, outs, "Mul")
+    if mul is not None and (gamma := affine_operand(mul, tail, norm_shape)) is not None:
         last, tail = mul, mul.outputs[0]
-    add = _only_consumer(tail, outs, "Add")
-    if add is not None and (beta := _affine(add, tail, norm_shape)) is not None:
+    add = only_consumer(tail, outs, "Add")
+    if add is not None and (beta := affine_operand(add, tail, norm_shape)) is not None:
         last = add
     if gamma is None:
         gamma = np.ones(norm_shape, np.dtype(x.dtype) if x.dtype is not None else np.float32)

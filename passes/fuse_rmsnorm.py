@@ -18,63 +18,52 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qcompile.graph_io import constant_values, raise_opset, tag_new_node
+from qcompile.graph_io import raise_opset, tag_new_node
 from qcompile.pass_manager import GraphProperty, Pass, PassContext, PassResult
+from qcompile.passes.fuse_layernorm import affine_operand, only_consumer, other_operand, reduced_axes, scalar_value
 
 RMSNORM_OPSET = 23
 
 
-def _only_consumer(t: gs.Tensor) -> gs.Node | None:
-    return t.outputs[0] if len(t.outputs) == 1 else None
-
-
-def _squared_input(node: gs.Node) -> gs.Tensor | None:
-    """x for Pow(x, 2) or Mul(x, x)."""
-    if node.op == "Pow" and constant_values(node.inputs[1]) is not None and \
-            np.all(constant_values(node.inputs[1]) == 2):
-        return node.inputs[0]
-    if node.op == "Mul" and node.inputs[0] is node.inputs[1]:
-        return node.inputs[0]
-    return None
-
-
-def _last_axis_mean(node: gs.Node) -> bool:
-    axes = node.attrs.get("axes")
-    if axes is None and len(node.inputs) > 1:
-        axes = constant_values(node.inputs[1])
-    rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
-    if axes is None or np.size(axes) != 1 or not node.attrs.get("keepdims", 1):
-        return False
-    axis = int(np.asarray(axes).reshape(-1)[0])
-    return axis == -1 or (rank is not None and axis == rank - 1)
-
-
-def match_rmsnorm(sqrt: gs.Node) -> tuple[gs.Tensor, float, list[gs.Node], gs.Node] | None:
-    """(x, eps, nodes of the norm, the node writing its result) for the RMSNorm around this Sqrt."""
-    add = sqrt.inputs[0].inputs[0] if sqrt.inputs[0].inputs else None
-    if add is None or add.op != "Add":
+def match_rmsnorm(mean: gs.Node, opset: int, outs: set[str]):
+    """(x, node writing the result, axis, eps, scale) for the RMSNorm whose ReduceMean this is, else None.
+    No intermediate may be read elsewhere or be a graph output: they all disappear."""
+    square = mean.inputs[0].inputs[0] if mean.inputs[0].inputs else None
+    if square is None or square.op not in ("Pow", "Mul") or len(mean.inputs[0].outputs) != 1 \
+            or mean.inputs[0].name in outs:
         return None
-    mean, eps = next(((i.inputs[0], constant_values(c)) for i, c in (add.inputs, add.inputs[::-1])
-                      if i.inputs and constant_values(c) is not None and i.inputs[0].op == "ReduceMean"), (None, None))
-    if mean is None or np.size(eps) != 1 or not _last_axis_mean(mean) or not mean.inputs[0].inputs:
+    x = square.inputs[0]
+    if not (square.op == "Pow" and scalar_value(square.inputs[1]) == 2.0) and \
+            not (square.op == "Mul" and square.inputs[1] is x):
         return None
-    square = mean.inputs[0].inputs[0]
-    x = _squared_input(square)
-    if x is None:
+    shape = x.shape
+    axes = reduced_axes(mean, opset, len(shape)) if shape is not None else None
+    if axes is None or axes != tuple(range(-len(axes), 0)):
         return None
-    nodes = [square, mean, add, sqrt]
-    after = _only_consumer(sqrt.outputs[0])
-    if after is not None and after.op == "Reciprocal":
-        nodes.append(after)
-        after = _only_consumer(after.outputs[0])
-        if after is None or after.op != "Mul" or x not in after.inputs:
+    norm_shape = tuple(shape[len(shape) - len(axes):])
+    if not all(isinstance(d, int) for d in norm_shape):
+        return None
+    add_eps = only_consumer(mean.outputs[0], outs, "Add")
+    eps = scalar_value(other_operand(add_eps, mean.outputs[0])) if add_eps is not None else None
+    sqrt = only_consumer(add_eps.outputs[0], outs, "Sqrt") if eps is not None else None
+    if sqrt is None:
+        return None
+    recip = only_consumer(sqrt.outputs[0], outs, "Reciprocal")
+    if recip is not None:
+        last = only_consumer(recip.outputs[0], outs, "Mul")
+        if last is None or other_operand(last, recip.outputs[0]) is not x:
             return None
-    elif after is None or after.op != "Div" or after.inputs[0] is not x:
-        return None
-    nodes.append(after)
-    if any(len(n.outputs[0].outputs) != 1 for n in nodes[:-1]):
-        return None  # an intermediate read elsewhere must stay
-    return x, float(np.asarray(eps).reshape(-1)[0]), nodes, after
+    else:
+        last = only_consumer(sqrt.outputs[0], outs, "Div")
+        if last is None or last.inputs[0] is not x:
+            return None
+    dtype = np.dtype(x.dtype) if x.dtype is not None else np.dtype(np.float32)
+    scale = None
+    weight = only_consumer(last.outputs[0], outs, "Mul")
+    if weight is not None and (scale := affine_operand(weight, last.outputs[0], norm_shape)) is not None:
+        last = weight
+    scale = np.ones(norm_shape, dtype) if scale is None else scale.astype(dtype)  # the output takes its type
+    return x, last, -len(axes), float(eps), scale
 
 
 class FuseRMSNorm(Pass):
@@ -83,28 +72,17 @@ class FuseRMSNorm(Pass):
     preserves = frozenset({GraphProperty.NODES_NAMED, GraphProperty.SHAPES_KNOWN})
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        outs = {t.name for t in graph.outputs}
         fused = 0
-        for sqrt in [n for n in graph.nodes if n.op == "Sqrt"]:
-            found = match_rmsnorm(sqrt)
+        for mean in [n for n in graph.nodes if n.op == "ReduceMean"]:
+            found = match_rmsnorm(mean, graph.opset, outs)
             if found is None:
                 continue
-            x, eps, nodes, last = found
-            channels = x.shape[-1] if x.shape is not None else None
-            if not isinstance(channels, int):
-                continue
-            out, scale = last.outputs[0], np.ones(channels, np.float32)
-            weight_mul = _only_consumer(out)
-            if weight_mul is not None and weight_mul.op == "Mul":
-                w = next((constant_values(i) for i in weight_mul.inputs if i is not out), None)
-                if w is not None and w.size == channels and w.shape[-1:] == (channels,):
-                    nodes.append(weight_mul)
-                    out, scale = weight_mul.outputs[0], w.reshape(channels).astype(np.float32)
-            node = gs.Node("RMSNormalization", f"{last.name}_rmsnorm", attrs={"axis": -1, "epsilon": eps},
-                           inputs=[x, gs.Constant(f"{last.name}_rmsnorm_scale", scale)], outputs=[out])
-            tag_new_node(node, self.name, like=last)
-            for n in nodes:
-                n.outputs.clear()
-            graph.nodes.append(node)
+            x, last, axis, eps, scale = found
+            node = gs.Node("RMSNormalization", f"{last.name}_rmsnorm", attrs={"axis": axis, "epsilon": eps},
+                           inputs=[x, gs.Constant(f"{last.name}_rmsnorm_scale", scale)], outputs=[last.outputs[0]])
+            last.outputs.clear()  # detached: cleanup removes the decomposed nodes
+            graph.nodes.append(tag_new_node(node, self.name, like=last))
             fused += 1
         if fused:
             raise_opset(graph, max(graph.opset, RMSNORM_OPSET))

@@ -106,13 +106,14 @@ class MoveTimeEmbeddingToHost(Pass):
     preserves = frozenset({GraphProperty.NODES_NAMED, GraphProperty.SHAPES_KNOWN, GraphProperty.QDQ_PAIRED})
 
     def __init__(self, timestep: str | None, cut: TimeEmbeddingCut = TimeEmbeddingCut.FULL,
-                 positions: StaticShapes | None = None):
-        """`timestep` None: only the integer inputs' lookups move (`lookup_nodes`). `positions`: the
-        static-shapes pass that ran before this one; the inputs it found without a batch axis (Flux's
+                 static_shapes: StaticShapes | None = None):
+        """`timestep` None: only the integer inputs' lookups move (`lookup_nodes`). `static_shapes`: the
+        pass that fixed the batch before this one (the pipeline is built before any graph exists, so
+        what it found is read when this pass runs); the inputs it found without a batch axis (Flux's
         token ids) are sources too, so the rotary embedding computed from them moves to the host."""
         self.timestep = timestep
         self.cut = cut
-        self.positions = positions
+        self.static_shapes = static_shapes
         self.host_graph: gs.Graph | None = None  # set by run()
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
@@ -126,7 +127,9 @@ class MoveTimeEmbeddingToHost(Pass):
             sources = set(integer_inputs(graph))
             host = lookup_nodes(graph, sources)
         else:
-            unbatched = self.positions.unbatched if self.positions is not None else ()
+            unbatched = set(self.static_shapes.unbatched if self.static_shapes is not None else ())
+            if unbatched >= set(inputs):
+                unbatched = set()  # exported without any batch axis: nothing tells positions apart
             sources = {self.timestep, *integer_inputs(graph), *scalar_inputs(graph),
                        *(n for n in unbatched if n in inputs)}
             host = timestep_only_nodes(graph, sources, self.cut)

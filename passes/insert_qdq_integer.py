@@ -127,8 +127,7 @@ class InsertQDQEverywhere(Pass):
                 out[t.name] = QParams(np.array(scale, np.float32), np.array(zero, dtype.numpy), dtype)
             elif producer is not None and producer.op in self.caps.same_scale_ops and source.name in out:
                 out[t.name] = out[source.name]
-            elif t.name in self.ranges or derived_range(producer, self.ranges) is not None:
-                rng = self.ranges[t.name] if t.name in self.ranges else derived_range(producer, self.ranges)
+            elif (rng := self.ranges.get(t.name) or derived_range(producer, self.ranges)) is not None:
                 out[t.name] = activation_qparams(rng, dtype, symmetric=self.caps.activation_symmetric)
             else:
                 where = f" ({producer.op} {producer.name})" if producer is not None else " (graph input)"

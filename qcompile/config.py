@@ -144,6 +144,11 @@ class Thresholds:
         return out
 
 
+# HTP architectures onnxruntime-qnn 2.7.0 (QNN 2.51) compiles for; any other value is logged and ignored
+# by the backend, which then compiles for its default, so qcompile refuses it instead.
+HTP_ARCHS = (68, 69, 73, 75, 79, 81)
+
+
 @dataclass(frozen=True, kw_only=True)
 class CompileConfig:
     model: str  # folder, pipeline folder (with component) or builtin:<name>
@@ -185,8 +190,9 @@ class CompileConfig:
             raise UserError(f"--smoothquant {self.smoothquant_alpha}: alpha must be within [0, 1]")
         if self.static_batch is not None and self.static_batch < 1:
             raise UserError(f"--static-batch {self.static_batch}: needs at least 1")
-        if self.htp_arch is not None and self.htp_arch < 68:
-            raise UserError(f"--htp-arch {self.htp_arch}: HTP architectures start at 68 (v68)")
+        if self.htp_arch is not None and self.htp_arch not in HTP_ARCHS:
+            raise UserError(f"--htp-arch {self.htp_arch}: not an HTP architecture the QNN backend knows; choose one "
+                            f"of {', '.join(map(str, HTP_ARCHS))}")
         if self.validate_count < 1:
             raise UserError(f"--validate {self.validate_count}: needs at least one input")
         if self.opset < 18:

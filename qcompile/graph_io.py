@@ -216,7 +216,7 @@ MAX_IR_VERSION = 10
 def to_model_proto(graph: gs.Graph) -> onnx.ModelProto:
     model = gs.export_onnx(graph, do_type_check=False)
     # A graph built from scratch gets onnx's newest IR version (14 in onnx 1.23), which onnxruntime 1.31
-    # refuses; IR 10 covers every opset up to 21.
+    # refuses; IR 10 is what onnxruntime takes for every opset qcompile writes (20, 21; 23 for RMSNormalization).
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)
     for gs_node, proto in zip(graph.nodes, model.graph.node, strict=True):
         meta = gs_node.__dict__.get("meta")

@@ -98,7 +98,7 @@ def _bad(capsys, args, tmp_path, match):
     (["build", TINY, "--smoothquant", "1.5"], "--smoothquant 1.5: alpha must be within"),
     (["build", TINY, "--static-batch", "2"], "--static-batch: target ort-int8 does not take it"),
     (["build", TINY, "--htp-arch", "75"], "--htp-arch: target ort-int8 does not take it; the option is for the qnn"),
-    (["build", TINY, "--target", "qnn-w8a8", "--htp-arch", "7"], "--htp-arch 7: HTP architectures start at 68"),
+    (["build", TINY, "--target", "qnn-w8a8", "--htp-arch", "77"], "--htp-arch 77: not an HTP architecture the QNN"),
     (["build", TINY, "--target", "tflite-int8", "--static-batch", "0"], "--static-batch 0"),
     (["build", TINY, "--nonsense"], "unrecognized arguments"),
 ])

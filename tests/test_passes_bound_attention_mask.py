@@ -19,10 +19,13 @@ from qcompile.targets.qnn.caps import QNN_W8A16_CAPS
 TOKENS, DIM = 8, 16
 
 
-def _causal_attention() -> onnx.ModelProto:
-    """Two self-attention layers sharing one causal mask of float32 minimum, as CLIP's export has it."""
+def _causal_attention(slope: float = 0.0) -> onnx.ModelProto:
+    """Two self-attention layers sharing one causal mask of float32 minimum, as CLIP's export has it;
+    with `slope`, the unblocked positions carry an ALiBi-style distance bias."""
     rng = np.random.default_rng(0)
-    mask = np.triu(np.full((TOKENS, TOKENS), np.finfo(np.float32).min, np.float32), k=1)
+    distance = np.abs(np.subtract.outer(np.arange(TOKENS), np.arange(TOKENS))).astype(np.float32)
+    mask = np.where(np.triu(np.ones((TOKENS, TOKENS), bool), k=1), np.finfo(np.float32).min,
+                    -slope * distance).astype(np.float32)
     inits = [numpy_helper.from_array(mask, "mask"), numpy_helper.from_array(np.float32(DIM ** -0.5), "scale")]
     inits += [numpy_helper.from_array(rng.standard_normal((DIM, DIM)).astype(np.float32) * 0.2, f"w{i}")
               for i in range(4)]
@@ -81,3 +84,22 @@ def test_integer_graph_needs_the_bound(tmp_path):
     got_bounded = np.concatenate([make_session(bounded).run(None, f)[0] for f in feeds])
     assert sqnr_db(want, got_plain) < 15  # uniform attention over the unblocked tokens
     assert sqnr_db(want, got_bounded) > 40  # 16-bit activations, 8-bit weights
+
+
+def test_a_bias_beside_the_blocks_keeps_its_values(tmp_path):
+    src = save_with_external_data(_causal_attention(slope=0.5), tmp_path / "src.onnx")
+    ranges = observed_ranges(src, _feeds(8, 0))
+    original = constant_values(load_graph(src).tensors()["mask"])
+    graph = load_graph(src)
+    PassManager([BoundAttentionMask(ranges)]).run(graph, PassContext())
+    for add in (n for n in graph.nodes if n.op == "Add"):
+        bounded = constant_values(add.inputs[1])
+        blocked = original <= -1e4
+        np.testing.assert_array_equal(bounded[~blocked], original[~blocked])
+        scores = ranges[add.inputs[0].name]
+        np.testing.assert_allclose(bounded[blocked], float(original[~blocked].min()) - (scores.hi - scores.lo) - GAP,
+                                   rtol=1e-6)
+    out = save_graph(graph, tmp_path / "bounded.onnx")
+    for feed in _feeds(2, 1):
+        np.testing.assert_allclose(make_session(out).run(None, feed)[0], make_session(src).run(None, feed)[0],
+                                   rtol=1e-5, atol=1e-5)

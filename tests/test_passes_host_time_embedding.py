@@ -113,7 +113,7 @@ def test_flux_guidance_and_rotary_embedding_move_with_the_timestep(tmp_path_fact
     feed = adapter.synthetic_inputs([900.0, 15.0], seed=3)
     graph = load_graph(flux)
     static = StaticShapes(BATCH)
-    move = MoveTimeEmbeddingToHost("timestep", positions=static)
+    move = MoveTimeEmbeddingToHost("timestep", static_shapes=static)
     PassManager([static, move]).run(graph, PassContext())
     assert set(static.unbatched) == {"img_ids", "txt_ids"}
     host = make_session(save_graph(move.host_graph, tmp_path / "host.onnx"))

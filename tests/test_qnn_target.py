@@ -69,6 +69,10 @@ def test_artifact_files_and_encodings_match_the_qdq_graph(tmp_path):
     with tempfile.TemporaryDirectory() as tmp:
         unshared = write_contexts([out / "model_t0.onnx", out / "model_t1.onnx"], Path(tmp), shared=False, arch=75)
         unshared_bytes = sum(p.stat().st_size for p in unshared if p.suffix == ".bin")
+        # the architecture is taken, not logged and ignored: v68 compiles to other bytes than v75
+        v68 = write_contexts([out / "model_t0.onnx"], Path(tmp) / "v68", shared=False, arch=68)
+        v75_bin = next(p for p in unshared if p.name == "model_t0_ctx_qnn.bin")
+        assert next(p for p in v68 if p.suffix == ".bin").read_bytes() != v75_bin.read_bytes()
     context = result.report["device"]["context"]
     assert context["weight_shared"] and context["binary_bytes"] < 0.8 * unshared_bytes
     # the simulator cannot load a weight-shared context; each bucket's compiled graph is proven unshared

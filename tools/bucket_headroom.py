@@ -31,6 +31,7 @@ from qcompile.calibration.cache import CalibrationCache
 from qcompile.calibration.calibrate import graph_fingerprint
 from qcompile.calibration.estimators import estimate_ranges
 from qcompile.config import BucketMethod, CompileConfig, Estimator, TargetName
+from qcompile.evaluation.metrics import sqnr_db
 from qcompile.graph_io import load_graph
 from qcompile.pass_manager import PassContext, PassManager
 from qcompile.passes.insert_qdq import plan_quantization
@@ -62,10 +63,6 @@ def run(path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
     return np.concatenate([runner.run({k: v[i:i + BATCH] for k, v in feeds.items()}) for i in range(0, count, BATCH)])
 
 
-def sqnr_db(ref: np.ndarray, got: np.ndarray) -> float:
-    return float(10 * np.log10(np.sum(ref.astype(np.float64) ** 2) / max(np.sum((got - ref) ** 2.0), 1e-30)))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--export", type=Path, required=True, help="an artifact or export folder (its fp32/model.onnx)")
@@ -87,39 +84,40 @@ def main() -> None:
     levels = target.caps.activation_dtype.qmax - target.caps.activation_dtype.qmin
     feeds, row_t = rows_by_timestep(cache, args.rows_per_step)
     reference = run(fp32, feeds)
-    tmp = Path(tempfile.mkdtemp(prefix="qcompile-headroom-"))
+    with tempfile.TemporaryDirectory(prefix="qcompile-headroom-") as folder:
+        tmp = Path(folder)
 
-    def quantized(ranges, tag: str) -> Path:
-        """The Q/DQ graph with these activation ranges (none: weights only)."""
-        graph = load_graph(fp32)
-        plan = plan_quantization(graph, target.caps, excluded)
-        PassManager(target.pipeline(plan, ranges)).run(graph, PassContext())
-        (tmp / tag).mkdir()
-        return tmp / tag / target.emit([graph], tmp / tag)[0][0]
+        def quantized(ranges, tag: str) -> Path:
+            """The Q/DQ graph with these activation ranges (none: weights only)."""
+            graph = load_graph(fp32)
+            plan = plan_quantization(graph, target.caps, excluded)
+            PassManager(target.pipeline(plan, ranges)).run(graph, PassContext())
+            (tmp / tag).mkdir()
+            return tmp / tag / target.emit([graph], tmp / tag)[0][0]
 
-    def ranges_of(idx):
-        return estimate_ranges(table, estimator, idx, names=names, levels=levels,
-                               symmetric=target.caps.activation_symmetric)
+        def ranges_of(idx):
+            return estimate_ranges(table, estimator, idx, names=names, levels=levels,
+                                   symmetric=target.caps.activation_symmetric)
 
-    def per_step(outputs: dict[float, np.ndarray]) -> dict[float, float]:
-        return {t: sqnr_db(reference[row_t == t], outputs[t]) for t in outputs}
+        def per_step(outputs: dict[float, np.ndarray]) -> dict[float, float]:
+            return {t: sqnr_db(reference[row_t == t], outputs[t]) for t in outputs}
 
-    steps = [float(t) for t in table.timesteps]
-    whole = run(quantized(ranges_of(None), "k1"), feeds)
-    weights = run(quantized({}, "weights"), feeds)
-    columns = {"k1": per_step({t: whole[row_t == t] for t in steps}),
-               "weights_only": per_step({t: weights[row_t == t] for t in steps})}
-    buckets = choose_buckets(table, args.buckets, BucketMethod.DATA, timestep_scale=1000.0)
-    bucketed, oracle = {}, {}
-    for b in buckets:
-        path = quantized(ranges_of(b.timestep_indices), f"b{b.index}")
-        for i in b.timestep_indices:
-            bucketed[steps[i]] = run(path, {k: v[row_t == steps[i]] for k, v in feeds.items()})
-    for i, t in enumerate(steps):
-        oracle[t] = run(quantized(ranges_of([i]), f"t{i}"), {k: v[row_t == t] for k, v in feeds.items()})
-    columns[f"k{len(buckets)}"] = per_step(bucketed)
-    columns["per_timestep"] = per_step(oracle)
-    write(args, steps, columns, [b.timestep_range for b in buckets])
+        steps = [float(t) for t in table.timesteps]
+        whole = run(quantized(ranges_of(None), "k1"), feeds)
+        weights = run(quantized({}, "weights"), feeds)
+        columns = {"k1": per_step({t: whole[row_t == t] for t in steps}),
+                   "weights_only": per_step({t: weights[row_t == t] for t in steps})}
+        buckets = choose_buckets(table, args.buckets, BucketMethod.DATA, timestep_scale=1000.0)
+        bucketed, oracle = {}, {}
+        for b in buckets:
+            path = quantized(ranges_of(b.timestep_indices), f"b{b.index}")
+            for i in b.timestep_indices:
+                bucketed[steps[i]] = run(path, {k: v[row_t == steps[i]] for k, v in feeds.items()})
+        for i, t in enumerate(steps):
+            oracle[t] = run(quantized(ranges_of([i]), f"t{i}"), {k: v[row_t == t] for k, v in feeds.items()})
+        columns[f"k{len(buckets)}"] = per_step(bucketed)
+        columns["per_timestep"] = per_step(oracle)
+        write(args, steps, columns, [b.timestep_range for b in buckets])
 
 
 def write(args, steps: list[float], columns: dict[str, dict[float, float]], edges) -> None:

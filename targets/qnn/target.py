@@ -83,6 +83,7 @@ class _QnnTarget:
         self._host: MoveTimeEmbeddingToHost | None = None
         self._float: KeepFloatGraph | None = None
         self._sdk_files: list[str] = []
+        self._context_error: str | None = None
 
     def runtime_version(self) -> str:
         return ep.runtime_version()
@@ -95,7 +96,7 @@ class _QnnTarget:
         passes: list[Pass] = [NameNodes(), static]
         # Without a timestep too: a text encoder's token ids and the embedding lookup they index (which
         # HTP refuses, as it refused DiT's class-label lookup) go to the host.
-        self._host = MoveTimeEmbeddingToHost(timestep_input, self.cut, positions=static)
+        self._host = MoveTimeEmbeddingToHost(timestep_input, self.cut, static_shapes=static)
         self._float = KeepFloatGraph()
         passes.append(self._host)
         return [*passes, RemoveNanGuards(), BoundAttentionMask(ranges), EinsumAsTranspose(), InferShapes(),
@@ -122,26 +123,33 @@ class _QnnTarget:
             name = f"{FLOAT_DIR}/encodings_t{k}.json" if len(graphs) > 1 else f"{FLOAT_DIR}/encodings.json"
             write_encodings(graph, float_graph, out_dir / name)
             self._sdk_files.append(name)
-        self._sdk_files += self._contexts([out_dir / f[0] for f in files], out_dir, self.htp_arch)
+        self._sdk_files += self._contexts([out_dir / f[0] for f in files], out_dir)
         return [[*f, *extra] for f in files]
 
-    @staticmethod
-    def _contexts(models: list[Path], out_dir: Path, arch: int | None) -> list[str]:
-        """Context binaries for devices (one weight-shared binary for several buckets). A graph HTP
-        refuses writes none: the device check then names the first activation it refuses."""
-        where = f" for HTP v{arch}" if arch is not None else ""
+    def _contexts(self, models: list[Path], out_dir: Path) -> list[str]:
+        """Context binaries for devices (one weight-shared binary for several buckets). When compiling
+        fails, none are written and the error goes into the manifest: a graph HTP refuses fails the
+        device check, which names the first activation it refuses; otherwise the check reports the
+        missing binaries as a failure."""
+        where = f" for HTP v{self.htp_arch}" if self.htp_arch is not None else ""
         print(f"[qcompile] qnn: compiling {len(models)} graph(s) into context binaries{where}", flush=True)
+        self._context_error = None
         try:
-            written = write_contexts(models, out_dir / CONTEXT_DIR, shared=len(models) > 1, arch=arch)
-        except UserError:
+            written = write_contexts(models, out_dir / CONTEXT_DIR, shared=len(models) > 1, arch=self.htp_arch)
+        except UserError as exc:
             shutil.rmtree(out_dir / CONTEXT_DIR, ignore_errors=True)
+            self._context_error = str(exc)
+            print(f"[qcompile] qnn: no context binaries: {exc}", flush=True)
             return []
         return [p.relative_to(out_dir).as_posix() for p in written]
 
     def device_record(self) -> dict[str, Any]:
         """The manifest's `device`: the HTP architecture the context binaries are compiled for (and the
         simulator emulates when it runs this artifact); None is the QNN backend's default."""
-        return {"htp_arch": self.htp_arch}
+        record: dict[str, Any] = {"htp_arch": self.htp_arch}
+        if self._context_error is not None:
+            record["context_error"] = self._context_error
+        return record
 
     def sdk_files(self) -> list[str]:
         """Files for QNN SDK users (float device graph, encodings per bucket), not run by the runner."""
@@ -162,9 +170,12 @@ class _QnnTarget:
             timestep_name=manifest["model"].get("timestep_input"),
             sample_name=manifest["model"].get("sample_input"),
             htp=htp,
-            htp_arch=(manifest.get("device") or {}).get("htp_arch", self.htp_arch),
+            htp_arch=self.artifact_arch(manifest),
         )
 
+    def artifact_arch(self, manifest: Mapping[str, Any]) -> int | None:
+        """The HTP architecture an artifact was compiled for (its manifest), else this target's."""
+        return (manifest.get("device") or {}).get("htp_arch", self.htp_arch)
 
     def device_checks(self, artifact_dir: Path, manifest: Mapping[str, Any], *, adapter, held_out, reference,
                       artifact_runner: QnnRunner, sampler, samples: int) -> dict[str, Any]:
@@ -174,7 +185,8 @@ class _QnnTarget:
         try:
             htp = self.runner(artifact_dir, manifest, htp=True)
         except UserError as exc:  # name what HTP cannot take: bisect the first bucket's graph
-            found = first_refused_prefix(Path(artifact_dir) / manifest["buckets"][0]["files"][0], self.htp_arch)
+            found = first_refused_prefix(Path(artifact_dir) / manifest["buckets"][0]["files"][0],
+                                         self.artifact_arch(manifest))
             where = "" if found is None else f"; the first activation it refuses is '{found[0]}' from node " \
                                              f"'{found[1]}' ({found[2]})"
             raise UserError(f"{exc}{where}") from exc
@@ -189,7 +201,10 @@ class _QnnTarget:
             chunks[k] = bucket_chunk(htp, feed)[1]
         out: dict[str, Any] = {"device": "QNN HTP simulator (x86_64), CPU fallback disabled",
                                "static_batch": htp.batch, "buckets": buckets}
-        if (Path(artifact_dir) / CONTEXT_DIR).is_dir():
+        context_error = (manifest.get("device") or {}).get("context_error")
+        if context_error is not None:
+            out["context"] = {"identical": False, "error": context_error}
+        elif (Path(artifact_dir) / CONTEXT_DIR).is_dir():  # artifacts from before context binaries have none
             # every bucket's binary is checked: identity needs inputs, not inputs of the bucket's timesteps
             any_rows = bucket_chunk(htp, held_out.take(np.arange(min(htp.batch, held_out.count))))[1]
             out["context"] = check_contexts(Path(artifact_dir), htp,
@@ -209,7 +224,7 @@ class _QnnTarget:
             summary.update({f"htp_{k}": out["sampling"][k] for k in
                             ("sample_psnr_db_vs_fp32", "sample_psnr_db_vs_cpu_ep", "cpu_ep_sample_psnr_db_vs_fp32",
                              "accuracy_htp")})
-        if "context" in out:
+        if "binary_bytes" in out.get("context", {}):
             summary.update({"htp_context_bytes": out["context"]["binary_bytes"],
                             "htp_context_weight_shared": out["context"]["weight_shared"],
                             "htp_context_identical": out["context"]["identical"]})
