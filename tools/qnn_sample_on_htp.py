@@ -1,6 +1,6 @@
 """Sample images on the QNN HTP simulator with several artifacts of one model, paired by seed and label.
 
-    python tools/qnn_sample_on_htp.py ART_K1 ART_K4 [...] [--per-class 1] [--out out/qnn-sample-on-htp]
+    python tools/qnn_sample_on_htp.py ART_K1 ART_K4 [...] [--per-class 1] [--seed 0] [--out out/qnn-sample-on-htp]
 
 A build's device check samples only a couple of images (the simulator costs about a second per
 sample per call). To compare artifacts (K=1 against K=4 buckets, W8A8 against W8A16) this runs free
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -40,13 +41,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("artifacts", type=Path, nargs="+")
     ap.add_argument("--per-class", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0, help="noise seed: another seed draws another image set")
     ap.add_argument("--out", type=Path, default=Path("out/qnn-sample-on-htp"))
     args = ap.parse_args()
     first = read_manifest(args.artifacts[0])
     src, model = first["source"], first["model"]
     names = (model["sample_input"], model["timestep_input"])
     setup = resolve_model(src["model"], src.get("component"), seed=src.get("seed", 0)).sampling()
-    sampler = FidelitySettings().sampler
+    sampler = replace(FidelitySettings().sampler, seed=args.seed)
     labels = setup.labels(args.per_class)
     reference = OnnxRunner([args.artifacts[0] / src["fp32_model"]], timestep_name=names[1], sample_name=names[0])
     fp32 = images(reference, setup, labels, sampler, names)
@@ -75,7 +77,7 @@ def main() -> None:
     lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "table.md").write_text("\n".join(lines) + f"\n\n{len(labels)} images, {sampler.scheduler.value} "
-                                       f"{sampler.steps} steps, guidance {sampler.guidance}\n")
+                                       f"{sampler.steps} steps, guidance {sampler.guidance}, seed {sampler.seed}\n")
     (args.out / "table.json").write_text(json.dumps([{k: v for k, v in r.items() if not k.startswith("_")}
                                                      for r in rows], indent=2))
     print("\n".join(lines))
