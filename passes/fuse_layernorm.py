@@ -102,17 +102,32 @@ def affine_operand(node: gs.Node, data: gs.Tensor, norm_shape: tuple[int, ...]) 
         return None
 
 
-def _match(mean: gs.Node, opset: int, outs: set[str]):
-    x = mean.inputs[0]
-    shape = x.shape
-    if shape is None:
+def trailing_norm_shape(mean: gs.Node, x: gs.Tensor, opset: int) -> tuple[int, ...] | None:
+    """The static shape of the axes `mean` reduces `x` over, when they are its trailing axes (a norm's
+    normalized shape); None for other axes or a symbolic dimension."""
+    if x.shape is None:
         return None
-    axes = reduced_axes(mean, opset, len(shape))
+    axes = reduced_axes(mean, opset, len(x.shape))
     if axes is None or axes != tuple(range(-len(axes), 0)):
         return None
-    norm_shape = tuple(shape[len(shape) - len(axes):])
-    if not all(isinstance(d, int) for d in norm_shape):
+    norm_shape = tuple(x.shape[len(x.shape) - len(axes):])
+    return norm_shape if all(isinstance(d, int) for d in norm_shape) else None
+
+
+def epsilon_root(mean_square: gs.Tensor, outs: set[str]) -> tuple[float, gs.Node] | None:
+    """(eps, the Sqrt node) for Sqrt(Add(mean_square, eps)), each op the only reader of its input."""
+    add_eps = only_consumer(mean_square, outs, "Add")
+    eps = scalar_value(other_operand(add_eps, mean_square)) if add_eps is not None else None
+    sqrt = only_consumer(add_eps.outputs[0], outs, "Sqrt") if eps is not None else None
+    return None if sqrt is None else (eps, sqrt)
+
+
+def _match(mean: gs.Node, opset: int, outs: set[str]):
+    x = mean.inputs[0]
+    norm_shape = trailing_norm_shape(mean, x, opset)
+    if norm_shape is None:
         return None
+    axes = tuple(range(-len(norm_shape), 0))
     sub = only_consumer(mean.outputs[0], outs, "Sub")
     if sub is None or sub.inputs[0] is not x or sub.inputs[1] is not mean.outputs[0]:
         return None
@@ -125,13 +140,12 @@ def _match(mean: gs.Node, opset: int, outs: set[str]):
     if square is None or divide is None or (square.op == "Pow" and scalar_value(square.inputs[1]) != 2.0):
         return None
     var = only_consumer(square.outputs[0], outs, "ReduceMean")
-    if var is None or var.inputs[0] is not square.outputs[0] or reduced_axes(var, opset, len(shape)) != axes:
+    if var is None or var.inputs[0] is not square.outputs[0] or reduced_axes(var, opset, len(x.shape)) != axes:
         return None
-    add_eps = only_consumer(var.outputs[0], outs, "Add")
-    eps = scalar_value(other_operand(add_eps, var.outputs[0])) if add_eps is not None else None
-    sqrt = only_consumer(add_eps.outputs[0], outs, "Sqrt") if eps is not None else None
-    if sqrt is None:
+    root = epsilon_root(var.outputs[0], outs)
+    if root is None:
         return None
+    eps, sqrt = root
     if divide.op == "Div":
         if divide.inputs[0] is not d or divide.inputs[1] is not sqrt.outputs[0]:
             return None

@@ -20,7 +20,14 @@ import onnx_graphsurgeon as gs
 
 from qcompile.graph_io import raise_opset, tag_new_node
 from qcompile.pass_manager import GraphProperty, Pass, PassContext, PassResult
-from qcompile.passes.fuse_layernorm import affine_operand, only_consumer, other_operand, reduced_axes, scalar_value
+from qcompile.passes.fuse_layernorm import (
+    affine_operand,
+    epsilon_root,
+    only_consumer,
+    other_operand,
+    scalar_value,
+    trailing_norm_shape,
+)
 
 RMSNORM_OPSET = 23
 
@@ -36,18 +43,11 @@ def match_rmsnorm(mean: gs.Node, opset: int, outs: set[str]):
     if not (square.op == "Pow" and scalar_value(square.inputs[1]) == 2.0) and \
             not (square.op == "Mul" and square.inputs[1] is x):
         return None
-    shape = x.shape
-    axes = reduced_axes(mean, opset, len(shape)) if shape is not None else None
-    if axes is None or axes != tuple(range(-len(axes), 0)):
+    norm_shape = trailing_norm_shape(mean, x, opset)
+    root = epsilon_root(mean.outputs[0], outs) if norm_shape is not None else None
+    if root is None:
         return None
-    norm_shape = tuple(shape[len(shape) - len(axes):])
-    if not all(isinstance(d, int) for d in norm_shape):
-        return None
-    add_eps = only_consumer(mean.outputs[0], outs, "Add")
-    eps = scalar_value(other_operand(add_eps, mean.outputs[0])) if add_eps is not None else None
-    sqrt = only_consumer(add_eps.outputs[0], outs, "Sqrt") if eps is not None else None
-    if sqrt is None:
-        return None
+    eps, sqrt = root
     recip = only_consumer(sqrt.outputs[0], outs, "Reciprocal")
     if recip is not None:
         last = only_consumer(recip.outputs[0], outs, "Mul")
@@ -63,7 +63,7 @@ def match_rmsnorm(mean: gs.Node, opset: int, outs: set[str]):
     if weight is not None and (scale := affine_operand(weight, last.outputs[0], norm_shape)) is not None:
         last = weight
     scale = np.ones(norm_shape, dtype) if scale is None else scale.astype(dtype)  # the output takes its type
-    return x, last, -len(axes), float(eps), scale
+    return x, last, -len(norm_shape), float(eps), scale
 
 
 class FuseRMSNorm(Pass):

@@ -130,8 +130,7 @@ class MoveTimeEmbeddingToHost(Pass):
             unbatched = set(self.static_shapes.unbatched if self.static_shapes is not None else ())
             if unbatched >= set(inputs):
                 unbatched = set()  # exported without any batch axis: nothing tells positions apart
-            sources = {self.timestep, *integer_inputs(graph), *scalar_inputs(graph),
-                       *(n for n in unbatched if n in inputs)}
+            sources = {self.timestep, *integer_inputs(graph), *scalar_inputs(graph), *unbatched}
             host = timestep_only_nodes(graph, sources, self.cut)
         host_ids = {id(n) for n in host}
         graph_outputs = {t.name for t in graph.outputs}

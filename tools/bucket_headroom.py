@@ -79,7 +79,8 @@ def main() -> None:
     table, estimator = cache.table(), Estimator.parse(args.estimator)
     target = load_target(TargetName.ORT_INT8)
     cfg = CompileConfig(model=args.model, target=TargetName.ORT_INT8, out_dir=args.out, full_integer=args.full_integer)
-    excluded = exclusions(cfg, resolve(cfg), target.caps)
+    adapter = resolve(cfg)
+    excluded = exclusions(cfg, adapter, target.caps)
     names = plan_quantization(load_graph(fp32), target.caps, excluded).activations
     levels = target.caps.activation_dtype.qmax - target.caps.activation_dtype.qmin
     feeds, row_t = rows_by_timestep(cache, args.rows_per_step)
@@ -107,7 +108,7 @@ def main() -> None:
         weights = run(quantized({}, "weights"), feeds)
         columns = {"k1": per_step({t: whole[row_t == t] for t in steps}),
                    "weights_only": per_step({t: weights[row_t == t] for t in steps})}
-        buckets = choose_buckets(table, args.buckets, BucketMethod.DATA, timestep_scale=1000.0)
+        buckets = choose_buckets(table, args.buckets, BucketMethod.DATA, timestep_scale=adapter.timestep_scale)
         bucketed, oracle = {}, {}
         for b in buckets:
             path = quantized(ranges_of(b.timestep_indices), f"b{b.index}")

@@ -21,7 +21,7 @@ import numpy as np
 from qcompile.evaluation.metrics import cosine, sqnr_db
 from qcompile.graph_io import constant_values, load_graph, module_path, save_graph
 from qcompile.passes.insert_qdq_integer import unrenamed
-from qcompile.runtime import make_session, pad_batch
+from qcompile.runtime import make_session, static_chunks
 from qcompile.targets.qnn import ep
 
 # Below this SQNR between HTP and the CPU EP an intermediate tensor counts as diverged. HTP rounds its
@@ -112,8 +112,8 @@ def bucket_chunk(runner_htp, inputs: dict[str, np.ndarray]) -> tuple[int, dict[s
     if runner_htp.timestep_name is not None:
         bucket = runner_htp.bucket_of(float(np.asarray(inputs[runner_htp.timestep_name]).reshape(-1)[0]))
     n = len(np.asarray(inputs[runner_htp.input_names[0]]))
-    chunk = {k: pad_batch(np.asarray(v)[:runner_htp.batch], runner_htp.batch) if np.ndim(v) and len(v) == n else v
-             for k, v in inputs.items()}
+    rows = {k for k, v in inputs.items() if np.ndim(v) and len(v) == n}  # not Flux's ids, say
+    chunk, _ = next(static_chunks({k: np.asarray(v) for k, v in inputs.items()}, runner_htp.batch, rows))
     return bucket, chunk
 
 
