@@ -6,6 +6,8 @@ Free sampling on the simulator is slow and noisy. At W8A8, HTP's fixed-point rou
 as much as quantization does. So this feeds every artifact the fp32 model's own x_t, along fp32
 trajectories, and compares the guided noise predictions step by step. The question it answers:
 does an artifact's gain (K=4 over K=1, say) hold per call on the device, as it does on the CPU EP?
+A second table gives the mean of the raw eps error per step: a bias a fifth of the error's std costs
+SQNR nothing, but sampling accumulates it (K=4's buckets on HTP, see targets/qnn/README.md).
 Each seed draws `--labels-per-seed` labels, (seed + 5 i) mod classes, one trajectory each.
 """
 
@@ -53,22 +55,30 @@ def main() -> None:
                    uncond=setup.null_conditioning(1), latent_shape=(1, *setup.latent_shape),
                    scheduler_config=setup.scheduler_config, hook=calls.append)
     columns: dict[str, dict[float, float]] = {}
+    biases: dict[str, dict[float, float]] = {}
     for artifact in args.artifacts:
         manifest = read_manifest(artifact)
         for device in DEVICES:
             runner = QnnW8A8Target().runner(artifact, manifest, htp=device == "htp")
             per_t: dict[float, list[float]] = {}
+            bias_t: dict[float, list[float]] = {}
             for c in calls:
                 out = np.asarray(runner.run({x_name: c.sample, t_name: np.full(len(c.sample), c.timestep, np.float32),
                                              setup.cond_input: c.cond}))
                 per_t.setdefault(c.timestep, []).append(sqnr_db(guided(c.eps, sampler.guidance),
                                                                 guided(out, sampler.guidance)))
+                bias_t.setdefault(c.timestep, []).append(float(np.mean(out - c.eps)))
             columns[f"{artifact.name} {device}"] = {t: float(np.mean(v)) for t, v in per_t.items()}
+            biases[f"{artifact.name} {device}"] = {t: float(np.mean(v)) for t, v in bias_t.items()}
     names = list(columns)
     lines = ["| timestep | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
     for t in sorted(next(iter(columns.values())), reverse=True):
         lines.append(f"| {t:.0f} | " + " | ".join(f"{columns[n][t]:.2f}" for n in names) + " |")
     lines.append("| mean | " + " | ".join(f"{np.mean(list(columns[n].values())):.2f}" for n in names) + " |")
+    lines += ["", "mean eps error (bias), raw batch:", "", "| timestep | " + " | ".join(names) + " |",
+              "|" + "---|" * (len(names) + 1)]
+    for t in sorted(next(iter(biases.values())), reverse=True):
+        lines.append(f"| {t:.0f} | " + " | ".join(f"{biases[n][t]:+.5f}" for n in names) + " |")
     print("\n".join(lines))
     print(f"\n{len(calls)} calls per artifact and device: seeds {args.seeds}, {args.labels_per_seed} labels each, "
           f"{sampler.scheduler.value} {sampler.steps} steps, guidance {sampler.guidance}")
