@@ -19,8 +19,10 @@ import numpy as np
 DEVICES = ("htp", "cpu_ep")
 
 
-def images_in(row: dict, device: str) -> int:
-    return int(row[f"{device}_images_better"].split("/")[1])
+def better_of(row: dict, device: str) -> tuple[int, int]:
+    """(images better than the first artifact, images) from a row's "k/n"."""
+    better, images = row[f"{device}_images_better"].split("/")
+    return int(better), int(images)
 
 
 def main() -> None:
@@ -40,18 +42,17 @@ def main() -> None:
     for i, artifact in enumerate(artifacts):
         row = {"artifact": artifact, "buckets": tables[0][i]["buckets"]}
         for d in devices:
-            counts = np.array([images_in(table[i], d) for table in tables])
+            better, counts = np.array([better_of(table[i], d) for table in tables]).T
             weights = counts / counts.sum()
             for key in (f"{d}_psnr_db", f"{d}_gain_vs_first_db"):
                 row[key] = round(float(sum(w * t[i][key] for w, t in zip(weights, tables, strict=True))), 3)
-            per_image = [t[i].get(f"{d}_per_image") for t in tables] + [t[0].get(f"{d}_per_image") for t in tables]
-            if all(p is not None for p in per_image):
-                diff = np.concatenate([np.subtract(t[i][f"{d}_per_image"], t[0][f"{d}_per_image"]) for t in tables])
+            per_image = f"{d}_per_image"
+            if all(per_image in t[i] and per_image in t[0] for t in tables):
+                diff = np.concatenate([np.subtract(t[i][per_image], t[0][per_image]) for t in tables])
                 row[f"{d}_gain_stderr_db"] = round(float(diff.std() / np.sqrt(len(diff))), 3)
             else:
                 row[f"{d}_gain_stderr_db"] = "-"
-            better = sum(int(t[i][f"{d}_images_better"].split("/")[0]) for t in tables)
-            row[f"{d}_images_better"] = f"{better}/{int(counts.sum())}"
+            row[f"{d}_images_better"] = f"{int(better.sum())}/{int(counts.sum())}"
         lines.append("| " + " | ".join(str(row[c]) for c in cols) + " |")
     print("\n".join(lines))
     print(f"\npooled from {', '.join(str(run) for run in args.runs)}")

@@ -30,6 +30,15 @@ from qcompile.targets.qnn.target import QnnW8A8Target
 DEVICES = ("htp", "cpu_ep")
 
 
+def per_step_table(columns: dict[str, dict[float, float]], fmt: str) -> list[str]:
+    """Markdown rows: one per timestep (latest first), one column per artifact and device."""
+    names = list(columns)
+    lines = ["| timestep | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+    for t in sorted(next(iter(columns.values())), reverse=True):
+        lines.append(f"| {t:.0f} | " + " | ".join(format(columns[n][t], fmt) for n in names) + " |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("artifacts", type=Path, nargs="+")
@@ -40,7 +49,7 @@ def main() -> None:
     src, model = first["source"], first["model"]
     x_name, t_name = model["sample_input"], model["timestep_input"]
     setup = resolve_model(src["model"], src.get("component"), seed=src.get("seed", 0)).sampling()
-    classes = len(setup.labels(1))
+    one_per_class = setup.labels(1)
     reference = OnnxRunner([args.artifacts[0] / src["fp32_model"]], timestep_name=t_name, sample_name=x_name)
     sampler = FidelitySettings().sampler
     calls: list[DenoiserCall] = []
@@ -50,7 +59,7 @@ def main() -> None:
 
     for seed in args.seeds:
         for i in range(args.labels_per_seed):
-            label = setup.labels(1)[(seed + 5 * i) % classes]
+            label = one_per_class[(seed + 5 * i) % len(one_per_class)]
             sample(fp32, replace(sampler, seed=seed), cond=setup.conditioning([label]),
                    uncond=setup.null_conditioning(1), latent_shape=(1, *setup.latent_shape),
                    scheduler_config=setup.scheduler_config, hook=calls.append)
@@ -70,15 +79,9 @@ def main() -> None:
                 bias_t.setdefault(c.timestep, []).append(float(np.mean(out - c.eps)))
             columns[f"{artifact.name} {device}"] = {t: float(np.mean(v)) for t, v in per_t.items()}
             biases[f"{artifact.name} {device}"] = {t: float(np.mean(v)) for t, v in bias_t.items()}
-    names = list(columns)
-    lines = ["| timestep | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
-    for t in sorted(next(iter(columns.values())), reverse=True):
-        lines.append(f"| {t:.0f} | " + " | ".join(f"{columns[n][t]:.2f}" for n in names) + " |")
-    lines.append("| mean | " + " | ".join(f"{np.mean(list(columns[n].values())):.2f}" for n in names) + " |")
-    lines += ["", "mean eps error (bias), raw batch:", "", "| timestep | " + " | ".join(names) + " |",
-              "|" + "---|" * (len(names) + 1)]
-    for t in sorted(next(iter(biases.values())), reverse=True):
-        lines.append(f"| {t:.0f} | " + " | ".join(f"{biases[n][t]:+.5f}" for n in names) + " |")
+    lines = per_step_table(columns, ".2f")
+    lines.append("| mean | " + " | ".join(f"{np.mean(list(v.values())):.2f}" for v in columns.values()) + " |")
+    lines += ["", "mean eps error (bias), raw batch:", "", *per_step_table(biases, "+.5f")]
     print("\n".join(lines))
     print(f"\n{len(calls)} calls per artifact and device: seeds {args.seeds}, {args.labels_per_seed} labels each, "
           f"{sampler.scheduler.value} {sampler.steps} steps, guidance {sampler.guidance}")
