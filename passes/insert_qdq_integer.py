@@ -11,7 +11,8 @@ the operand rules from the target's caps:
 - any other float constant (an Add's beta, a Mul's scalar): per tensor in the activation dtype,
   covering its own values;
 - outputs of `same_scale_ops` (Reshape, Transpose, ...) carry their input's parameters, outputs of
-  ops in `fixed_output_qparams` (Sigmoid) the kernel's fixed ones, all others their calibrated range.
+  ops in `fixed_output_qparams` (Sigmoid) the kernel's fixed ones, all others their calibrated range,
+  its scale rounded up to a power of two for ops in `power_of_two_scale_ops` (HTP's 8-bit Softmax).
 Activations above 8 bits need QuantizeLinear-21, so the graph's opset is raised to 21 for them.
 """
 
@@ -39,6 +40,7 @@ from qcompile.quant import (
     QuantDType,
     TensorRange,
     activation_qparams,
+    power_of_two_scale,
     quantize,
     weight_qparams,
 )
@@ -128,7 +130,9 @@ class InsertQDQEverywhere(Pass):
             elif producer is not None and producer.op in self.caps.same_scale_ops and source.name in out:
                 out[t.name] = out[source.name]
             elif (rng := self.ranges.get(t.name) or derived_range(producer, self.ranges)) is not None:
-                out[t.name] = activation_qparams(rng, dtype, symmetric=self.caps.activation_symmetric)
+                qp = activation_qparams(rng, dtype, symmetric=self.caps.activation_symmetric)
+                pow2 = producer is not None and producer.op in self.caps.power_of_two_scale_ops
+                out[t.name] = power_of_two_scale(qp) if pow2 else qp
             else:
                 where = f" ({producer.op} {producer.name})" if producer is not None else " (graph input)"
                 raise UserError(f"{PASS_NAME}: no calibrated range for tensor '{t.name}'{where}; the calibration "

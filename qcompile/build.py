@@ -318,6 +318,7 @@ def _manifest(cfg, spec: CalibSpec, adapter, target, exported, fp32_path: Path, 
             "weights": target.caps.weight_dtype.value + " symmetric per-channel",
             "activations": target.caps.activation_dtype.value
             + (" symmetric" if target.caps.activation_symmetric else " asymmetric") + " per-tensor",
+            "outputs": (target.caps.output_dtype or target.caps.activation_dtype).value,
             "quantized_activations": len(plan.activations),
             "quantized_weights": len(plan.weights),
             "float_layers": list(plan.excluded),

@@ -44,3 +44,9 @@ class TargetCaps:
     constant_dtype: QuantDType | None = None
     # Data-movement ops whose output must carry its input's quantization parameters.
     same_scale_ops: frozenset[str] = frozenset()
+    # Ops whose output scale must be a power of two, rounded up from the calibrated one (QNN HTP's 8-bit
+    # Softmax adds up to +8% to each row's sum at other scales).
+    power_of_two_scale_ops: frozenset[str] = frozenset()
+    # Integer-only targets: graph outputs, and the op computing each, at this wider activation dtype
+    # (`wide_graph_outputs`); None: the activation dtype.
+    output_dtype: QuantDType | None = None

@@ -72,6 +72,16 @@ def activation_qparams(rng: TensorRange, dtype: QuantDType, *, symmetric: bool) 
     return QParams(np.array(scale, np.float32), np.array(zero, dtype.numpy), dtype)
 
 
+def power_of_two_scale(qp: QParams) -> QParams:
+    """The per-tensor parameters with the scale rounded up to a power of two, the range's low end kept
+    on the grid: a kernel that requantizes exactly only by shifts gets one, at the cost of at most a bit."""
+    scale = float(qp.scale)
+    wide = 2.0 ** np.ceil(np.log2(scale))
+    zero = int(np.clip(round(qp.dtype.qmin - (qp.dtype.qmin - int(qp.zero_point)) * scale / wide),
+                       qp.dtype.qmin, qp.dtype.qmax))
+    return QParams(np.array(wide, np.float32), np.array(zero, qp.dtype.numpy), qp.dtype)
+
+
 def weight_qparams(weight: np.ndarray, axis: int, dtype: QuantDType) -> QParams:
     """Symmetric per-channel parameters (zero point 0, the restricted range [-qmax, qmax])."""
     moved = np.moveaxis(np.asarray(weight, np.float32), axis, 0).reshape(weight.shape[axis], -1)

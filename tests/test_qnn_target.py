@@ -88,11 +88,16 @@ def test_artifact_files_and_encodings_match_the_qdq_graph(tmp_path):
         acts = {e["name"]: e for e in enc["activation_encodings"]}
         qdq = load_graph(out / f"model_t{k}.onnx")
         quantized = [n for n in qdq.nodes if n.op == "QuantizeLinear" and constant_values(n.inputs[0]) is None]
+        converts = [q for q in quantized if q.inputs[0].inputs and q.inputs[0].inputs[0].op == "DequantizeLinear"]
+        # W8A8's output op computes at 16 bits: one uint8 -> uint16 Convert before conv_out, no float tensor
+        assert [q.outputs[0].outputs[0].outputs[0].outputs[0].op for q in converts] == ["Conv"]
+        quantized = [q for q in quantized if q not in converts]
         assert len(acts) == len(quantized) and set(acts) <= float_tensors
         for q in quantized:
             name = q.inputs[0].name.removesuffix("_float")
             e = acts[name]
-            assert e["bw"] == 8 and e["enc_type"] == "PER_TENSOR" and not e["is_sym"]
+            assert e["bw"] == (16 if name in {t.name for t in qdq.outputs} else 8)
+            assert e["enc_type"] == "PER_TENSOR" and not e["is_sym"]
             assert e["scale"] == [pytest.approx(float(constant_values(q.inputs[1])), rel=1e-6)]
             assert e["offset"] == [-int(constant_values(q.inputs[2]))]
         params = enc["param_encodings"]

@@ -13,7 +13,14 @@ Facts (onnxruntime's QNN quantization helpers and EP, onnxruntime-qnn 2.7.0 / QN
   the same graph, 60 dB with uint8 constants);
 - data-movement ops keep their input's encoding (the converter would otherwise insert requantizes);
 - Resize's scales are parameters, never quantized (a quantized `scales` broke models in
-  onnxruntime's helpers, ENVIRONMENT.md).
+  onnxruntime's helpers, ENVIRONMENT.md);
+- HTP's 8-bit Softmax requantizes exactly only to a power-of-two output scale: at others below 1/1024
+  it rounds up, each row summing to 1.01-1.08 (the CPU EP: 1.000) on the scales the estimators pick
+  for flat attention (K=4's high-t buckets); its scale is rounded up to a power of two. At 16 bits
+  rows sum to within 0.05% of 1 at any scale, so W8A16 keeps its calibrated scales;
+- graph outputs are uint16 at both widths: at W8A8 the op computing an output runs as A16W8 behind a
+  uint8 -> uint16 Convert (`wide_graph_outputs`), because HTP rounds an 8-bit output requantization
+  lower than onnxruntime does, a bias the sampler integrates.
 """
 
 from __future__ import annotations
@@ -41,6 +48,8 @@ def _caps(activation: QuantDType) -> TargetCaps:
         same_scale_ops=SAME_SCALE_OPS,
         constant_dtype=QuantDType.UINT8,
         fixed_output_qparams=(("Sigmoid", 1.0 / (activation.qmax + 1), 0),),
+        output_dtype=QuantDType.UINT16,
+        power_of_two_scale_ops=frozenset({"Softmax"}) if activation.bits == 8 else frozenset(),
     )
 
 

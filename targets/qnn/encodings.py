@@ -11,7 +11,10 @@ Offsets follow AIMET's (QNN's) convention on the unsigned grid, real = scale * (
 zero point 128 is offset -128, and a symmetric int8 weight (zero point 0) is offset -128 too, not 0
 (aimet_onnx's 1.0.0 exporter writes the unsigned form; its importer subtracts qmin again). Biases are
 left out: the converter derives int32 bias encodings from the input and weight scales, as we do.
-The encodings are read off the Q/DQ graph itself, so they cannot drift from what was validated.
+The encodings are read off the Q/DQ graph itself, so they cannot drift from what was validated. A
+DequantizeLinear -> QuantizeLinear pair (`wide_graph_outputs`' uint8 -> uint16 Convert before an output
+op) names no tensor of the float graph: the 16-bit output encoding and the 8-bit one of the op's input
+say it, and the converter places the Convert between them.
 """
 
 from __future__ import annotations
@@ -46,7 +49,9 @@ def encodings(qdq: gs.Graph, float_graph: gs.Graph) -> dict[str, Any]:
     outputs = {t.name for t in qdq.outputs}
     activations: dict[str, dict[str, Any]] = {}
     for node in qdq.nodes:
-        if node.op == "QuantizeLinear" and constant_values(node.inputs[0]) is None:
+        if node.op != "QuantizeLinear" or constant_values(src := node.inputs[0]) is not None:
+            continue
+        if not (src.inputs and src.inputs[0].op == "DequantizeLinear"):  # a Convert names no float tensor
             name = unrenamed(node.inputs[0].name, outputs)  # a graph output, renamed around its Q/DQ pair
             scale, zero = constant_values(node.inputs[1]), constant_values(node.inputs[2])
             activations[name] = _entry(name, scale, zero, channel=False)

@@ -7,7 +7,8 @@ Pipeline per timestep bucket, on the canonical float graph:
 3. HTP-safe rewrites (GroupNorm affine as a depthwise 1x1 Conv, permuting Einsum as Transpose, the
    6-D unpatchify as DepthToSpace, RMSNorm as one node, MatMul + bias as Gemm) and integer-safe ones (SDPA's NaN guards
    dropped, "minus infinity" attention masks bounded by the scores' range);
-4. every float tensor and constant quantized (`insert_qdq_integer`).
+4. every float tensor and constant quantized (`insert_qdq_integer`); at W8A8 the graph outputs, and
+   the op computing each, at 16 bits (`wide_graph_outputs`).
 
 Files: one Q/DQ model per bucket sharing one weight file (as `ort-int8`), the host model, and for QNN
 SDK users the float device graph (`float/model.onnx`) with one AIMET-style encodings file per bucket,
@@ -43,6 +44,7 @@ from qcompile.passes.linear_as_gemm import LinearAsGemm
 from qcompile.passes.remove_nan_guards import RemoveNanGuards
 from qcompile.passes.static_shapes import StaticShapes
 from qcompile.passes.unpatchify_depth_to_space import UnpatchifyAsDepthToSpace
+from qcompile.passes.wide_graph_outputs import WideGraphOutputs
 from qcompile.quant import TensorRange
 from qcompile.targets.qnn import ep
 from qcompile.targets.qnn.caps import QNN_W8A8_CAPS, QNN_W8A16_CAPS
@@ -101,7 +103,7 @@ class _QnnTarget:
         passes.append(self._host)
         return [*passes, RemoveNanGuards(), BoundAttentionMask(ranges), EinsumAsTranspose(), InferShapes(),
                 UnpatchifyAsDepthToSpace(), FuseRMSNorm(), LinearAsGemm(), GroupNormAffineAsConv(), InferShapes(),
-                self._float, InsertQDQEverywhere(ranges, self.caps), InferShapes()]
+                self._float, InsertQDQEverywhere(ranges, self.caps), WideGraphOutputs(self.caps), InferShapes()]
 
     def emit(self, graphs: Sequence[gs.Graph], out_dir: Path) -> list[list[str]]:
         out_dir = Path(out_dir)
