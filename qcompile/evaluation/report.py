@@ -67,6 +67,8 @@ def format_table(report: Mapping[str, Any]) -> str:
     if s.get("htp_vs_fp32_sqnr_db_min") is not None:
         line = (f"  on HTP: output SQNR vs fp32 min {s['htp_vs_fp32_sqnr_db_min']:.2f} dB, vs CPU EP min "
                 f"{s['htp_vs_cpu_ep_sqnr_db_min']:.2f} dB, cosine min {s['htp_cosine_min']:.5f}")
+        if s.get("htp_vs_cpu_ep_mean_error_max") is not None:
+            line += f", mean error vs CPU EP {s['htp_vs_cpu_ep_mean_error_max']:+.5f}"
         if s.get("htp_sample_psnr_db_vs_fp32") is not None:
             line += (f"; sample PSNR vs fp32 {s['htp_sample_psnr_db_vs_fp32']:.2f} dB (CPU EP on the same images "
                      f"{s['htp_cpu_ep_sample_psnr_db_vs_fp32']:.2f})")

@@ -221,7 +221,8 @@ class _QnnTarget:
             out["checks"]["context_binary_identical"] = out["context"]["identical"]
         summary = {"htp_vs_fp32_sqnr_db_min": min(b["htp_vs_fp32_sqnr_db"] for b in buckets),
                    "htp_vs_cpu_ep_sqnr_db_min": min(b["htp_vs_cpu_sqnr_db"] for b in buckets),
-                   "htp_cosine_min": min(b["htp_vs_fp32_cosine"] for b in buckets)}
+                   "htp_cosine_min": min(b["htp_vs_fp32_cosine"] for b in buckets),
+                   "htp_vs_cpu_ep_mean_error_max": max((b["htp_minus_cpu_mean"] for b in buckets), key=abs)}
         if "sampling" in out:
             summary.update({f"htp_{k}": out["sampling"][k] for k in
                             ("sample_psnr_db_vs_fp32", "sample_psnr_db_vs_cpu_ep", "cpu_ep_sample_psnr_db_vs_fp32",
