@@ -34,9 +34,14 @@ from qcompile.quant import QParams, QuantDType
 PASS_NAME = "wide-graph-outputs"
 
 
+def _ratio(narrow: QuantDType, wide: QuantDType) -> int:
+    """Wide steps per narrow step: 257 from uint8 to uint16 (65535 / 255), so the grids coincide."""
+    return (wide.qmax - wide.qmin) // (narrow.qmax - narrow.qmin)
+
+
 def _widened(scale: np.ndarray, zero: np.ndarray, narrow: QuantDType, wide: QuantDType) -> QParams:
-    """The same float grid in the wide dtype: each narrow step split into `ratio` wide ones."""
-    ratio = (wide.qmax - wide.qmin) // (narrow.qmax - narrow.qmin)
+    """The same float grid in the wide dtype: each narrow step split into `_ratio` wide ones."""
+    ratio = _ratio(narrow, wide)
     wide_zero = (np.asarray(zero, np.int64) - narrow.qmin) * ratio + wide.qmin
     return QParams(np.asarray(np.asarray(scale, np.float64) / ratio, np.float32),
                    np.asarray(wide_zero, wide.numpy), wide)
@@ -113,24 +118,25 @@ class WideGraphOutputs(Pass):
 
     def _widen_inputs(self, graph: gs.Graph, op: gs.Node) -> None:
         converted: dict[str, gs.Variable] = {}
-        for i, t in enumerate(list(op.inputs)):
-            pair = _qdq_pair(t)
-            if pair is not None:
-                if t.name not in converted:
-                    _, dq = pair
-                    qp = _widened(constant_values(dq.inputs[1]), constant_values(dq.inputs[2]),
-                                  self.narrow, self.wide)
-                    converted[t.name] = insert_qdq_pair(graph, t, qp, PASS_NAME)
-                replace_input(op, t, converted[t.name])
-            elif i == 2 and op.op in self.caps.bias_ops:
-                self._rescale_bias(op, t)
+        for t in list(op.inputs):
+            if (pair := _qdq_pair(t)) is None:
+                continue
+            if t.name not in converted:
+                dq = pair[1]
+                qp = _widened(constant_values(dq.inputs[1]), constant_values(dq.inputs[2]), self.narrow, self.wide)
+                converted[t.name] = insert_qdq_pair(graph, t, qp, PASS_NAME)
+            replace_input(op, t, converted[t.name])
+        # the bias is stored at s_input * s_weight: it follows input 0's new scale
+        if op.op in self.caps.bias_ops and len(op.inputs) > 2 and op.inputs[0].name in {
+                v.name for v in converted.values()}:
+            self._rescale_bias(op, op.inputs[2])
 
     def _rescale_bias(self, op: gs.Node, t: gs.Tensor) -> None:
         dq = t.inputs[0] if len(t.inputs) == 1 else None
         values = constant_values(dq.inputs[0]) if dq is not None and dq.op == "DequantizeLinear" else None
         if values is None or values.dtype != np.int32:
             return
-        ratio = (self.wide.qmax - self.wide.qmin) // (self.narrow.qmax - self.narrow.qmin)
+        ratio = _ratio(self.narrow, self.wide)
         wide = values.astype(np.int64) * ratio
         if np.abs(wide).max(initial=0) > np.iinfo(np.int32).max:
             raise UserError(f"{PASS_NAME}: node '{op.name}': its int32 bias overflows at {self.wide.value} "
