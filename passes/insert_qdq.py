@@ -216,6 +216,18 @@ def dequantize_constant(graph: gs.Graph, q: gs.Constant, qp: QParams, base: str,
     return out
 
 
+def activation_qdq_pair(t: gs.Tensor) -> tuple[gs.Node, gs.Node] | None:
+    """(QuantizeLinear, DequantizeLinear) when `t` is the dequantized output of an activation's pair
+    (a constant's DequantizeLinear reads stored integers, with no QuantizeLinear before it)."""
+    dq = t.inputs[0] if len(t.inputs) == 1 else None
+    if dq is None or dq.op != "DequantizeLinear":
+        return None
+    q = dq.inputs[0].inputs[0] if dq.inputs[0].inputs else None
+    if q is None or q.op != "QuantizeLinear" or constant_values(q.inputs[0]) is not None:
+        return None
+    return q, dq
+
+
 def insert_qdq_pair(graph: gs.Graph, src: gs.Tensor, qp: QParams, pass_name: str) -> gs.Variable:
     """QuantizeLinear -> DequantizeLinear on `src`; returns the dequantized tensor (consumers are not moved)."""
     scale = gs.Constant(f"{src.name}_scale", qp.scale)

@@ -27,7 +27,7 @@ from qcompile.caps import TargetCaps
 from qcompile.errors import UserError
 from qcompile.graph_io import constant_values, raise_opset, replace_input
 from qcompile.pass_manager import GraphProperty, Pass, PassContext, PassResult
-from qcompile.passes.insert_qdq import insert_qdq_pair
+from qcompile.passes.insert_qdq import activation_qdq_pair, insert_qdq_pair
 from qcompile.passes.insert_qdq_integer import WIDE_QDQ_OPSET
 from qcompile.quant import QParams, QuantDType
 
@@ -45,17 +45,6 @@ def _widened(scale: np.ndarray, zero: np.ndarray, narrow: QuantDType, wide: Quan
     wide_zero = (np.asarray(zero, np.int64) - narrow.qmin) * ratio + wide.qmin
     return QParams(np.asarray(np.asarray(scale, np.float64) / ratio, np.float32),
                    np.asarray(wide_zero, wide.numpy), wide)
-
-
-def _qdq_pair(t: gs.Tensor) -> tuple[gs.Node, gs.Node] | None:
-    """(QuantizeLinear, DequantizeLinear) when `t` is the dequantized output of an activation's pair."""
-    dq = t.inputs[0] if len(t.inputs) == 1 else None
-    if dq is None or dq.op != "DequantizeLinear":
-        return None
-    q = dq.inputs[0].inputs[0] if dq.inputs[0].inputs else None
-    if q is None or q.op != "QuantizeLinear" or constant_values(q.inputs[0]) is not None:
-        return None
-    return q, dq
 
 
 class WideGraphOutputs(Pass):
@@ -94,7 +83,7 @@ class WideGraphOutputs(Pass):
         also feeds another consumer (widening it would change that consumer's input too)."""
         pairs: list[tuple[gs.Node, gs.Node]] = []
         t = out
-        while (pair := _qdq_pair(t)) is not None:
+        while (pair := activation_qdq_pair(t)) is not None:
             q, dq = pair
             if len(q.outputs[0].outputs) != 1 or len(dq.outputs[0].outputs) != (1 if pairs else 0):
                 return pairs, None
@@ -118,8 +107,9 @@ class WideGraphOutputs(Pass):
 
     def _widen_inputs(self, graph: gs.Graph, op: gs.Node) -> None:
         converted: dict[str, gs.Variable] = {}
+        first = op.inputs[0].name
         for t in list(op.inputs):
-            if (pair := _qdq_pair(t)) is None:
+            if (pair := activation_qdq_pair(t)) is None:
                 continue
             if t.name not in converted:
                 dq = pair[1]
@@ -127,8 +117,7 @@ class WideGraphOutputs(Pass):
                 converted[t.name] = insert_qdq_pair(graph, t, qp, PASS_NAME)
             replace_input(op, t, converted[t.name])
         # the bias is stored at s_input * s_weight: it follows input 0's new scale
-        if op.op in self.caps.bias_ops and len(op.inputs) > 2 and op.inputs[0].name in {
-                v.name for v in converted.values()}:
+        if op.op in self.caps.bias_ops and len(op.inputs) > 2 and first in converted:
             self._rescale_bias(op, op.inputs[2])
 
     def _rescale_bias(self, op: gs.Node, t: gs.Tensor) -> None:

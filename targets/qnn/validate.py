@@ -20,6 +20,7 @@ import numpy as np
 
 from qcompile.evaluation.metrics import cosine, sqnr_db
 from qcompile.graph_io import constant_values, load_graph, module_path, save_graph
+from qcompile.passes.insert_qdq import activation_qdq_pair
 from qcompile.passes.insert_qdq_integer import unrenamed
 from qcompile.runtime import make_session, static_chunks
 from qcompile.targets.qnn import ep
@@ -66,12 +67,9 @@ def exposed_activations(model: Path, out_path: Path) -> tuple[Path, list[Exposed
     listed: list[ExposedTensor] = []
     known = {t.name for t in outputs}
     for node in graph.nodes:
-        if node.op != "DequantizeLinear" or constant_values(node.inputs[0]) is not None:
+        if node.op != "DequantizeLinear" or (pair := activation_qdq_pair(node.outputs[0])) is None:
             continue
-        q = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
-        if q is None or q.op != "QuantizeLinear":
-            continue
-        src = q.inputs[0]
+        src = pair[0].inputs[0]
         producer = src.inputs[0] if src.inputs else None
         out = node.outputs[0]
         if out.name not in known:
@@ -124,6 +122,7 @@ def check_on_htp(runner_htp, runner_cpu, reference, inputs: dict[str, np.ndarray
     runs = [runner_htp.run_chunk(bucket, chunk) for _ in range(RUNS)]
     cpu = runner_cpu.run_chunk(bucket, chunk)
     fp32 = np.asarray(reference.run(chunk))
+    htp_minus_cpu = runs[0].astype(np.float64) - cpu
     result = {
         "bucket": bucket,
         "runs_identical": all(np.array_equal(runs[0], r) for r in runs[1:]),
@@ -133,9 +132,8 @@ def check_on_htp(runner_htp, runner_cpu, reference, inputs: dict[str, np.ndarray
         "htp_vs_fp32_cosine": round(float(cosine(fp32, runs[0])), 6),
         # A sampler integrates the mean error over every step, where SQNR hardly sees a bias of a fifth
         # of the error's std: HTP's low rounding of W8A8's 8-bit eps output was one (wide_graph_outputs).
-        "htp_minus_cpu_mean": float(np.mean(runs[0].astype(np.float64) - cpu)),
-        "htp_minus_cpu_mean_over_std": round(float(np.mean(runs[0].astype(np.float64) - cpu)
-                                                   / (np.std(runs[0].astype(np.float64) - cpu) + 1e-30)), 4),
+        "htp_minus_cpu_mean": float(htp_minus_cpu.mean()),
+        "htp_minus_cpu_mean_over_std": round(float(htp_minus_cpu.mean() / (htp_minus_cpu.std() + 1e-30)), 4),
         "first_divergence": None,
     }
     result["agrees"] = result["htp_vs_fp32_sqnr_db"] >= result["cpu_vs_fp32_sqnr_db"] - HTP_SQNR_SLACK_DB
