@@ -96,6 +96,11 @@ class ModelAdapter(abc.ABC):
     def export_module(self) -> torch.nn.Module:
         """A module whose forward takes the inputs positionally and returns the output tensor(s)."""
 
+    def axes_record(self) -> dict[str, list[dict[str, Any]]]:
+        """Per input name, what each axis of the exported graph accepts (JSON-able, for the manifest);
+        empty where the adapter does not describe its axes."""
+        return {}
+
     def default_float_scopes(self) -> tuple[str, ...]:
         """Regexes over module paths (node metadata `qcompile.module`) kept in float by default."""
         return ()

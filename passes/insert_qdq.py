@@ -48,6 +48,8 @@ class QuantPlan:
     excluded: tuple[str, ...] = field(default=())  # weighted nodes kept float, by name
     # (tensor, scale, zero point): outputs of caps.int8_ops whose parameters the kernel fixes.
     fixed: tuple[tuple[str, float, int], ...] = field(default=())
+    # Integer-only targets: activations of the `excluded` layers, quantized at the caps' wide dtype.
+    wide: tuple[str, ...] = field(default=())
 
 
 def _weight_axis(node: gs.Node, weight_rank: int) -> int | None:
@@ -65,17 +67,17 @@ def _float32(t: gs.Tensor) -> bool:
     return t.dtype is None or np.dtype(t.dtype) == np.float32
 
 
-def _is_excluded(node: gs.Node, patterns: Sequence[re.Pattern[str]]) -> bool:
+def is_excluded(node: gs.Node, patterns: Sequence[re.Pattern[str]]) -> bool:
     path = module_path(node)
     return any(p.search(node.name) or (path and p.search(path)) for p in patterns)
 
 
 def plan_quantization(graph: gs.Graph, caps: TargetCaps, exclude: Sequence[str] = ()) -> QuantPlan:
-    if caps.integer_only:  # every float tensor; exclusions cannot apply (no float fallback)
+    patterns = [re.compile(p) for p in exclude]
+    if caps.integer_only:  # every float tensor; excluded layers get wide activations, never float
         from qcompile.passes.insert_qdq_integer import plan_integer
 
-        return plan_integer(graph, caps)
-    patterns = [re.compile(p) for p in exclude]
+        return plan_integer(graph, caps, patterns)
     activations: dict[str, None] = {}
     weights: list[WeightSlot] = []
     biases: list[tuple[str, int]] = []
@@ -88,7 +90,7 @@ def plan_quantization(graph: gs.Graph, caps: TargetCaps, exclude: Sequence[str] 
     for node in graph.nodes:
         if node.op in caps.int8_ops and node.op not in caps.weighted_ops:
             inputs = [t for t in node.inputs if t.name]
-            if (_is_excluded(node, patterns) or any(constant_values(t) is not None for t in inputs)
+            if (is_excluded(node, patterns) or any(constant_values(t) is not None for t in inputs)
                     or not all(_float32(t) for t in [*inputs, node.outputs[0]])):
                 continue
             for t in inputs:
@@ -103,7 +105,7 @@ def plan_quantization(graph: gs.Graph, caps: TargetCaps, exclude: Sequence[str] 
             continue
         if node.op not in caps.weighted_ops:
             continue
-        if _is_excluded(node, patterns):
+        if is_excluded(node, patterns):
             excluded.append(node.name)
             continue
         data, weight = node.inputs[0], node.inputs[1]

@@ -18,7 +18,8 @@ Activations above 8 bits need QuantizeLinear-21, so the graph's opset is raised 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -33,6 +34,7 @@ from qcompile.passes.insert_qdq import (
     _weight_axis,
     dequantize_constant,
     insert_qdq_pair,
+    is_excluded,
 )
 from qcompile.quant import (
     MIN_SCALE,
@@ -71,18 +73,29 @@ def float_activations(graph: gs.Graph) -> list[gs.Variable]:
     return out
 
 
-def plan_integer(graph: gs.Graph, caps: TargetCaps) -> QuantPlan:
-    """Every float32 activation needs a range; weights are listed for the manifest's counts."""
+def plan_integer(graph: gs.Graph, caps: TargetCaps, exclude: Sequence[re.Pattern[str]] = ()) -> QuantPlan:
+    """Every float32 activation needs a range; weights are listed for the manifest's counts. Weighted
+    layers matching `exclude` cannot stay float on an integer-only device: their activation inputs and
+    outputs are listed as `wide` (quantized at the caps' wide dtype by `WidenActivations`)."""
     from qcompile.calibration.stats import quantizable_tensors
 
-    weights = []
+    names = tuple(quantizable_tensors(graph))
+    quantizable = set(names)
+    weights, excluded, wide = [], [], {}
     for node in graph.nodes:
         if node.op in ("Conv", "Gemm", "MatMul") and len(node.inputs) > 1:
             values = constant_values(node.inputs[1])
-            if values is not None:
-                weights.append(WeightSlot(node.name, 1, _weight_axis(node, values.ndim) or 0))
-    names = tuple(quantizable_tensors(graph))
-    return QuantPlan(activations=names, weights=tuple(weights), biases=(), consumers=(), shared_outputs=names)
+            if values is None:
+                continue
+            weights.append(WeightSlot(node.name, 1, _weight_axis(node, values.ndim) or 0))  # int8 either way
+            if exclude and is_excluded(node, exclude):
+                excluded.append(node.name)
+                wide.update((t.name, None) for t in (node.inputs[0], *node.outputs) if t.name in quantizable)
+    if excluded and caps.wide_dtype is None:
+        raise UserError(f"{len(excluded)} layer(s) to take out of {caps.activation_dtype.value} activations, but this "
+                        "integer-only target has no wider activation type")
+    return QuantPlan(activations=names, weights=tuple(weights), biases=(), consumers=(), shared_outputs=names,
+                     excluded=tuple(excluded), wide=tuple(wide))
 
 
 class InsertQDQEverywhere(Pass):

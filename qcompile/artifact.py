@@ -1,23 +1,19 @@
-"""The artifact folder contract: manifest.json and the fingerprints it carries (README, DESIGN §4)."""
+"""The artifact folder's files besides the manifest (qcompile/manifest.py): report names, tool versions,
+fingerprints."""
 
 from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 import qcompile
-from qcompile.errors import UserError
 
-MANIFEST = "manifest.json"
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
-MANIFEST_FORMAT = 1
 TOOLS = ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnx-graphsurgeon", "numpy")
 
 
@@ -54,13 +50,3 @@ def arrays_fingerprint(arrays: Mapping[str, np.ndarray]) -> str:
 
 def files_size(folder: Path, names: Iterable[str]) -> int:
     return sum((folder / n).stat().st_size for n in set(names))
-
-
-def read_manifest(folder: Path) -> dict[str, Any]:
-    path = Path(folder) / MANIFEST
-    if not path.is_file():
-        raise UserError(f"{folder}: not a qcompile artifact folder (no {MANIFEST})")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None

@@ -64,25 +64,32 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-ARTIFACT_MARKER = "manifest.json"
+def _replaceable(folder: Path) -> bool:
+    """Missing, empty, or a folder qcompile wrote (its manifest.json parses as a qcompile manifest)."""
+    from qcompile.manifest import is_artifact_folder
+
+    return not folder.exists() or (folder.is_dir() and (not any(folder.iterdir()) or is_artifact_folder(folder)))
+
+
+def _check_replaceable(folder: Path, option: str = "--out") -> None:
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{option} {folder}: exists and is not a folder")
+    if not _replaceable(folder):
+        raise UserError(f"{option} {folder}: folder is not empty and is not a qcompile artifact; choose another")
 
 
 class StagedFolder:
     """Build an output folder in a hidden sibling, then swap it in with `commit()`.
 
-    An existing `out` is replaced only when it is empty or a previous qcompile artifact folder (it has
-    a manifest.json); any other non-empty folder is refused, so the user's files are never clobbered.
-    Without `commit()` (an error, Ctrl-C) the staging folder is removed and `out` is untouched.
+    An existing `out` is replaced only when it is empty or a previous qcompile artifact folder (its
+    manifest.json is a qcompile manifest, not merely a file of that name); any other folder is refused,
+    so the user's files are never clobbered. Without `commit()` (an error, Ctrl-C) the staging folder is
+    removed and `out` is untouched.
     """
 
     def __init__(self, out: Path):
         self.out = Path(out)
-        if self.out.exists() and not self.out.is_dir():
-            raise UserError(f"--out {self.out}: exists and is not a folder")
-        if self.out.is_dir() and any(self.out.iterdir()) and not (self.out / ARTIFACT_MARKER).exists():
-            raise UserError(
-                f"--out {self.out}: folder is not empty and is not a qcompile artifact; choose another"
-            )
+        _check_replaceable(self.out)
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.path = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".staging", dir=self.out.parent))
         os.chmod(self.path, 0o777 & ~_UMASK)
@@ -95,13 +102,18 @@ class StagedFolder:
         if not self._committed:
             shutil.rmtree(self.path, ignore_errors=True)
 
-    def commit(self) -> Path:
+    def commit(self, dest: Path | None = None) -> Path:
+        """Swap the staged folder in at `out` (or at `dest`, e.g. beside `out` for a build that missed a
+        threshold); what was there is replaced only if it is replaceable (checked again: it may have
+        changed during the build)."""
+        dest = self.out if dest is None else Path(dest)
+        _check_replaceable(dest)
         old = None
-        if self.out.exists():
-            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
-            os.replace(self.out, old)
-        os.replace(self.path, self.out)
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            os.replace(dest, old)
+        os.replace(self.path, dest)
         self._committed = True
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        return self.out
+        return dest

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 from qcompile.quant import QuantDType
 
 WEIGHTED_OPS = frozenset({"Conv", "MatMul", "Gemm"})
+
+
+class PrecisionFallback(enum.Enum):
+    """What taking a layer out of the target's main precision means (mixed precision, exclusions)."""
+
+    FLOAT = "float"  # the layer stays float: the runtime has float kernels (onnxruntime, LiteRT)
+    WIDE = "wide"  # the layer's activations go to `wide_dtype`: integer-only NPUs (A16W8 on HTP)
+    NONE = "none"  # nothing to fall back to: activations are already at the widest width
 
 
 @dataclass(frozen=True)
@@ -50,3 +59,5 @@ class TargetCaps:
     # Integer-only targets: graph outputs, and the op computing each, at this wider activation dtype
     # (`wide_graph_outputs`); None: the activation dtype.
     output_dtype: QuantDType | None = None
+    fallback: PrecisionFallback = PrecisionFallback.FLOAT
+    wide_dtype: QuantDType | None = None  # the activation dtype of layers a WIDE fallback takes out

@@ -56,11 +56,38 @@ def _quant_args(p: argparse.ArgumentParser) -> None:
                    help="keep the most sensitive layers float until the output SQNR on recorded inputs reaches this")
     g.add_argument("--max-float-layers", type=int, default=None, metavar="N",
                    help="at most N layers kept float by --mixed-precision (alone: exactly the N most sensitive)")
-    g.add_argument("--static-batch", type=int, default=None, metavar="N",
-                   help="batch of a static-shape target (tflite-*, qnn-*); 2 runs a CFG step in one call")
-    g.add_argument("--htp-arch", type=int, default=None, metavar="V",
-                   help="qnn-*: HTP architecture to compile context binaries for and simulate (73: Snapdragon "
-                        "8 Gen 2, 75: 8 Gen 3, 79: 8 Elite); default: the QNN backend's")
+
+
+def _target_args(p: argparse.ArgumentParser) -> None:
+    """Each target's own options, declared by the target (qcompile.target.TARGETS); an option the chosen
+    target does not take is refused in one line."""
+    from qcompile.target import cli_options
+
+    g = p.add_argument_group("target options")
+    for flag, (spec, targets) in cli_options().items():
+        who = ", ".join(t.value for t in targets)
+        g.add_argument(flag, dest=_dest(flag), type=_cli_parser(flag, spec.parse), default=None,
+                       metavar=spec.metavar, action="append" if spec.repeatable else "store",
+                       help=f"[{who}] {spec.help}")
+
+
+def _dest(flag: str) -> str:
+    return "target_" + flag.lstrip("-").replace("-", "_")
+
+
+def _cli_parser(flag: str, parse):
+    """The option's parser, reporting a bad value in one line naming the flag."""
+
+    def parse_value(text: str):
+        from qcompile.errors import UserError
+
+        try:
+            return parse(text)
+        except UserError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse_value.__name__ = flag
+    return parse_value
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
@@ -115,6 +142,7 @@ def make_parser() -> argparse.ArgumentParser:
     _out_args(b)
     _calib_args(b)
     _quant_args(b)
+    _target_args(b)
     _eval_args(b)
     _log_args(b)
     e = sub.add_parser("export", help="export the float model to canonical ONNX, verified against torch")
@@ -138,6 +166,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 def _config(args: argparse.Namespace, *, with_quant: bool):
     from qcompile.config import BucketMethod, CalibSpec, CompileConfig, Estimator, TargetName
+    from qcompile.target import cli_options, options_from_cli
 
     common = {"model": args.model, "component": args.component, "out_dir": args.out, "seed": args.seed,
               "opset": args.opset}
@@ -145,14 +174,16 @@ def _config(args: argparse.Namespace, *, with_quant: bool):
         return CompileConfig(**common)
     fidelity, thresholds = _fidelity(args)
     calib = CalibSpec.parse(args.calib) if args.calib is not None else None
-    return CompileConfig(**common, target=TargetName.parse(args.target), calib=calib, calib_cache=args.calib_cache,
+    target = TargetName.parse(args.target)
+    given = {flag: getattr(args, _dest(flag)) for flag in cli_options()}
+    options = options_from_cli(target, {k: (tuple(v) if isinstance(v, list) else v) for k, v in given.items()})
+    return CompileConfig(**common, target=target, target_options=options, calib=calib, calib_cache=args.calib_cache,
                          export_from=args.from_export,
                          estimator=Estimator.parse(args.estimator), buckets=args.buckets,
                          bucket_method=BucketMethod.parse(args.bucket_method),
                          exclude=tuple(args.exclude), full_integer=args.full_integer,
                          mixed_precision_sqnr_db=args.mixed_precision, max_float_layers=args.max_float_layers,
-                         split_shortcut=args.split_shortcut, static_batch=args.static_batch, htp_arch=args.htp_arch,
-                         smoothquant_alpha=args.smoothquant,
+                         split_shortcut=args.split_shortcut, smoothquant_alpha=args.smoothquant,
                          validate_count=args.validate, thresholds=thresholds, fidelity=fidelity)
 
 
@@ -195,18 +226,17 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from qcompile.artifact import read_manifest
     from qcompile.evaluation.evaluate import evaluate_artifact, held_out_inputs
     from qcompile.evaluation.report import format_table
+    from qcompile.manifest import Manifest
     from qcompile.models.source import resolve_model
 
-    manifest = read_manifest(args.artifact)
-    src = manifest["source"]
-    adapter = resolve_model(src["model"], src.get("component"), seed=src.get("seed", 0))
+    manifest = Manifest.read(args.artifact)
+    src = manifest.source
+    adapter = resolve_model(src.model, src.component, seed=src.seed)
     fidelity, thresholds = _fidelity(args)
-    report = evaluate_artifact(args.artifact, adapter, held_out=held_out_inputs(adapter, args.validate,
-                                                                                  src.get("seed", 0)),
-                               thresholds=thresholds, fidelity=fidelity)
+    report = evaluate_artifact(args.artifact, adapter, held_out=held_out_inputs(adapter, args.validate, src.seed),
+                               thresholds=thresholds, fidelity=fidelity, manifest=manifest)
     print(format_table(report))
     return EXIT_OK if report["passed"] else EXIT_THRESHOLD
 

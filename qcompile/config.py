@@ -20,8 +20,6 @@ class TargetName(enum.Enum):
     TFLITE_FP32 = "tflite-fp32"
     QNN_W8A8 = "qnn-w8a8"
     QNN_W8A16 = "qnn-w8a16"
-    TRT_INT8 = "trt-int8"
-    TRT_FP8 = "trt-fp8"
 
     @classmethod
     def parse(cls, text: str) -> TargetName:
@@ -144,11 +142,6 @@ class Thresholds:
         return out
 
 
-# HTP architectures onnxruntime-qnn 2.7.0 (QNN 2.51) compiles for; any other value is logged and ignored
-# by the backend, which then compiles for its default, so qcompile refuses it instead.
-HTP_ARCHS = (68, 69, 73, 75, 79, 81)
-
-
 @dataclass(frozen=True, kw_only=True)
 class CompileConfig:
     model: str  # folder, pipeline folder (with component) or builtin:<name>
@@ -172,12 +165,8 @@ class CompileConfig:
     smoothquant_alpha: float | None = None
     max_float_layers: int | None = None
     validate_count: int = 8  # held-back inputs for the report
-    # The batch a static-shape target (TFLite, QNN) is built for; None: the target's default
-    # (TFLite 1, QNN 2: one classifier-free-guidance step). The runner runs other batches in chunks.
-    static_batch: int | None = None
-    # The HTP architecture (v73, v75, v79, ...) a QNN target compiles its context binaries for and the
-    # simulator emulates; None: the QNN backend's default.
-    htp_arch: int | None = None
+    # The target's own options (a frozen dataclass the target declares, e.g. QnnOptions); None: its defaults.
+    target_options: Any = None
     seed: int = 0
     opset: int = 20
     thresholds: Thresholds = field(default_factory=Thresholds)
@@ -188,11 +177,6 @@ class CompileConfig:
             raise UserError(f"--buckets {self.buckets}: needs at least one bucket")
         if self.smoothquant_alpha is not None and not 0.0 <= self.smoothquant_alpha <= 1.0:
             raise UserError(f"--smoothquant {self.smoothquant_alpha}: alpha must be within [0, 1]")
-        if self.static_batch is not None and self.static_batch < 1:
-            raise UserError(f"--static-batch {self.static_batch}: needs at least 1")
-        if self.htp_arch is not None and self.htp_arch not in HTP_ARCHS:
-            raise UserError(f"--htp-arch {self.htp_arch}: not an HTP architecture the QNN backend knows; choose one "
-                            f"of {', '.join(map(str, HTP_ARCHS))}")
         if self.validate_count < 1:
             raise UserError(f"--validate {self.validate_count}: needs at least one input")
         if self.opset < 18:

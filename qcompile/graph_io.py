@@ -99,6 +99,21 @@ def redirect_consumers(old: gs.Tensor, new: gs.Tensor, consumers: list[gs.Node] 
         replace_input(consumer, old, new)
 
 
+def copy_graph(graph: gs.Graph) -> gs.Graph:
+    """A copy to rewrite independently (one per timestep bucket): nodes and tensors are new, weight
+    values are shared (still lazy), node metadata and the graph's established properties carried over
+    (onnx-graphsurgeon's own `copy` drops both)."""
+    from qcompile.pass_manager import graph_properties
+
+    new = graph.copy()
+    for old_node, new_node in zip(graph.nodes, new.nodes, strict=True):
+        meta = old_node.__dict__.get("meta")
+        if meta:
+            new_node.__dict__["meta"] = dict(meta)
+    graph_properties(new).update(graph_properties(graph))
+    return new
+
+
 def load_graph(path: Path) -> gs.Graph:
     path = Path(path)
     if not path.is_file():
@@ -159,6 +174,19 @@ def save_graphs(items: Sequence[tuple[gs.Graph, Path]], data_path: Path) -> list
                 onnx.save_model(model, str(model_tmp))
         writer.rebind_sources(data_path)
     return [p for _, p in protos]
+
+
+def save_bucket_graphs(graphs: Sequence[gs.Graph], folder: Path, stem: str = "model") -> tuple[tuple[str, ...], ...]:
+    """One model per timestep bucket, all reading one weight file: `model.onnx` + `model.onnx.data`
+    for one bucket, `model_t{k}.onnx` + `model.data` for several. Returns each bucket's files,
+    relative to `folder`, model first."""
+    folder = Path(folder)
+    if len(graphs) == 1:
+        save_graph(graphs[0], folder / f"{stem}.onnx")
+        return ((f"{stem}.onnx", f"{stem}.onnx.data"),)
+    names = [f"{stem}_t{k}.onnx" for k in range(len(graphs))]
+    save_graphs([(g, folder / n) for g, n in zip(graphs, names, strict=True)], folder / f"{stem}.data")
+    return tuple((n, f"{stem}.data") for n in names)
 
 
 class _DataWriter:

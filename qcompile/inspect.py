@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from qcompile.artifact import MANIFEST, REPORT_JSON, read_manifest
+from qcompile.artifact import REPORT_JSON
 from qcompile.errors import UserError
+from qcompile.manifest import MANIFEST, Manifest
 
 
 def inspect_path(path: Path, plot: Path | None = None) -> str:
@@ -58,19 +59,19 @@ def inspect_onnx(path: Path) -> str:
 
 
 def inspect_artifact(folder: Path) -> str:
-    m = read_manifest(folder)
-    src = m.get("source", {})
-    lines = [f"{folder}: target {m.get('target')} {m.get('precision', '')}, qcompile {m.get('qcompile_version')}",
-             f"  source {src.get('model')} ({src.get('class')}, {src.get('family')})"]
-    exp = m.get("export", {})
-    lines.append(f"  export {exp.get('exporter')} opset {exp.get('opset')}, max abs diff vs torch "
-                 f"{exp.get('max_abs_diff_vs_torch')}")
-    for b in m.get("buckets", []):
-        lines.append(f"  bucket {b['index']}: timesteps {b['timestep_range']} -> {', '.join(b['files'])}")
-    q = m.get("quantization")
-    if q:
-        lines.append(f"  {q['quantized_weights']} quantized weights, {q['quantized_activations']} activations, "
-                     f"{len(q['float_layers'])} float layers")
+    m = Manifest.read(folder)
+    src = m.source
+    lines = [f"{folder}: target {m.target} {m.precision}, qcompile {m.qcompile_version}",
+             f"  source {src.model} ({src.class_name}, {src.family})"]
+    exp = m.export
+    lines.append(f"  export {exp.exporter} opset {exp.opset}, max abs diff vs torch {exp.max_abs_diff_vs_torch}")
+    for b in m.buckets:
+        lines.append(f"  bucket {b.index}: timesteps {list(b.timestep_range)} -> {', '.join(b.files)}")
+    q = m.quantization
+    if q is not None:
+        wide = f", {len(q.wide_activations)} wide activations" if q.wide_activations else ""
+        lines.append(f"  {q.quantized_weights} quantized weights, {q.quantized_activations} activations, "
+                     f"{len(q.float_layers)} float layers{wide}")
     report = folder / REPORT_JSON
     if report.is_file():
         s = json.loads(report.read_text())["summary"]

@@ -1,9 +1,16 @@
-"""The pass contract and the PassManager that runs explicit pass lists.
+"""The pass contract, the PassManager that runs explicit pass lists, and instruments that watch a run.
 
 A pass rewrites a graph in place and says whether it changed anything. It declares the graph
-properties it needs (`requires`) and those it establishes (`ensures`); the manager checks them, so a
-pipeline in the wrong order fails at once with the pass named, not later with a wrong number.
-Each run is logged (time, node-count change), and the graph can be dumped after a named pass.
+properties it needs (`requires`) and those it establishes (`ensures`). Properties belong to the graph
+they were established on (not to a context shared by several graphs): a freshly loaded or built
+graph has none, a copy made with `graph_io.copy_graph` keeps its original's. The manager checks
+`requires` on the graph it is given, so a pipeline in the wrong order, or a pass handed a graph
+whose shapes were never inferred, fails at once naming the pass.
+
+A PassManager is itself a pass, so pipelines nest. When a pass raises, the manager says which pass,
+inside which pipelines, after which passes (a `PassError`; a `UserError` keeps its one-line message
+for the user). Timing, node counts and graph dumps are instruments attached to the context (the
+pattern of TVM's pass instruments), not code inside the manager.
 """
 
 from __future__ import annotations
@@ -15,17 +22,29 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 import onnx_graphsurgeon as gs
 
+from qcompile.errors import UserError
+
 log = logging.getLogger("qcompile.passes")
+_PROPERTIES_KEY = "_qcompile_properties"
 
 
 class GraphProperty(enum.Enum):
     SHAPES_KNOWN = "every tensor has a dtype and shape"
     NODES_NAMED = "every node has a unique name"
     QDQ_PAIRED = "every QuantizeLinear feeds a DequantizeLinear"
+
+
+def graph_properties(graph: gs.Graph) -> set[GraphProperty]:
+    """The properties established on `graph` (a mutable set stored on the graph object)."""
+    props = graph.__dict__.get(_PROPERTIES_KEY)
+    if props is None:
+        props = set()
+        graph.__dict__[_PROPERTIES_KEY] = props
+    return props
 
 
 @dataclass(frozen=True)
@@ -54,14 +73,58 @@ class PassLogEntry:
         }
 
 
+class PassInstrument(Protocol):
+    """Watches every pass a manager runs (leaf passes; a nested manager reports its own children)."""
+
+    def before(self, p: Pass, graph: gs.Graph) -> None: ...
+
+    def after(self, p: Pass, graph: gs.Graph, result: PassResult, seconds: float, nodes_before: int) -> None: ...
+
+
+@dataclass
+class PassLog:
+    """Instrument: one entry per pass run (time, node-count change, detail), also logged at INFO."""
+
+    entries: list[PassLogEntry] = field(default_factory=list)
+
+    def before(self, p: Pass, graph: gs.Graph) -> None:
+        pass
+
+    def after(self, p: Pass, graph: gs.Graph, result: PassResult, seconds: float, nodes_before: int) -> None:
+        entry = PassLogEntry(p.name, seconds, nodes_before, len(graph.nodes), result.modified, result.detail)
+        self.entries.append(entry)
+        log.info("%-28s %7.3fs nodes %5d -> %5d%s", p.name, seconds, nodes_before, len(graph.nodes),
+                 f"  ({result.detail})" if result.detail else "")
+
+
+@dataclass(frozen=True)
+class DumpAfter:
+    """Instrument: save the graph after each pass named in `names` into `folder` (for debugging)."""
+
+    names: frozenset[str]
+    folder: Path
+
+    def before(self, p: Pass, graph: gs.Graph) -> None:
+        pass
+
+    def after(self, p: Pass, graph: gs.Graph, result: PassResult, seconds: float, nodes_before: int) -> None:
+        if p.name in self.names:
+            from qcompile.graph_io import save_graph
+
+            save_graph(graph, self.folder / f"after_{p.name}.onnx")
+
+
 @dataclass
 class PassContext:
-    """What passes may read besides the graph; the log the manager writes."""
+    """What a run carries besides the graph: its instruments (by default a pass log). A context may serve
+    several graphs; what is true of a graph is stored on the graph (`graph_properties`)."""
 
-    dump_after: frozenset[str] = frozenset()
-    dump_dir: Path | None = None
-    log: list[PassLogEntry] = field(default_factory=list)
-    properties: set[GraphProperty] = field(default_factory=set)
+    instruments: list[PassInstrument] = field(default_factory=lambda: [PassLog()])
+
+    @property
+    def log(self) -> list[PassLogEntry]:
+        """The entries of the first PassLog instrument ([] when none is attached)."""
+        return next((i.entries for i in self.instruments if isinstance(i, PassLog)), [])
 
 
 class Pass(abc.ABC):
@@ -81,46 +144,72 @@ class Pass(abc.ABC):
 
 
 class PassOrderError(RuntimeError):
-    """A pipeline bug: a pass ran before the passes that establish what it requires."""
+    """A pipeline bug: a pass was given a graph without a property it requires."""
 
 
-class PassManager:
-    """Runs an explicit list of passes once, or repeatedly until none modifies the graph."""
+class PassError(RuntimeError):
+    """A pass raised: names the pass, the pipelines it ran in and the passes before it."""
 
-    def __init__(self, passes: Sequence[Pass], *, fixed_point: bool = False, max_iterations: int = 8):
+    def __init__(self, where: str, done: Sequence[str], cause: BaseException):
+        before = ", ".join(done[-6:]) or "none"
+        more = f"{len(done) - 6} more, " if len(done) > 6 else ""
+        super().__init__(f"pass '{where}' failed after [{more}{before}]: {type(cause).__name__}: {cause}")
+        self.where = where
+        self.done = tuple(done)
+
+
+class PassManager(Pass):
+    """Runs an explicit list of passes once, or repeatedly until none modifies the graph. A manager is
+    a pass: it can sit in another manager's list."""
+
+    requires = frozenset()
+    ensures = frozenset()
+
+    def __init__(self, passes: Sequence[Pass], *, fixed_point: bool = False, max_iterations: int = 8,
+                 name: str = "pipeline"):
         self.passes = tuple(passes)
         self.fixed_point = fixed_point
         self.max_iterations = max_iterations
+        self.name = name  # type: ignore[misc]  (an instance's name: pipelines are named where they are built)
 
-    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+    def run(self, graph: gs.Graph, ctx: PassContext | None = None) -> PassResult:
+        ctx = ctx if ctx is not None else PassContext()
         any_modified = False
+        done: list[str] = []
         for _ in range(self.max_iterations if self.fixed_point else 1):
             round_modified = False
             for p in self.passes:
-                round_modified |= self._run_one(p, graph, ctx)
+                round_modified |= self._run_one(p, graph, ctx, done)
+                done.append(p.name)
             any_modified |= round_modified
             if not round_modified:
                 break
         return PassResult(modified=any_modified)
 
-    def _run_one(self, p: Pass, graph: gs.Graph, ctx: PassContext) -> bool:
-        missing = p.requires - ctx.properties
+    def _run_one(self, p: Pass, graph: gs.Graph, ctx: PassContext, done: list[str]) -> bool:
+        props = graph_properties(graph)
+        missing = p.requires - props
         if missing:
             names = ", ".join(sorted(m.name for m in missing))
-            raise PassOrderError(f"pass '{p.name}' requires {names}, which no earlier pass ensured")
+            raise PassOrderError(f"pass '{p.name}' in '{self.name}' requires {names}, which the graph it was given "
+                                 f"does not have (after [{', '.join(done) or 'none'}])")
+        leaf = not isinstance(p, PassManager)
+        if leaf:
+            for instrument in ctx.instruments:
+                instrument.before(p, graph)
         before = len(graph.nodes)
         start = time.perf_counter()
-        result = p.run(graph, ctx)
+        try:
+            result = p.run(graph, ctx)
+        except (UserError, PassOrderError, PassError):
+            raise
+        except Exception as exc:
+            raise PassError(f"{self.name}/{p.name}", done, exc) from exc
         seconds = time.perf_counter() - start
-        if result.modified:
-            ctx.properties &= set(p.preserves | p.ensures)
-        ctx.properties |= set(p.ensures)
-        entry = PassLogEntry(p.name, seconds, before, len(graph.nodes), result.modified, result.detail)
-        ctx.log.append(entry)
-        log.info("%-28s %7.3fs nodes %5d -> %5d%s", p.name, seconds, before, len(graph.nodes),
-                 f"  ({result.detail})" if result.detail else "")
-        if p.name in ctx.dump_after and ctx.dump_dir is not None:
-            from qcompile.graph_io import save_graph
-
-            save_graph(graph, ctx.dump_dir / f"after_{p.name}.onnx")
+        if leaf:  # a nested manager's passes kept the graph's properties up to date themselves
+            if result.modified:
+                props &= set(p.preserves | p.ensures)
+            props |= set(p.ensures)
+            for instrument in ctx.instruments:
+                instrument.after(p, graph, result, seconds, before)
         return result.modified

@@ -6,26 +6,33 @@ layer quantized runs on recorded inputs spread over the timesteps, and its outpu
 float model is the layer's score (low = sensitive). Mixed precision then keeps the most sensitive
 layers in float, the count found by bisection over the sensitivity order (each probe is a full
 quantized graph, so interactions between layers are measured, not assumed away).
+
+"Float" is what the target can fall back to (`TargetCaps.fallback`): on an integer-only NPU a layer
+taken out of the 8-bit graph keeps its 8-bit weights and computes with 16-bit activations instead.
 """
 
 from __future__ import annotations
 
 import re
+import shutil
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import onnx_graphsurgeon as gs
 from tqdm import tqdm
 
 from qcompile.calibration.inputs import InputSet
 from qcompile.evaluation.metrics import sqnr_db
-from qcompile.graph_io import load_graph, module_path
-from qcompile.pass_manager import PassContext, PassManager
+from qcompile.graph_io import copy_graph, module_path
+from qcompile.manifest import BucketRecord, Manifest
+from qcompile.pass_manager import PassContext
 from qcompile.passes.insert_qdq import plan_quantization
 from qcompile.quant import TensorRange
 from qcompile.runtime import OnnxRunner
+from qcompile.target import BucketJob, EmitPurpose
 
 
 @dataclass(frozen=True)
@@ -54,26 +61,40 @@ def exact(names: Sequence[str]) -> tuple[str, ...]:
 
 
 class Prober:
-    """Builds and runs quantized variants of one float graph on fixed inputs."""
+    """Builds quantized variants of one float graph through the target (its passes, its emitter in
+    probe mode, its runner) and measures each on fixed inputs against the float model. Going through
+    the target is what makes every target's mixed precision measure what it will ship (a .tflite in
+    the LiteRT interpreter, the QNN graph with its host embedding)."""
 
-    def __init__(self, fp32_path: Path, target, ranges: dict[str, TensorRange], inputs: InputSet,
-                 base_exclude: Sequence[str]):
-        self.fp32_path = fp32_path
+    def __init__(self, graph: gs.Graph, fp32_path: Path, target, ranges: dict[str, TensorRange], inputs: InputSet,
+                 base_exclude: Sequence[str], *, timestep_input: str | None, template: Manifest, folder: Path):
+        self.graph = graph
         self.target = target
         self.ranges = ranges
         self.inputs = inputs
         self.base_exclude = tuple(base_exclude)
+        self.timestep_input = timestep_input
+        self.template = template
+        self.folder = Path(folder)
+        self.probes = 0
         reference = OnnxRunner([fp32_path])
         self.expected = np.concatenate([reference.run(feed) for _, feed in inputs.batches(16)])
-        self.tmp = Path(tempfile.mkdtemp(prefix="qcompile-sensitivity-"))
 
     def sqnr(self, exclude: Sequence[str]) -> float:
-        graph = load_graph(self.fp32_path)
+        graph = copy_graph(self.graph)
         plan = plan_quantization(graph, self.target.caps, (*self.base_exclude, *exclude))
-        PassManager(self.target.pipeline(plan, self.ranges)).run(graph, PassContext())
-        files = self.target.emit([graph], self.tmp)[0]
-        runner = OnnxRunner([self.tmp / files[0]])
-        got = np.concatenate([runner.run(feed) for _, feed in self.inputs.batches(16)])
+        compiled = self.target.compile_bucket(graph, BucketJob(0, plan, self.ranges, self.timestep_input),
+                                              PassContext())
+        folder = self.folder / f"probe{self.probes}"
+        self.probes += 1
+        emitted = self.target.emit([compiled], folder, EmitPurpose.PROBE)
+        manifest = replace(self.template, buckets=(BucketRecord(0, (0.0, self.template.model.timestep_scale), (),
+                                                                emitted.bucket_files[0]),), device=emitted.device)
+        try:
+            runner = self.target.runner(folder, manifest)
+            got = np.concatenate([runner.run(feed) for _, feed in self.inputs.batches(16)])
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
         return sqnr_db(self.expected, got)
 
 
@@ -109,14 +130,18 @@ def choose_float_layers(ranking: Sequence[LayerSensitivity], evaluate: Callable[
     return best
 
 
-def mixed_precision(fp32_path: Path, target, ranges: dict[str, TensorRange], inputs: InputSet,
-                    base_exclude: Sequence[str], *, target_sqnr_db: float | None, max_float: int) -> MixedPrecision:
-    graph = load_graph(fp32_path)
+def mixed_precision(graph: gs.Graph, fp32_path: Path, target, ranges: dict[str, TensorRange], inputs: InputSet,
+                    base_exclude: Sequence[str], *, timestep_input: str | None, template: Manifest,
+                    target_sqnr_db: float | None, max_float: int) -> MixedPrecision:
+    """`graph` is the canonical float graph (copied, never changed); `template` the manifest of the build
+    so far, from which each probe's runner reads the model's inputs."""
     plan = plan_quantization(graph, target.caps, base_exclude)
-    candidates = [w.node for w in plan.weights]
-    prober = Prober(fp32_path, target, ranges, inputs, base_exclude)
-    ranking = rank_layers(prober, candidates, {n.name: n for n in graph.nodes})
-    all_q = prober.sqnr(())
-    layers, reached = choose_float_layers(ranking, lambda names: prober.sqnr(exact(names)),
-                                          target_sqnr_db=target_sqnr_db, max_float=max_float)
+    candidates = [w.node for w in plan.weights if w.node not in set(plan.excluded)]
+    with tempfile.TemporaryDirectory(prefix="qcompile-sensitivity-") as tmp:
+        prober = Prober(graph, fp32_path, target, ranges, inputs, base_exclude, timestep_input=timestep_input,
+                        template=template, folder=Path(tmp))
+        ranking = rank_layers(prober, candidates, {n.name: n for n in graph.nodes})
+        all_q = prober.sqnr(())
+        layers, reached = choose_float_layers(ranking, lambda names: prober.sqnr(exact(names)),
+                                              target_sqnr_db=target_sqnr_db, max_float=max_float)
     return MixedPrecision(layers, reached, all_q, target_sqnr_db, tuple(ranking))

@@ -148,3 +148,23 @@ def geglu_model(seed: int = 0, batch: int = 2, tokens: int = 64, dim: int = 64, 
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, tokens, dim])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, tokens, hidden])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
+
+
+def compile_bucket(target, graph, plan, ranges, index: int = 0):
+    """One bucket through a target's own passes (what the build does per timestep bucket)."""
+    from qcompile.pass_manager import PassContext
+    from qcompile.target import BucketJob
+
+    return target.compile_bucket(graph, BucketJob(index, plan, ranges, None), PassContext())
+
+
+def manifest_for(bucket_files, timestep_ranges, *, timestep_input=None, sample_input=None, device=None):
+    """The least manifest a target's runner reads: buckets with their files and ranges, the model's roles."""
+    from qcompile.manifest import BucketRecord, ExportRecord, Manifest, ModelRecord, SourceRecord
+
+    buckets = tuple(BucketRecord(k, tuple(r), (), tuple(f))
+                    for k, (f, r) in enumerate(zip(bucket_files, timestep_ranges, strict=True)))
+    return Manifest(target="test", precision="test", qcompile_version="test",
+                    source=SourceRecord("test", None, 0, "test", "test", "fp32/model.onnx"),
+                    model=ModelRecord((), ("y",), sample_input, timestep_input, 1000.0),
+                    export=ExportRecord("test", 20, 0.0), buckets=buckets, device=device or {})

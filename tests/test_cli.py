@@ -97,7 +97,8 @@ def _bad(capsys, args, tmp_path, match):
     (["build", TINY, "--calib", "prompts:/no/prompts.txt"], "no such prompts file"),
     (["build", TINY, "--smoothquant", "1.5"], "--smoothquant 1.5: alpha must be within"),
     (["build", TINY, "--static-batch", "2"], "--static-batch: target ort-int8 does not take it"),
-    (["build", TINY, "--htp-arch", "75"], "--htp-arch: target ort-int8 does not take it; the option is for the qnn"),
+    (["build", TINY, "--htp-arch", "75"],
+     "--htp-arch: target ort-int8 does not take it; the option is for qnn-w8a8, qnn-w8a16"),
     (["build", TINY, "--target", "qnn-w8a8", "--htp-arch", "77"], "--htp-arch 77: not an HTP architecture the QNN"),
     (["build", TINY, "--target", "tflite-int8", "--static-batch", "0"], "--static-batch 0"),
     (["build", TINY, "--nonsense"], "unrecognized arguments"),
@@ -156,14 +157,14 @@ def test_calibration_cache_reused_across_builds_and_refused_for_another_graph(ca
 
 
 def test_bucket_runner_routes_each_timestep_to_its_model(tmp_path):
-    from qcompile.artifact import read_manifest
+    from qcompile.manifest import Manifest
     from qcompile.runtime import OnnxRunner
     from qcompile.targets.ort_int8.target import OrtInt8Target
 
     out = tmp_path / "k3"
     assert main(["build", TINY, "--out", str(out), "--calib", "synthetic:12", "--buckets", "3",
                  "--bucket-method", "uniform", "--validate", "4"]) == 0
-    manifest = read_manifest(out)
+    manifest = Manifest.read(out)
     runner = OrtInt8Target().runner(out, manifest)
     rng = np.random.default_rng(0)
     t = np.array([5.0, 500.0, 990.0, 6.0], np.float32)
@@ -172,7 +173,7 @@ def test_bucket_runner_routes_each_timestep_to_its_model(tmp_path):
     mixed = runner.run(feed)
     for i, ti in enumerate(t):
         b = runner.bucket_of(float(ti))
-        lo, hi = manifest["buckets"][b]["timestep_range"]
+        lo, hi = manifest.buckets[b].timestep_range
         assert lo <= ti < hi
-        alone = OnnxRunner([out / manifest["buckets"][b]["files"][0]])
+        alone = OnnxRunner([out / manifest.buckets[b].files[0]])
         np.testing.assert_array_equal(mixed[i], alone.run({k: v[i:i + 1] for k, v in feed.items()})[0])

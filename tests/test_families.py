@@ -19,8 +19,8 @@ def test_family_builds_for_ort_int8(model, tmp_path):
     cfg = CompileConfig(model=model, out_dir=tmp_path / "out", calib=CalibSpec.parse("synthetic:8"), validate_count=4)
     result = build(cfg)
     s, m = result.report["summary"], result.manifest
-    assert m["export"]["max_abs_diff_vs_torch"] <= 1e-4
-    assert m["quantization"]["quantized_weights"] > 0
+    assert m.export.max_abs_diff_vs_torch <= 1e-4
+    assert m.quantization.quantized_weights > 0
     assert s["eps_cos_min"] > 0.99, s
     assert s["eps_sqnr_db_mean"] > 20.0, s
     assert s["size_bytes"] < 0.9 * s["fp32_size_bytes"]

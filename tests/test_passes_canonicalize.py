@@ -2,7 +2,7 @@ import numpy as np
 from graphs import conv_mlp_model, run, save_with_external_data
 
 from qcompile.graph_io import load_graph, save_graph
-from qcompile.pass_manager import GraphProperty, PassContext, PassManager
+from qcompile.pass_manager import DumpAfter, GraphProperty, PassContext, PassLog, PassManager, graph_properties
 from qcompile.passes.canonicalize import canonicalize_passes
 from qcompile.passes.cleanup import RemoveIdentity
 from qcompile.passes.fold_constants import FoldConstants
@@ -11,7 +11,7 @@ from qcompile.passes.fold_constants import FoldConstants
 def _canonical(tmp_path):
     src = save_with_external_data(conv_mlp_model(), tmp_path / "m.onnx")
     graph = load_graph(src)
-    ctx = PassContext(dump_after=frozenset({"fold-constants"}), dump_dir=tmp_path / "dumps")
+    ctx = PassContext([PassLog(), DumpAfter(frozenset({"fold-constants"}), tmp_path / "dumps")])
     result = PassManager(canonicalize_passes(), fixed_point=True).run(graph, ctx)
     return src, graph, ctx, result
 
@@ -20,7 +20,7 @@ def test_canonicalize_folds_and_cleans_with_same_numerics(tmp_path):
     src, graph, ctx, result = _canonical(tmp_path)
     assert result.modified
     assert [n.op for n in graph.nodes] == ["Conv", "Relu", "Conv", "Reshape", "MatMul", "Add"]
-    assert GraphProperty.SHAPES_KNOWN in ctx.properties and GraphProperty.NODES_NAMED in ctx.properties
+    assert {GraphProperty.SHAPES_KNOWN, GraphProperty.NODES_NAMED} <= graph_properties(graph)
     out = save_graph(graph, tmp_path / "canon.onnx")
     x = np.random.default_rng(0).standard_normal((3, 3, 8, 8)).astype(np.float32)
     np.testing.assert_allclose(run(out, {"x": x}), run(src, {"x": x}), rtol=1e-5, atol=1e-6)

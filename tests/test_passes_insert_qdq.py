@@ -14,6 +14,7 @@ from qcompile.pass_manager import PassContext, PassManager
 from qcompile.passes.canonicalize import canonicalize_passes
 from qcompile.passes.insert_qdq import plan_quantization
 from qcompile.runtime import make_session
+from qcompile.target import BucketJob
 from qcompile.targets.ort_int8.target import OrtInt8Target
 
 
@@ -36,8 +37,8 @@ def _quantize(canonical, out, exclude=()):
     table = collect_stats(canonical, graph, recording, names=plan.activations)
     ranges = estimate_ranges(table, Estimator.MAX)
     ctx = PassContext()
-    PassManager(target.pipeline(plan, ranges)).run(graph, ctx)
-    files = target.emit([graph], out.parent)[0]
+    compiled = target.compile_bucket(graph, BucketJob(0, plan, ranges, None), ctx)
+    files = target.emit([compiled], out.parent).bucket_files[0]
     return plan, out.parent / files[0], ctx
 
 

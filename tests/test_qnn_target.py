@@ -17,6 +17,7 @@ from qcompile.build import build
 from qcompile.config import CalibSpec, CompileConfig, TargetName
 from qcompile.graph_io import constant_values, load_graph
 from qcompile.targets.qnn.context import write_contexts
+from qcompile.targets.qnn.options import QnnOptions
 
 # The issue's acceptance families at W8A16 (the reference model is measured by the build in the README),
 # and the ones that needed their own rewrite: CLIP (its causal mask, BoundAttentionMask), SD3 (its
@@ -50,15 +51,19 @@ def test_family_runs_entirely_on_htp_at_w8a16(model, tmp_path):
 
 def test_artifact_files_and_encodings_match_the_qdq_graph(tmp_path):
     cfg = CompileConfig(model="builtin:tiny-sd-unet", target=TargetName.QNN_W8A8, out_dir=tmp_path / "out",
-                        calib=CalibSpec.parse("synthetic:8"), validate_count=2, buckets=2, htp_arch=75)
+                        calib=CalibSpec.parse("synthetic:8"), validate_count=2, buckets=2,
+                        target_options=QnnOptions(htp_arch=75))
     result = build(cfg)
     out, manifest = result.out_dir, result.manifest
-    assert manifest["device"] == {"htp_arch": 75}  # contexts compiled for v75, and the simulator ran v75
-    assert [b["files"][0] for b in manifest["buckets"]] == ["model_t0.onnx", "model_t1.onnx"]
-    assert all("host_time_embedding.onnx" in b["files"] for b in manifest["buckets"])
-    assert manifest["sdk_files"] == ["float/model.onnx", "float/model.onnx.data", "float/encodings_t0.json",
-                                     "float/encodings_t1.json", "context/model_t0_ctx.onnx",
-                                     "context/model_t0_ctx_qnn.bin", "context/model_t1_ctx.onnx"]
+    # contexts compiled for v75, and the simulator ran v75
+    assert manifest.device == {"htp_arch": 75, "static_batch": 2}
+    assert [b.files[0] for b in manifest.buckets] == ["model_t0.onnx", "model_t1.onnx"]
+    assert all("host_time_embedding.onnx" in b.files for b in manifest.buckets)
+    # each bucket's own float device graph beside its encodings (they differ where a pass used the
+    # bucket's ranges), sharing one weight file
+    assert manifest.sdk_files == ("float/model_t0.onnx", "float/model.data", "float/model_t1.onnx",
+                                  "float/encodings_t0.json", "float/encodings_t1.json", "context/model_t0_ctx.onnx",
+                                  "context/model_t0_ctx_qnn.bin", "context/model_t1_ctx.onnx")
     # both buckets' EPContext models point into the one weight-shared binary ...
     for k in range(2):
         node = onnx.load(str(out / f"context/model_t{k}_ctx.onnx")).graph.node[0]
@@ -79,10 +84,11 @@ def test_artifact_files_and_encodings_match_the_qdq_graph(tmp_path):
     assert not context["shipped_loads_on_simulator"]
     assert [(b["bucket"], b["identical"], b["checked"]) for b in context["buckets"]] == [
         (0, True, "unshared context"), (1, True, "unshared context")]
-    float_model = onnx.load(str(out / "float/model.onnx"), load_external_data=False)
-    initializers = {t.name for t in float_model.graph.initializer}
-    float_tensors = {o for n in float_model.graph.node for o in n.output} | {i.name for i in float_model.graph.input}
     for k in range(2):
+        float_model = onnx.load(str(out / f"float/model_t{k}.onnx"), load_external_data=False)
+        initializers = {t.name for t in float_model.graph.initializer}
+        graph = float_model.graph
+        float_tensors = {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
         enc = json.loads((out / f"float/encodings_t{k}.json").read_text())
         assert enc["version"] == "1.0.0"
         acts = {e["name"]: e for e in enc["activation_encodings"]}

@@ -20,8 +20,8 @@ def reference(tmp_path_factory):
     from qcompile.models.source import resolve_model
 
     adapter = resolve_model("builtin:reference")
-    fp32, _ = export_canonical(adapter, tmp_path_factory.mktemp("ref"), opset=20, ctx=PassContext())
-    return adapter, fp32, load_graph(fp32)
+    exported = export_canonical(adapter, tmp_path_factory.mktemp("ref"), opset=20, ctx=PassContext())
+    return adapter, exported.path, load_graph(exported.path)
 
 
 def _record(reference, tmp_path, kind, steps=10, count=20):

@@ -1,5 +1,5 @@
 import numpy as np
-from graphs import conv_mlp_model, save_with_external_data
+from graphs import conv_mlp_model, manifest_for, save_with_external_data
 
 from qcompile.calibration.estimators import estimate_ranges
 from qcompile.calibration.inputs import InputSet
@@ -26,14 +26,17 @@ def _setup(tmp_path):
 def test_mixed_precision_reaches_the_requested_sqnr_with_few_float_layers(tmp_path):
     path, ranges, inputs = _setup(tmp_path)
     target = OrtInt8Target()
-    full = mixed_precision(path, target, ranges, inputs, (), target_sqnr_db=None, max_float=0)
+    template = manifest_for([], [])
+    full = mixed_precision(load_graph(path), path, target, ranges, inputs, (), timestep_input=None, template=template,
+                           target_sqnr_db=None, max_float=0)
     assert full.float_layers == () and [s.node for s in sorted(full.ranking, key=lambda s: s.node)] == \
         ["conv1", "conv2", "fc"]
     assert all(a.sqnr_db <= b.sqnr_db for a, b in zip(full.ranking, full.ranking[1:], strict=False))
     # Each layer alone loses less than all of them together.
     assert full.all_quantized_sqnr_db < min(s.sqnr_db for s in full.ranking)
     goal = full.all_quantized_sqnr_db + 3.0
-    mixed = mixed_precision(path, target, ranges, inputs, (), target_sqnr_db=goal, max_float=3)
+    mixed = mixed_precision(load_graph(path), path, target, ranges, inputs, (), timestep_input=None,
+                            template=template, target_sqnr_db=goal, max_float=3)
     assert mixed.sqnr_db >= goal and 1 <= len(mixed.float_layers) < 3
     assert mixed.float_layers[0] == mixed.ranking[0].node  # the most sensitive goes first
 

@@ -21,7 +21,7 @@ def test_tiny_sd_unet_builds_for_tflite_int8(tmp_path):
     assert result.report["runtime"]["name"] == "litert"
     assert s["eps_cos_min"] >= 0.99, s
     assert s["size_bytes"] < 0.5 * s["fp32_size_bytes"]
-    assert [b["files"] for b in m["buckets"]] == [["model.tflite"], ["model.tflite"]]
+    assert [b.files for b in m.buckets] == [("model.tflite",), ("model.tflite",)]
     data = (result.out_dir / "model.tflite").read_bytes()
     assert set(read_metadata(data)["signatures"]) == {"bucket_0", "bucket_1"}
     ops = [(op.code, op.input_types[0]) for op in operators(data)]
@@ -44,18 +44,20 @@ def test_tiny_sd_unet_builds_for_tflite_int8(tmp_path):
     assert result.report["checks"]["interpreter_within_1_lsb"]
     assert len(device["buckets"]) == 2 and all(b["int8_tensors"] > 50 for b in device["buckets"])
     assert device["summary"]["lsb_local_max"] <= 1 and device["summary"]["interpreter_vs_qdq_sqnr_db_min"] > 25
-    assert "qdq/tensors.json" in m["sdk_files"]
+    assert "qdq/tensors.json" in m.sdk_files
     assert result.passed
     json.dumps(result.report)  # the report stays plain JSON
 
 
-def test_an_artifact_without_qdq_files_is_evaluated_without_the_interpreter_check(tmp_path):
-    """Artifacts built before qdq/ existed still evaluate: the check is skipped and says why."""
+def test_an_artifact_without_qdq_files_fails_the_interpreter_check(tmp_path):
+    """Without qdq/tensors.json nothing can be compared: the check fails and says why (it used to be
+    skipped, and the build passed with the interpreter never checked)."""
+    from graphs import manifest_for
+
     from qcompile.targets.tflite.target import TfliteInt8Target
 
-    device = TfliteInt8Target().device_checks(tmp_path, {}, adapter=None, held_out=None, reference=None,
-                                              artifact_runner=None, sampler=None, samples=0)
-    assert device["checks"] == {} and device["skipped"] == "no qdq/tensors.json"
+    device = TfliteInt8Target().device_checks(tmp_path, manifest_for([("model.tflite",)], [(0.0, 1000.0)]), None)
+    assert device.checks == {"interpreter_within_1_lsb": False} and "tensors.json is missing" in device.details["error"]
 
 
 def test_signatures_run_in_bucket_order_past_ten_buckets():

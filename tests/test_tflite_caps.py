@@ -4,6 +4,7 @@ for activation-only ops; and the ORT plan unchanged by those capability fields."
 import numpy as np
 import onnx_graphsurgeon as gs
 import pytest
+from graphs import compile_bucket
 from onnx import TensorProto, helper, numpy_helper
 
 from qcompile.calibration.estimators import estimate_ranges
@@ -13,12 +14,13 @@ from qcompile.calibration.stats import collect_stats
 from qcompile.config import Estimator
 from qcompile.evaluation.metrics import cosine
 from qcompile.graph_io import load_graph, save_graph
-from qcompile.pass_manager import PassContext, PassManager
+from qcompile.pass_manager import PassContext
 from qcompile.passes.infer_shapes import InferShapes
 from qcompile.passes.insert_qdq import plan_quantization
 from qcompile.targets.ort_int8.target import ORT_INT8_CAPS
 from qcompile.targets.tflite.caps import TFLITE_INT8_WIDE_CAPS
 from qcompile.targets.tflite.inspect import operators
+from qcompile.targets.tflite.options import TfliteOptions
 from qcompile.targets.tflite.runner import TfliteRunner
 from qcompile.targets.tflite.target import TfliteInt8Target
 from qcompile.targets.tflite.validate import run_onnx_static
@@ -65,13 +67,13 @@ def test_wide_tflite_plan_runs_activations_in_int8_with_fixed_outputs(model_path
     x = np.random.default_rng(1).standard_normal((16, 4, 8, 8)).astype(np.float32)
     recording = record_input_set(InputSet({"x": x}, None), tmp_path / "rec", {})
     ranges = estimate_ranges(collect_stats(model_path, graph, recording, names=plan.activations), Estimator.MAX)
-    target = TfliteInt8Target(batch=2)
+    target = TfliteInt8Target(TfliteOptions(batch=2))
     target.caps = TFLITE_INT8_WIDE_CAPS
-    PassManager(target.pipeline(plan, ranges)).run(graph, PassContext())
+    compiled = compile_bucket(target, graph, plan, ranges)
     q_sigmoid = [n for n in graph.nodes if n.op == "QuantizeLinear" and n.inputs[0].name == "s"][0]
     assert float(q_sigmoid.inputs[1].values) == np.float32(1 / 256) and int(q_sigmoid.inputs[2].values) == -128
     qdq = save_graph(graph.copy(), tmp_path / "qdq.onnx")
-    [[name]] = target.emit([graph], tmp_path)
+    [[name]] = target.emit([compiled], tmp_path).bucket_files
     ops = {(op.code, op.input_types[0]) for op in operators(tmp_path / name)}
     assert {("LOGISTIC", "INT8"), ("MUL", "INT8"), ("SOFTMAX", "INT8"), ("GELU", "INT8")} <= ops
     feed = {"x": x[:4]}

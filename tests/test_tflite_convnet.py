@@ -6,7 +6,7 @@ import json
 import numpy as np
 import onnx_graphsurgeon as gs
 import pytest
-from graphs import conv_mlp_model, save_with_external_data
+from graphs import compile_bucket, conv_mlp_model, manifest_for, save_with_external_data
 
 from qcompile.calibration.estimators import estimate_ranges
 from qcompile.calibration.inputs import InputSet
@@ -20,6 +20,7 @@ from qcompile.passes.canonicalize import canonicalize_passes
 from qcompile.passes.insert_qdq import plan_quantization
 from qcompile.runtime import make_session
 from qcompile.targets.tflite.inspect import operators
+from qcompile.targets.tflite.options import TfliteOptions
 from qcompile.targets.tflite.runner import TfliteRunner
 from qcompile.targets.tflite.target import TfliteFp32Target, TfliteInt8Target
 from qcompile.targets.tflite.validate import lsb_agreement, quantized_tensor_agreement, run_onnx_static
@@ -44,22 +45,22 @@ def _inputs(n, seed, scale=1.0):
 
 def _quantized_graphs(canonical, tmp_path, scales=(1.0,)):
     """One Q/DQ graph per calibration set (a stand-in for timestep buckets with different ranges)."""
-    target = TfliteInt8Target(batch=BATCH)
+    target = TfliteInt8Target(TfliteOptions(batch=BATCH))
     graphs = []
     for k, scale in enumerate(scales):
         graph = load_graph(canonical)
         plan = plan_quantization(graph, target.caps)
         recording = record_input_set(InputSet(_inputs(16, k, scale), None), tmp_path / f"rec{k}", {})
         ranges = estimate_ranges(collect_stats(canonical, graph, recording, names=plan.activations), Estimator.MAX)
-        PassManager(target.pipeline(plan, ranges)).run(graph, PassContext())
-        graphs.append(graph)
+        graphs.append(compile_bucket(target, graph, plan, ranges, k))
     return target, graphs
 
 
 def test_int8_convnet_matches_the_qdq_graph(canonical, tmp_path):
-    target, [graph] = _quantized_graphs(canonical, tmp_path)
+    target, [compiled] = _quantized_graphs(canonical, tmp_path)
+    graph = compiled.graph
     qdq = save_graph(graph.copy(), tmp_path / "qdq.onnx")
-    [[name]] = target.emit([graph], tmp_path)
+    [[name]] = target.emit([compiled], tmp_path).bucket_files
     feed = _inputs(5, 7)  # 5 samples through a batch-2 model: chunks, the last one padded
     ref = run_onnx_static(qdq, feed, BATCH)
     got = TfliteRunner([tmp_path / name]).run(feed)
@@ -76,10 +77,10 @@ def test_int8_convnet_matches_the_qdq_graph(canonical, tmp_path):
 
 
 def test_fp32_convnet_matches_onnxruntime(canonical, tmp_path):
-    target = TfliteFp32Target(batch=BATCH)
+    target = TfliteFp32Target(TfliteOptions(batch=BATCH))
     graph = load_graph(canonical)
-    PassManager(target.pipeline(None, {})).run(graph, PassContext())
-    [[name]] = target.emit([graph], tmp_path)
+    compiled = compile_bucket(target, graph, None, {})
+    [[name]] = target.emit([compiled], tmp_path).bucket_files
     feed = _inputs(4, 3)
     np.testing.assert_allclose(TfliteRunner([tmp_path / name]).run(feed), make_session(canonical).run(None, feed)[0],
                                rtol=1e-4, atol=1e-5)
@@ -88,22 +89,20 @@ def test_fp32_convnet_matches_onnxruntime(canonical, tmp_path):
 def test_buckets_are_signatures_of_one_file_sharing_weights(canonical, tmp_path):
     target, graphs = _quantized_graphs(canonical, tmp_path, scales=(1.0, 3.0))
     one_dir, two_dir = tmp_path / "one", tmp_path / "two"
-    [[single]] = target.emit(graphs[:1], one_dir)
-    files = target.emit(graphs, two_dir)
-    assert files == [["model.tflite"], ["model.tflite"]]
-    int8_weights = sum(t.values.nbytes for t in graphs[0].tensors().values()
+    [[single]] = target.emit(graphs[:1], one_dir).bucket_files
+    files = target.emit(graphs, two_dir).bucket_files
+    assert files == (("model.tflite",), ("model.tflite",))
+    int8_weights = sum(t.values.nbytes for t in graphs[0].graph.tensors().values()
                        if isinstance(t, gs.Constant) and t.values.dtype == np.int8)
     single_size = (one_dir / single).stat().st_size
     extra = (two_dir / "model.tflite").stat().st_size - single_size
     assert int8_weights > 5000 and extra <= single_size - int8_weights  # no weight stored twice
-    manifest = {"buckets": [{"files": f, "timestep_range": r} for f, r in zip(files, ([0, 500], [500, 1000]),
-                                                                                strict=True)],
-                "model": {"timestep_input": None, "sample_input": None}}
+    manifest = manifest_for(files, ((0.0, 500.0), (500.0, 1000.0)))
     runner = target.runner(two_dir, manifest)
     assert len(runner.programs) == 2 and runner.bucket_of(100.0) == 0 and runner.bucket_of(700.0) == 1
     feed = _inputs(2, 9, 3.0)
-    for program, graph, k in zip(runner.programs, graphs, range(2), strict=True):
-        ref = run_onnx_static(save_graph(graph.copy(), tmp_path / f"b{k}.onnx"), feed, BATCH)
+    for program, compiled, k in zip(runner.programs, graphs, range(2), strict=True):
+        ref = run_onnx_static(save_graph(compiled.graph.copy(), tmp_path / f"b{k}.onnx"), feed, BATCH)
         assert cosine(ref, program.run(feed)) > 0.9999
 
 
@@ -115,8 +114,9 @@ def test_validation_compares_each_int8_tensor_locally(canonical, tmp_path):
     """The build's device check: every int8 tensor of the .tflite against onnxruntime on the Q/DQ graph,
     each computed from the interpreter's own upstream int8 tensors. It passes on the emitted file and
     points at the one layer whose computation differs when the Q/DQ graph is altered."""
-    target, [graph] = _quantized_graphs(canonical, tmp_path)
-    target.emit([graph], tmp_path)
+    target, [compiled] = _quantized_graphs(canonical, tmp_path)
+    graph = compiled.graph
+    target.emit([compiled], tmp_path)
     [entry] = json.loads((tmp_path / "qdq" / "tensors.json").read_text())["buckets"]
     assert entry["signature"] == "serving_default"
     qdq, quantized, feed = tmp_path / entry["qdq"], entry["quantized"], _inputs(3, 5)

@@ -35,6 +35,13 @@ class InputSet:
             sl = slice(start, min(start + batch, self.count))
             yield sl, self.take(sl)
 
+    def concat(self, other: InputSet) -> InputSet:
+        """This set's rows followed by `other`'s (unbatched inputs are taken from this set)."""
+        arrays = {k: v if k in self.unbatched else np.concatenate([v, other.arrays[k].astype(v.dtype)])
+                  for k, v in self.arrays.items()}
+        ts = None if self.timesteps is None else np.concatenate([self.timesteps, other.timesteps])
+        return InputSet(arrays, ts, self.unbatched)
+
     def split(self, first: int) -> tuple[InputSet, InputSet]:
         ts = self.timesteps
         head, tail = slice(0, first), slice(first, None)

@@ -15,6 +15,7 @@ import numpy as np
 from qcompile.atomic import write_json, write_text
 from qcompile.config import Thresholds
 from qcompile.evaluation.validate import StepResult
+from qcompile.manifest import BucketRecord
 
 
 def summarize(steps: Sequence[StepResult], *, size_bytes: int, fp32_size_bytes: int,
@@ -36,13 +37,13 @@ def summarize(steps: Sequence[StepResult], *, size_bytes: int, fp32_size_bytes: 
     return summary
 
 
-def make_report(*, target: str, precision: str, buckets: Sequence[Mapping[str, Any]], runtime: Mapping[str, str],
+def make_report(*, target: str, precision: str, buckets: Sequence[BucketRecord], runtime: Mapping[str, str],
                 steps: Sequence[StepResult], summary: Mapping[str, Any], thresholds: Thresholds) -> dict[str, Any]:
     checks = thresholds.check(summary)
     return {
         "target": target,
         "precision": precision,
-        "buckets": [{"index": b["index"], "timestep_range": b["timestep_range"]} for b in buckets],
+        "buckets": [{"index": b.index, "timestep_range": list(b.timestep_range)} for b in buckets],
         "runtime": dict(runtime),
         "per_step": [s.as_dict() for s in steps],
         "summary": dict(summary),

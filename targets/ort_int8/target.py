@@ -8,22 +8,31 @@ Q/DQ graph it cannot fuse runs slower than FP32.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
 from qcompile.caps import WEIGHTED_OPS, TargetCaps
 from qcompile.config import TargetName
-from qcompile.graph_io import save_graph, save_graphs
-from qcompile.pass_manager import Pass
+from qcompile.graph_io import save_bucket_graphs
+from qcompile.manifest import Manifest
+from qcompile.pass_manager import PassContext, PassManager
 from qcompile.passes.cleanup import NameNodes
 from qcompile.passes.infer_shapes import InferShapes
-from qcompile.passes.insert_qdq import InsertQDQ, QuantPlan
-from qcompile.quant import QuantDType, TensorRange
+from qcompile.passes.insert_qdq import InsertQDQ
+from qcompile.quant import QuantDType
 from qcompile.runtime import OnnxRunner
+from qcompile.target import (
+    BucketJob,
+    CompiledBucket,
+    DeviceEvidence,
+    DeviceReport,
+    EmitPurpose,
+    EmitResult,
+    NoOptions,
+)
 
 ORT_INT8_CAPS = TargetCaps(
     weight_dtype=QuantDType.INT8,
@@ -38,27 +47,25 @@ class OrtInt8Target:
     caps = ORT_INT8_CAPS
     runtime_name = "onnxruntime"
 
+    def __init__(self, options: NoOptions | None = None):
+        self.options = options or NoOptions()
+
     def runtime_version(self) -> str:
         return ort.__version__
 
-    def pipeline(self, plan: QuantPlan, ranges: Mapping[str, TensorRange], *,
-                 timestep_input: str | None = None) -> list[Pass]:
-        return [NameNodes(), InsertQDQ(plan, ranges, self.caps), InferShapes()]
+    def compile_bucket(self, graph: gs.Graph, job: BucketJob, ctx: PassContext) -> CompiledBucket:
+        passes = [NameNodes(), InsertQDQ(job.plan, job.ranges, self.caps), InferShapes()]
+        PassManager(passes, name=f"{self.name.value}/bucket{job.index}").run(graph, ctx)
+        return CompiledBucket(job.index, graph)
 
-    def emit(self, graphs: Sequence[gs.Graph], out_dir: Path) -> list[list[str]]:
+    def emit(self, buckets: Sequence[CompiledBucket], out_dir: Path,
+             purpose: EmitPurpose = EmitPurpose.ARTIFACT) -> EmitResult:
         """One QDQ model per bucket, all reading one weight file (weights stored once)."""
-        if len(graphs) == 1:
-            save_graph(graphs[0], out_dir / "model.onnx")
-            return [["model.onnx", "model.onnx.data"]]
-        names = [f"model_t{k}.onnx" for k in range(len(graphs))]
-        save_graphs([(g, out_dir / n) for g, n in zip(graphs, names, strict=True)], out_dir / "model.data")
-        return [[n, "model.data"] for n in names]
+        return EmitResult(save_bucket_graphs([b.graph for b in buckets], Path(out_dir)))
 
-    def runner(self, artifact_dir: Path, manifest: Mapping[str, Any]) -> OnnxRunner:
-        buckets = manifest["buckets"]
-        return OnnxRunner(
-            [artifact_dir / b["files"][0] for b in buckets],
-            bucket_edges=[b["timestep_range"][0] for b in buckets[1:]],
-            timestep_name=manifest["model"].get("timestep_input"),
-            sample_name=manifest["model"].get("sample_input"),
-        )
+    def runner(self, folder: Path, manifest: Manifest) -> OnnxRunner:
+        return OnnxRunner(manifest.bucket_files(folder), bucket_edges=manifest.bucket_edges,
+                          timestep_name=manifest.model.timestep_input, sample_name=manifest.model.sample_input)
+
+    def device_checks(self, folder: Path, manifest: Manifest, evidence: DeviceEvidence) -> DeviceReport | None:
+        return None  # the evaluation runs onnxruntime itself

@@ -25,7 +25,7 @@ Facts (onnxruntime's QNN quantization helpers and EP, onnxruntime-qnn 2.7.0 / QN
 
 from __future__ import annotations
 
-from qcompile.caps import TargetCaps
+from qcompile.caps import PrecisionFallback, TargetCaps
 from qcompile.quant import QuantDType
 
 SAME_SCALE_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Slice", "Split",
@@ -50,6 +50,9 @@ def _caps(activation: QuantDType) -> TargetCaps:
         fixed_output_qparams=(("Sigmoid", 1.0 / (activation.qmax + 1), 0),),
         output_dtype=QuantDType.UINT16,
         power_of_two_scale_ops=frozenset({"Softmax"}) if activation.bits == 8 else frozenset(),
+        # HTP has no float kernels: mixed precision runs sensitive layers at 16-bit activations (A16W8)
+        fallback=PrecisionFallback.WIDE if activation.bits == 8 else PrecisionFallback.NONE,
+        wide_dtype=QuantDType.UINT16 if activation.bits == 8 else None,
     )
 
 

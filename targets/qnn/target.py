@@ -11,26 +11,27 @@ Pipeline per timestep bucket, on the canonical float graph:
    the op computing each, at 16 bits (`wide_graph_outputs`).
 
 Files: one Q/DQ model per bucket sharing one weight file (as `ort-int8`), the host model, and for QNN
-SDK users the float device graph (`float/model.onnx`) with one AIMET-style encodings file per bucket,
-for `qnn-onnx-converter --quantization_overrides`; for devices, the bucket graphs compiled into QNN
-context binaries (`context/`: one weight-shared binary for all buckets), see `context.py`.
+SDK users each bucket's float device graph (`float/model.onnx`, or `float/model_t{k}.onnx` for K
+buckets) with its AIMET-style encodings file, for `qnn-onnx-converter --quantization_overrides`; for
+devices, the bucket graphs compiled into QNN context binaries (`context/`: one weight-shared binary for
+all buckets), see `context.py`.
 """
 
 from __future__ import annotations
 
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx_graphsurgeon as gs
 
 from qcompile.caps import TargetCaps
 from qcompile.config import TargetName
 from qcompile.errors import UserError
-from qcompile.graph_io import save_graph, save_graphs
-from qcompile.pass_manager import GraphProperty, Pass, PassContext, PassResult
+from qcompile.graph_io import save_bucket_graphs, save_graph
+from qcompile.manifest import Manifest
+from qcompile.pass_manager import GraphProperty, Pass, PassContext, PassManager, PassResult
 from qcompile.passes.bound_attention_mask import BoundAttentionMask
 from qcompile.passes.cleanup import NameNodes
 from qcompile.passes.einsum_as_transpose import EinsumAsTranspose
@@ -38,22 +39,21 @@ from qcompile.passes.fuse_rmsnorm import FuseRMSNorm
 from qcompile.passes.groupnorm_affine_conv import GroupNormAffineAsConv
 from qcompile.passes.host_time_embedding import MoveTimeEmbeddingToHost, TimeEmbeddingCut
 from qcompile.passes.infer_shapes import InferShapes
-from qcompile.passes.insert_qdq import QuantPlan
 from qcompile.passes.insert_qdq_integer import InsertQDQEverywhere
 from qcompile.passes.linear_as_gemm import LinearAsGemm
 from qcompile.passes.remove_nan_guards import RemoveNanGuards
 from qcompile.passes.static_shapes import StaticShapes
 from qcompile.passes.unpatchify_depth_to_space import UnpatchifyAsDepthToSpace
 from qcompile.passes.wide_graph_outputs import WideGraphOutputs
-from qcompile.quant import TensorRange
+from qcompile.target import BucketJob, CompiledBucket, DeviceEvidence, DeviceReport, EmitPurpose, EmitResult
 from qcompile.targets.qnn import ep
 from qcompile.targets.qnn.caps import QNN_W8A8_CAPS, QNN_W8A16_CAPS
 from qcompile.targets.qnn.context import CONTEXT_DIR, check_contexts, write_contexts
 from qcompile.targets.qnn.encodings import write_encodings
+from qcompile.targets.qnn.options import QnnOptions
 from qcompile.targets.qnn.runner import HOST_FILE, QnnRunner
 from qcompile.targets.qnn.validate import bucket_chunk, check_on_htp, first_refused_prefix, sampling_on_htp
 
-DEFAULT_BATCH = 2  # one classifier-free-guidance pair per call
 FLOAT_DIR = "float"
 
 
@@ -67,7 +67,9 @@ class KeepFloatGraph(Pass):
         self.graph: gs.Graph | None = None
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        self.graph = graph.copy()
+        from qcompile.graph_io import copy_graph
+
+        self.graph = copy_graph(graph)
         return PassResult(modified=False)
 
 
@@ -76,163 +78,137 @@ class _QnnTarget:
     caps: TargetCaps
     runtime_name = "onnxruntime CPU EP running the HTP's Q/DQ graph (device checks: QNN HTP simulator)"
 
-    def __init__(self, batch: int = DEFAULT_BATCH, cut: TimeEmbeddingCut = TimeEmbeddingCut.FULL,
-                 htp_arch: int | None = None):
+    def __init__(self, options: QnnOptions | None = None, cut: TimeEmbeddingCut = TimeEmbeddingCut.FULL):
         ep.qnn_module()  # a missing extra fails here, once, with the package to install
-        self.batch = batch
+        self.options = options or QnnOptions()
         self.cut = cut
-        self.htp_arch = htp_arch
-        self._host: MoveTimeEmbeddingToHost | None = None
-        self._float: KeepFloatGraph | None = None
-        self._sdk_files: list[str] = []
-        self._context_error: str | None = None
 
     def runtime_version(self) -> str:
         return ep.runtime_version()
 
-    def pipeline(self, plan: QuantPlan, ranges: Mapping[str, TensorRange], *,
-                 timestep_input: str | None = None) -> list[Pass]:
+    def compile_bucket(self, graph: gs.Graph, job: BucketJob, ctx: PassContext) -> CompiledBucket:
         """The passes for one bucket. The host-embedding pass and a snapshot of the float device graph
-        are kept on the target: `emit` writes them once, beside the buckets' Q/DQ models."""
-        static = StaticShapes(self.batch)
-        passes: list[Pass] = [NameNodes(), static]
+        hand their graphs to `emit` through the CompiledBucket."""
+        static = StaticShapes(self.options.batch)
         # Without a timestep too: a text encoder's token ids and the embedding lookup they index (which
         # HTP refuses, as it refused DiT's class-label lookup) go to the host.
-        self._host = MoveTimeEmbeddingToHost(timestep_input, self.cut, static_shapes=static)
-        self._float = KeepFloatGraph()
-        passes.append(self._host)
-        return [*passes, RemoveNanGuards(), BoundAttentionMask(ranges), EinsumAsTranspose(), InferShapes(),
-                UnpatchifyAsDepthToSpace(), FuseRMSNorm(), LinearAsGemm(), GroupNormAffineAsConv(), InferShapes(),
-                self._float, InsertQDQEverywhere(ranges, self.caps), WideGraphOutputs(self.caps), InferShapes()]
+        host = MoveTimeEmbeddingToHost(job.timestep_input, self.cut, static_shapes=static)
+        keep = KeepFloatGraph()
+        passes = [NameNodes(), static, host, RemoveNanGuards(), BoundAttentionMask(job.ranges), EinsumAsTranspose(),
+                  InferShapes(), UnpatchifyAsDepthToSpace(), FuseRMSNorm(), LinearAsGemm(), GroupNormAffineAsConv(),
+                  InferShapes(), keep, InsertQDQEverywhere(job.ranges, self.caps), WideGraphOutputs(self.caps),
+                  InferShapes()]
+        PassManager(passes, name=f"{self.name.value}/bucket{job.index}").run(graph, ctx)
+        return CompiledBucket(job.index, graph, host_graph=host.host_graph, float_graph=keep.graph)
 
-    def emit(self, graphs: Sequence[gs.Graph], out_dir: Path) -> list[list[str]]:
+    def emit(self, buckets: Sequence[CompiledBucket], out_dir: Path,
+             purpose: EmitPurpose = EmitPurpose.ARTIFACT) -> EmitResult:
+        """The bucket models (one weight file), the host graph (the same for every bucket: it computes
+        from the timestep alone, no calibrated range enters it), and for SDK users each bucket's float
+        device graph (they differ where a pass used the bucket's ranges, e.g. bounded attention masks)
+        with its encodings; for devices the context binaries."""
         out_dir = Path(out_dir)
-        extra: list[str] = []
-        if self._host is not None and self._host.host_graph is not None:
-            save_graph(self._host.host_graph, out_dir / HOST_FILE)
-            extra = [HOST_FILE, HOST_FILE + ".data"]
-        if len(graphs) == 1:
-            save_graph(graphs[0], out_dir / "model.onnx")
-            files = [["model.onnx", "model.onnx.data"]]
-        else:
-            names = [f"model_t{k}.onnx" for k in range(len(graphs))]
-            save_graphs([(g, out_dir / n) for g, n in zip(graphs, names, strict=True)], out_dir / "model.data")
-            files = [[n, "model.data"] for n in names]
-        float_graph = self._float.graph
-        save_graph(float_graph, out_dir / FLOAT_DIR / "model.onnx")
-        self._sdk_files = [f"{FLOAT_DIR}/model.onnx", f"{FLOAT_DIR}/model.onnx.data"]
-        for k, graph in enumerate(graphs):
-            name = f"{FLOAT_DIR}/encodings_t{k}.json" if len(graphs) > 1 else f"{FLOAT_DIR}/encodings.json"
-            write_encodings(graph, float_graph, out_dir / name)
-            self._sdk_files.append(name)
-        self._sdk_files += self._contexts([out_dir / f[0] for f in files], out_dir)
-        return [[*f, *extra] for f in files]
+        extra: tuple[str, ...] = ()
+        host = buckets[0].host_graph
+        if host is not None:
+            save_graph(host, out_dir / HOST_FILE)
+            extra = (HOST_FILE, HOST_FILE + ".data")
+        files = save_bucket_graphs([b.graph for b in buckets], out_dir)
+        if purpose is EmitPurpose.PROBE:
+            return EmitResult(tuple((*f, *extra) for f in files), device={"htp_arch": self.options.htp_arch})
+        float_files = save_bucket_graphs([b.float_graph for b in buckets], out_dir / FLOAT_DIR)
+        sdk: list[str] = [f"{FLOAT_DIR}/{f}" for f in dict.fromkeys(f for fs in float_files for f in fs)]
+        for b in buckets:
+            name = f"{FLOAT_DIR}/encodings_t{b.index}.json" if len(buckets) > 1 else f"{FLOAT_DIR}/encodings.json"
+            write_encodings(b.graph, b.float_graph, out_dir / name)
+            sdk.append(name)
+        contexts, context_error = self._contexts([out_dir / f[0] for f in files], out_dir)
+        device: dict[str, Any] = {"htp_arch": self.options.htp_arch, "static_batch": self.options.batch}
+        if context_error is not None:
+            device["context_error"] = context_error
+        return EmitResult(tuple((*f, *extra) for f in files), sdk_files=(*sdk, *contexts), device=device)
 
-    def _contexts(self, models: list[Path], out_dir: Path) -> list[str]:
-        """Context binaries for devices (one weight-shared binary for several buckets). When compiling
-        fails, none are written and the error goes into the manifest: a graph HTP refuses fails the
-        device check, which names the first activation it refuses; otherwise the check reports the
-        missing binaries as a failure."""
-        where = f" for HTP v{self.htp_arch}" if self.htp_arch is not None else ""
+    def _contexts(self, models: list[Path], out_dir: Path) -> tuple[list[str], str | None]:
+        """Context binaries for devices (one weight-shared binary for several buckets), or the error that
+        stopped them. When compiling fails, none are written and the error goes into the manifest: a
+        graph HTP refuses fails the device check, which names the first activation it refuses;
+        otherwise the check reports the missing binaries as a failure."""
+        arch = self.options.htp_arch
+        where = f" for HTP v{arch}" if arch is not None else ""
         print(f"[qcompile] qnn: compiling {len(models)} graph(s) into context binaries{where}", flush=True)
-        self._context_error = None
         try:
-            written = write_contexts(models, out_dir / CONTEXT_DIR, shared=len(models) > 1, arch=self.htp_arch)
+            written = write_contexts(models, out_dir / CONTEXT_DIR, shared=len(models) > 1, arch=arch)
         except UserError as exc:
             shutil.rmtree(out_dir / CONTEXT_DIR, ignore_errors=True)
-            self._context_error = str(exc)
             print(f"[qcompile] qnn: no context binaries: {exc}", flush=True)
-            return []
-        return [p.relative_to(out_dir).as_posix() for p in written]
+            return [], str(exc)
+        return [p.relative_to(out_dir).as_posix() for p in written], None
 
-    def device_record(self) -> dict[str, Any]:
-        """The manifest's `device`: the HTP architecture the context binaries are compiled for (and the
-        simulator emulates when it runs this artifact); None is the QNN backend's default."""
-        record: dict[str, Any] = {"htp_arch": self.htp_arch}
-        if self._context_error is not None:
-            record["context_error"] = self._context_error
-        return record
-
-    def sdk_files(self) -> list[str]:
-        """Files for QNN SDK users (float device graph, encodings per bucket), not run by the runner."""
-        return list(self._sdk_files)
-
-    def runner(self, artifact_dir: Path, manifest: Mapping[str, Any], *, htp: bool = False) -> QnnRunner:
+    def runner(self, folder: Path, manifest: Manifest, *, htp: bool = False) -> QnnRunner:
         """The Q/DQ graphs on onnxruntime's CPU EP (`htp=True`: on the HTP simulator).
 
         The broad evaluation (hundreds of sampling calls) runs on the CPU EP: the x86 simulator costs
         about a second per sample per call even for the 16x16 reference model. What HTP itself
         computes is proven by `device_checks` on the same graphs."""
-        buckets = manifest["buckets"]
-        host = Path(artifact_dir) / HOST_FILE
-        return QnnRunner(
-            [Path(artifact_dir) / b["files"][0] for b in buckets],
-            host=host if host.is_file() else None,
-            bucket_edges=[b["timestep_range"][0] for b in buckets[1:]],
-            timestep_name=manifest["model"].get("timestep_input"),
-            sample_name=manifest["model"].get("sample_input"),
-            htp=htp,
-            htp_arch=self.artifact_arch(manifest),
-        )
+        host = Path(folder) / HOST_FILE
+        return QnnRunner(manifest.bucket_files(folder), host=host if host.is_file() else None,
+                         bucket_edges=manifest.bucket_edges, timestep_name=manifest.model.timestep_input,
+                         sample_name=manifest.model.sample_input, htp=htp, htp_arch=self.artifact_arch(manifest))
 
-    def artifact_arch(self, manifest: Mapping[str, Any]) -> int | None:
+    def artifact_arch(self, manifest: Manifest) -> int | None:
         """The HTP architecture an artifact was compiled for (its manifest), else this target's."""
-        return (manifest.get("device") or {}).get("htp_arch", self.htp_arch)
+        return manifest.device.get("htp_arch", self.options.htp_arch)
 
-    def device_checks(self, artifact_dir: Path, manifest: Mapping[str, Any], *, adapter, held_out, reference,
-                      artifact_runner: QnnRunner, sampler, samples: int) -> dict[str, Any]:
+    def device_checks(self, folder: Path, manifest: Manifest, evidence: DeviceEvidence) -> DeviceReport:
         """On the HTP simulator: per bucket, three identical runs and agreement with the CPU EP (naming
-        the first diverging tensor otherwise); for models that sample, a short sampling run.
-        `artifact_runner` is the CPU-EP runner the evaluation already holds."""
+        the first diverging tensor otherwise); for models that sample, a short sampling run."""
+        folder = Path(folder)
         try:
-            htp = self.runner(artifact_dir, manifest, htp=True)
+            htp = self.runner(folder, manifest, htp=True)
         except UserError as exc:  # name what HTP cannot take: bisect the first bucket's graph
-            found = first_refused_prefix(Path(artifact_dir) / manifest["buckets"][0]["files"][0],
-                                         self.artifact_arch(manifest))
+            found = first_refused_prefix(manifest.bucket_files(folder)[0], self.artifact_arch(manifest))
             where = "" if found is None else f"; the first activation it refuses is '{found[0]}' from node " \
                                              f"'{found[1]}' ({found[2]})"
             raise UserError(f"{exc}{where}") from exc
+        held_out, reference, cpu_runner = evidence.held_out, evidence.reference, evidence.artifact_runner
         buckets, chunks = [], {}
-        timesteps = held_out.timesteps
         for k in range(htp.buckets):
-            rows = htp.rows_of(k, held_out.count, timesteps)
+            rows = htp.rows_of(k, held_out.count, held_out.timesteps)
             if len(rows) == 0:
                 continue
             feed = held_out.take(rows[:htp.batch])
-            buckets.append(check_on_htp(htp, artifact_runner, reference, feed, bits=self.caps.activation_dtype.bits))
+            buckets.append(check_on_htp(htp, cpu_runner, reference, feed, bits=self.caps.activation_dtype.bits))
             chunks[k] = bucket_chunk(htp, feed)[1]
-        out: dict[str, Any] = {"device": "QNN HTP simulator (x86_64), CPU fallback disabled",
-                               "static_batch": htp.batch, "buckets": buckets}
-        context_error = (manifest.get("device") or {}).get("context_error")
+        unchecked = sorted(set(range(htp.buckets)) - set(chunks))
+        details: dict[str, Any] = {"static_batch": htp.batch, "unchecked_buckets": unchecked}
+        context_error = manifest.device.get("context_error")
         if context_error is not None:
-            out["context"] = {"identical": False, "error": context_error}
-        elif (Path(artifact_dir) / CONTEXT_DIR).is_dir():  # artifacts from before context binaries have none
-            # every bucket's binary is checked: identity needs inputs, not inputs of the bucket's timesteps
-            any_rows = bucket_chunk(htp, held_out.take(np.arange(min(htp.batch, held_out.count))))[1]
-            out["context"] = check_contexts(Path(artifact_dir), htp,
-                                            {k: chunks.get(k, any_rows) for k in range(htp.buckets)})
-        setup = adapter.sampling()
-        if setup is not None and htp.timestep_name is not None and samples > 0:
-            out["sampling"] = sampling_on_htp(reference, htp, artifact_runner, setup, sampler, samples=samples,
-                                              sample_name=htp.sample_name, timestep_name=htp.timestep_name)
-        out["checks"] = {"htp_deterministic": all(b["runs_identical"] for b in buckets),
-                         "htp_agrees_with_cpu_ep": all(b["agrees"] for b in buckets)}
-        if "context" in out:
-            out["checks"]["context_binary_identical"] = out["context"]["identical"]
+            details["context"] = {"identical": False, "error": context_error}
+        elif (folder / CONTEXT_DIR).is_dir():
+            details["context"] = check_contexts(folder, htp, chunks)
+        setup = evidence.adapter.sampling()
+        if setup is not None and htp.timestep_name is not None and evidence.samples > 0:
+            details["sampling"] = sampling_on_htp(reference, htp, cpu_runner, setup, evidence.sampler,
+                                                  samples=evidence.samples, sample_name=htp.sample_name,
+                                                  timestep_name=htp.timestep_name)
+        checks = {"htp_deterministic": bool(buckets) and not unchecked and all(b["runs_identical"] for b in buckets),
+                  "htp_agrees_with_cpu_ep": bool(buckets) and not unchecked and all(b["agrees"] for b in buckets)}
+        if "context" in details:
+            checks["context_binary_identical"] = details["context"]["identical"]
         summary = {"htp_vs_fp32_sqnr_db_min": min(b["htp_vs_fp32_sqnr_db"] for b in buckets),
                    "htp_vs_cpu_ep_sqnr_db_min": min(b["htp_vs_cpu_sqnr_db"] for b in buckets),
                    "htp_cosine_min": min(b["htp_vs_fp32_cosine"] for b in buckets),
                    "htp_vs_cpu_ep_mean_error_max": max((b["htp_minus_cpu_mean"] for b in buckets), key=abs)}
-        if "sampling" in out:
-            summary.update({f"htp_{k}": out["sampling"][k] for k in
+        if "sampling" in details:
+            summary.update({f"htp_{k}": details["sampling"][k] for k in
                             ("sample_psnr_db_vs_fp32", "sample_psnr_db_vs_cpu_ep", "cpu_ep_sample_psnr_db_vs_fp32",
                              "accuracy_htp")})
-        if "binary_bytes" in out.get("context", {}):
-            summary.update({"htp_context_bytes": out["context"]["binary_bytes"],
-                            "htp_context_weight_shared": out["context"]["weight_shared"],
-                            "htp_context_identical": out["context"]["identical"]})
-        out["summary"] = summary
-        return out
+        if "binary_bytes" in details.get("context", {}):
+            summary.update({"htp_context_bytes": details["context"]["binary_bytes"],
+                            "htp_context_weight_shared": details["context"]["weight_shared"],
+                            "htp_context_identical": details["context"]["identical"]})
+        return DeviceReport("QNN HTP simulator (x86_64), CPU fallback disabled", tuple(buckets), summary, checks,
+                            details)
 
 
 class QnnW8A8Target(_QnnTarget):
