@@ -29,22 +29,9 @@ from qcompile.graph_io import constant_values, raise_opset, replace_input
 from qcompile.pass_manager import GraphProperty, Pass, PassContext, PassResult
 from qcompile.passes.insert_qdq import activation_qdq_pair, insert_qdq_pair
 from qcompile.passes.insert_qdq_integer import WIDE_QDQ_OPSET
-from qcompile.quant import QParams, QuantDType
+from qcompile.quant import grid_ratio, widen_qparams
 
 PASS_NAME = "wide-graph-outputs"
-
-
-def _ratio(narrow: QuantDType, wide: QuantDType) -> int:
-    """Wide steps per narrow step: 257 from uint8 to uint16 (65535 / 255), so the grids coincide."""
-    return (wide.qmax - wide.qmin) // (narrow.qmax - narrow.qmin)
-
-
-def _widened(scale: np.ndarray, zero: np.ndarray, narrow: QuantDType, wide: QuantDType) -> QParams:
-    """The same float grid in the wide dtype: each narrow step split into `_ratio` wide ones."""
-    ratio = _ratio(narrow, wide)
-    wide_zero = (np.asarray(zero, np.int64) - narrow.qmin) * ratio + wide.qmin
-    return QParams(np.asarray(np.asarray(scale, np.float64) / ratio, np.float32),
-                   np.asarray(wide_zero, wide.numpy), wide)
 
 
 class WideGraphOutputs(Pass):
@@ -63,7 +50,7 @@ class WideGraphOutputs(Pass):
         widened: list[str] = []
         for out in graph.outputs:
             pairs, op = self._chain(out)
-            if op is None:
+            if op is None or self._is_wide(pairs[0][0]):  # already wide (mixed precision widened it)
                 continue
             for q, dq in pairs:
                 self._set_params(q, dq)
@@ -97,8 +84,13 @@ class WideGraphOutputs(Pass):
             t = op.inputs[0]
         return pairs, None
 
+    def _is_wide(self, q: gs.Node) -> bool:
+        return np.dtype(constant_values(q.inputs[2]).dtype) == self.wide.numpy
+
     def _set_params(self, q: gs.Node, dq: gs.Node) -> None:
-        qp = _widened(constant_values(q.inputs[1]), constant_values(q.inputs[2]), self.narrow, self.wide)
+        if self._is_wide(q):
+            return
+        qp = widen_qparams(constant_values(q.inputs[1]), constant_values(q.inputs[2]), self.narrow, self.wide)
         scale = gs.Constant(f"{q.inputs[0].name}_scale_{self.wide.value}", qp.scale)
         zero = gs.Constant(f"{q.inputs[0].name}_zero_point_{self.wide.value}", qp.zero_point)
         for node in (q, dq):
@@ -109,11 +101,11 @@ class WideGraphOutputs(Pass):
         converted: dict[str, gs.Variable] = {}
         first = op.inputs[0].name
         for t in list(op.inputs):
-            if (pair := activation_qdq_pair(t)) is None:
+            if (pair := activation_qdq_pair(t)) is None or self._is_wide(pair[0]):
                 continue
             if t.name not in converted:
                 dq = pair[1]
-                qp = _widened(constant_values(dq.inputs[1]), constant_values(dq.inputs[2]), self.narrow, self.wide)
+                qp = widen_qparams(constant_values(dq.inputs[1]), constant_values(dq.inputs[2]), self.narrow, self.wide)
                 converted[t.name] = insert_qdq_pair(graph, t, qp, PASS_NAME)
             replace_input(op, t, converted[t.name])
         # the bias is stored at s_input * s_weight: it follows input 0's new scale
@@ -125,7 +117,7 @@ class WideGraphOutputs(Pass):
         values = constant_values(dq.inputs[0]) if dq is not None and dq.op == "DequantizeLinear" else None
         if values is None or values.dtype != np.int32:
             return
-        ratio = _ratio(self.narrow, self.wide)
+        ratio = grid_ratio(self.narrow, self.wide)
         wide = values.astype(np.int64) * ratio
         if np.abs(wide).max(initial=0) > np.iinfo(np.int32).max:
             raise UserError(f"{PASS_NAME}: node '{op.name}': its int32 bias overflows at {self.wide.value} "

@@ -82,6 +82,20 @@ def power_of_two_scale(qp: QParams) -> QParams:
     return QParams(np.array(wide, np.float32), np.array(zero, qp.dtype.numpy), qp.dtype)
 
 
+def grid_ratio(narrow: QuantDType, wide: QuantDType) -> int:
+    """Wide steps per narrow step: 257 from uint8 to uint16 (65535 / 255), so the grids coincide."""
+    return (wide.qmax - wide.qmin) // (narrow.qmax - narrow.qmin)
+
+
+def widen_qparams(scale: np.ndarray, zero: np.ndarray, narrow: QuantDType, wide: QuantDType) -> QParams:
+    """The same float grid in the wide dtype: each narrow step split into `grid_ratio` wide ones, so a
+    narrow value converts to the wide type exactly (q_wide = ratio * q_narrow + offset)."""
+    ratio = grid_ratio(narrow, wide)
+    wide_zero = (np.asarray(zero, np.int64) - narrow.qmin) * ratio + wide.qmin
+    return QParams(np.asarray(np.asarray(scale, np.float64) / ratio, np.float32),
+                   np.asarray(wide_zero, wide.numpy), wide)
+
+
 def weight_qparams(weight: np.ndarray, axis: int, dtype: QuantDType) -> QParams:
     """Symmetric per-channel parameters (zero point 0, the restricted range [-qmax, qmax])."""
     moved = np.moveaxis(np.asarray(weight, np.float32), axis, 0).reshape(weight.shape[axis], -1)

@@ -45,6 +45,7 @@ from qcompile.passes.remove_nan_guards import RemoveNanGuards
 from qcompile.passes.static_shapes import StaticShapes
 from qcompile.passes.unpatchify_depth_to_space import UnpatchifyAsDepthToSpace
 from qcompile.passes.wide_graph_outputs import WideGraphOutputs
+from qcompile.passes.widen_activations import WidenActivations
 from qcompile.target import BucketJob, CompiledBucket, DeviceEvidence, DeviceReport, EmitPurpose, EmitResult
 from qcompile.targets.qnn import ep
 from qcompile.targets.qnn.caps import QNN_W8A8_CAPS, QNN_W8A16_CAPS
@@ -96,8 +97,8 @@ class _QnnTarget:
         keep = KeepFloatGraph()
         passes = [NameNodes(), static, host, RemoveNanGuards(), BoundAttentionMask(job.ranges), EinsumAsTranspose(),
                   InferShapes(), UnpatchifyAsDepthToSpace(), FuseRMSNorm(), LinearAsGemm(), GroupNormAffineAsConv(),
-                  InferShapes(), keep, InsertQDQEverywhere(job.ranges, self.caps), WideGraphOutputs(self.caps),
-                  InferShapes()]
+                  InferShapes(), keep, InsertQDQEverywhere(job.ranges, self.caps),
+                  WidenActivations(job.plan.wide, self.caps), WideGraphOutputs(self.caps), InferShapes()]
         PassManager(passes, name=f"{self.name.value}/bucket{job.index}").run(graph, ctx)
         return CompiledBucket(job.index, graph, host_graph=host.host_graph, float_graph=keep.graph)
 
