@@ -45,11 +45,11 @@ class QuantPlan:
     consumers: tuple[tuple[str, str], ...]
     # Outputs of quantized ops: every consumer reads them through Q/DQ, or the runtime cannot fuse.
     shared_outputs: tuple[str, ...] = field(default=())
-    excluded: tuple[str, ...] = field(default=())  # weighted nodes kept float, by name
+    # Weighted nodes taken out of the main precision, by name: kept float, or on integer-only targets
+    # computed with the caps' wide activation dtype (`widen_activations`).
+    excluded: tuple[str, ...] = field(default=())
     # (tensor, scale, zero point): outputs of caps.int8_ops whose parameters the kernel fixes.
     fixed: tuple[tuple[str, float, int], ...] = field(default=())
-    # Integer-only targets: activations of the `excluded` layers, quantized at the caps' wide dtype.
-    wide: tuple[str, ...] = field(default=())
 
 
 def _weight_axis(node: gs.Node, weight_rank: int) -> int | None:

@@ -75,13 +75,12 @@ def float_activations(graph: gs.Graph) -> list[gs.Variable]:
 
 def plan_integer(graph: gs.Graph, caps: TargetCaps, exclude: Sequence[re.Pattern[str]] = ()) -> QuantPlan:
     """Every float32 activation needs a range; weights are listed for the manifest's counts. Weighted
-    layers matching `exclude` cannot stay float on an integer-only device: their activation inputs and
-    outputs are listed as `wide` (quantized at the caps' wide dtype by `WidenActivations`)."""
+    layers matching `exclude` cannot stay float on an integer-only device: they are listed as excluded,
+    and `WidenActivations` computes them with the caps' wide activation dtype."""
     from qcompile.calibration.stats import quantizable_tensors
 
     names = tuple(quantizable_tensors(graph))
-    quantizable = set(names)
-    weights, excluded, wide = [], [], {}
+    weights, excluded = [], []
     for node in graph.nodes:
         if node.op in ("Conv", "Gemm", "MatMul") and len(node.inputs) > 1:
             values = constant_values(node.inputs[1])
@@ -90,12 +89,11 @@ def plan_integer(graph: gs.Graph, caps: TargetCaps, exclude: Sequence[re.Pattern
             weights.append(WeightSlot(node.name, 1, _weight_axis(node, values.ndim) or 0))  # int8 either way
             if exclude and is_excluded(node, exclude):
                 excluded.append(node.name)
-                wide.update((t.name, None) for t in (node.inputs[0], *node.outputs) if t.name in quantizable)
     if excluded and caps.wide_dtype is None:
         raise UserError(f"{len(excluded)} layer(s) to take out of {caps.activation_dtype.value} activations, but this "
                         "integer-only target has no wider activation type")
     return QuantPlan(activations=names, weights=tuple(weights), biases=(), consumers=(), shared_outputs=names,
-                     excluded=tuple(excluded), wide=tuple(wide))
+                     excluded=tuple(excluded))
 
 
 class InsertQDQEverywhere(Pass):

@@ -8,13 +8,15 @@ so width is a property of ops, and where a tensor crosses between an 8-bit and a
 is inserted (a DequantizeLinear -> QuantizeLinear pair of the other width, which the QNN EP runs as
 a Convert, as `wide_graph_outputs` does for the graph outputs).
 
-What a request means: a tensor made wide is stored at 16 bits, so the op computing it and every op
-reading it run wide. A tensor one of those ops writes but which was not requested is stored at 16
-bits too, and its 8-bit readers get a Convert down. Data-movement ops (`same_scale_ops`) carry their
-input's width and parameters. Every 16-bit tensor uses the 16-bit grid of its 8-bit parameters (each
-8-bit step split into 257; `quant.widen_qparams`), so a Convert up is exact and a Convert down rounds
-as the 8-bit graph did; the 16-bit range is therefore the 8-bit estimator's. The int32 bias of a wide
-op follows its input's scale (x 257). Weights stay 8-bit.
+What a request means: a layer taken out of the 8-bit graph has its activation inputs and outputs made
+wide (found by node name on the rewritten graph: rewrites such as `linear_as_gemm` keep the layer's
+name). A tensor made wide is stored at 16 bits, so the op computing it and every op reading it run
+wide. A tensor one of those ops writes but which was not requested is stored at 16 bits too, and its
+8-bit readers get a Convert down. Data-movement ops (`same_scale_ops`) carry their input's width and
+parameters. Every 16-bit tensor uses the 16-bit grid of its 8-bit parameters (each 8-bit step split
+into 257; `quant.widen_qparams`), so a Convert up is exact and a Convert down rounds as the 8-bit graph
+did; the 16-bit range is therefore the 8-bit estimator's. The int32 bias of a wide op follows its
+input's scale (x 257). Weights stay 8-bit.
 """
 
 from __future__ import annotations
@@ -41,20 +43,20 @@ class WidenActivations(Pass):
     requires = frozenset({GraphProperty.QDQ_PAIRED})
     preserves = frozenset({GraphProperty.NODES_NAMED, GraphProperty.SHAPES_KNOWN, GraphProperty.QDQ_PAIRED})
 
-    def __init__(self, tensors: Sequence[str], caps: TargetCaps):
-        self.tensors = tuple(tensors)
+    def __init__(self, layers: Sequence[str], caps: TargetCaps):
+        self.layers = tuple(layers)
         self.caps = caps
         self.narrow = caps.activation_dtype
         self.wide = caps.wide_dtype
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        if not self.tensors:
+        if not self.layers:
             return PassResult(modified=False, detail="nothing to widen")
         if self.wide is None:
             raise UserError(f"{PASS_NAME}: the target has no wider activation type than {self.narrow.value}")
         graph.toposort()
         pairs = self._primary_pairs(graph)
-        wide_tensors = self._expand({t for t in self.tensors if t in pairs}, pairs)
+        wide_tensors = self._expand(self._layer_tensors(graph, pairs), pairs)
         wide_ops = self._wide_ops(wide_tensors, pairs)
         stored = self._storage(graph, pairs, wide_tensors, wide_ops)
         narrow_qp = {name: _qparams(dq) for name, (_, dq) in pairs.items()}
@@ -85,6 +87,23 @@ class WidenActivations(Pass):
                 continue
             pairs[unrenamed(src.name, outputs)] = pair
         return pairs
+
+    def _layer_tensors(self, graph: gs.Graph, pairs: dict) -> set[str]:
+        """The activations the requested layers read and write (by their pairs)."""
+        by_dq = {dq.name: name for name, (_, dq) in pairs.items()}
+        by_src = {q.inputs[0].name: name for name, (q, _) in pairs.items()}
+        nodes = {n.name: n for n in graph.nodes}
+        missing = [name for name in self.layers if name not in nodes]
+        if missing:
+            raise UserError(f"{PASS_NAME}: layer(s) {', '.join(missing[:3])} not in the graph")
+        out: set[str] = set()
+        for name in self.layers:
+            node = nodes[name]
+            for t in node.inputs:
+                if t.inputs and t.inputs[0].name in by_dq:
+                    out.add(by_dq[t.inputs[0].name])
+            out.update(by_src[t.name] for t in node.outputs if t.name in by_src)
+        return out
 
     def _producer(self, pair: tuple[gs.Node, gs.Node]) -> gs.Node | None:
         src = pair[0].inputs[0]

@@ -347,7 +347,7 @@ def make_manifest(cfg: CompileConfig, adapter, target: Target, exported: Exporte
                            if not np.isnan(table.timesteps[i])), tuple(files))
         for b, files in zip(decisions.buckets, emitted.bucket_files, strict=True))
     mixed, smoothed = decisions.mixed, decisions.smoothed
-    wide = caps.wide_dtype.value if plan.wide and caps.wide_dtype is not None else None
+    wide = caps.wide_dtype.value if caps.integer_only and plan.excluded and caps.wide_dtype is not None else None
     quantization = QuantizationRecord(
         weights=caps.weight_dtype.value + " symmetric per-channel",
         activations=caps.activation_dtype.value + (" symmetric" if caps.activation_symmetric else " asymmetric")
@@ -362,7 +362,7 @@ def make_manifest(cfg: CompileConfig, adapter, target: Target, exported: Exporte
             "all_quantized_sqnr_db": round(mixed.all_quantized_sqnr_db, 3), "layers": list(mixed.float_layers),
             "fallback": caps.fallback.value if wide is None else f"{caps.fallback.value} ({wide})",
             "sensitivity_top20": [s.as_dict() for s in mixed.ranking[:20]]},
-        wide_activations=tuple(plan.wide))
+        wide_layers=tuple(plan.excluded) if caps.integer_only else ())
     calibration = CalibrationRecord(
         spec=calibrated.spec, rows=cache.meta["samples"]["rows"], calls=cache.meta["samples"]["calls"],
         estimator=cfg.estimator.value, bucket_method=cfg.bucket_method.value, cache_fingerprint=cache.fingerprint,

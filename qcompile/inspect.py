@@ -69,7 +69,7 @@ def inspect_artifact(folder: Path) -> str:
         lines.append(f"  bucket {b.index}: timesteps {list(b.timestep_range)} -> {', '.join(b.files)}")
     q = m.quantization
     if q is not None:
-        wide = f", {len(q.wide_activations)} wide activations" if q.wide_activations else ""
+        wide = f", {len(q.wide_layers)} layers at wide activations" if q.wide_layers else ""
         lines.append(f"  {q.quantized_weights} quantized weights, {q.quantized_activations} activations, "
                      f"{len(q.float_layers)} float layers{wide}")
     report = folder / REPORT_JSON

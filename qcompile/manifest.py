@@ -86,9 +86,9 @@ class QuantizationRecord:
     split_shortcut: bool
     smoothquant: Mapping[str, Any] | None = None
     mixed_precision: Mapping[str, Any] | None = None
-    # Activations computed at a wider integer type than `activations` (integer-only targets' mixed
-    # precision), by tensor name.
-    wide_activations: tuple[str, ...] = ()
+    # Layers computed with a wider activation type than `activations` (integer-only targets' mixed
+    # precision: A16W8 on an 8-bit NPU), by node name.
+    wide_layers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

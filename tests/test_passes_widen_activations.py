@@ -81,10 +81,10 @@ def _widths(graph) -> dict[str, set[int]]:
 
 
 def test_widened_tensors_make_their_ops_wide_with_converts_at_the_border(setup):
-    path, graph, detail = _quantize(setup, "wide", ("r1",))
+    path, graph, detail = _quantize(setup, "wide", ("conv2",))
     widths = _widths(graph)
-    # r1 at 16 bits: relu1 (computes it), conv2 and add (read it) are A16; conv1 is not (c1 reaches relu1
-    # through a Convert up)
+    # conv2's activations r1 and c2 at 16 bits: relu1 (computes r1), conv2 and add (read them) are A16;
+    # conv1 is not (c1 reaches relu1 through a Convert up)
     assert widths["relu1"] == widths["conv2"] == widths["add"] == {16} and widths["conv1"] == {8}
     # every op reads and writes one width; the Reshapes carry add's width; conv3 stays 8-bit behind a Convert
     assert all(len(bits) == 1 for bits in widths.values()), widths
@@ -96,7 +96,7 @@ def test_widened_tensors_make_their_ops_wide_with_converts_at_the_border(setup):
 def test_wide_graph_is_closer_to_float_on_the_cpu_ep(setup):
     tmp, src, feeds, _ = setup
     narrow, _, _ = _quantize(setup, "q8b", ())
-    wide, _, _ = _quantize(setup, "wideb", ("c1", "r1", "c2", "a"))
+    wide, _, _ = _quantize(setup, "wideb", ("conv1", "conv2"))
     ref = [make_session(src).run(None, f)[0] for f in feeds]
     s8 = sqnr_db(np.concatenate(ref), np.concatenate([make_session(narrow).run(None, f)[0] for f in feeds]))
     s16 = sqnr_db(np.concatenate(ref), np.concatenate([make_session(wide).run(None, f)[0] for f in feeds]))
@@ -109,7 +109,7 @@ def test_mixed_graph_runs_whole_on_htp_and_agrees_with_the_cpu_ep(setup):
     from qcompile.targets.qnn import ep
 
     _, _, feeds, _ = setup
-    wide, _, _ = _quantize(setup, "widec", ("c1", "r1", "c2", "a"))
+    wide, _, _ = _quantize(setup, "widec", ("conv1", "conv2"))
     got = ep.htp_session(wide).run(None, feeds[0])[0]  # CPU fallback disabled: refuses any node it cannot take
     want = make_session(wide, optimize=False).run(None, feeds[0])[0]
     assert sqnr_db(want, got) > 35, sqnr_db(want, got)

@@ -98,7 +98,7 @@ class _QnnTarget:
         passes = [NameNodes(), static, host, RemoveNanGuards(), BoundAttentionMask(job.ranges), EinsumAsTranspose(),
                   InferShapes(), UnpatchifyAsDepthToSpace(), FuseRMSNorm(), LinearAsGemm(), GroupNormAffineAsConv(),
                   InferShapes(), keep, InsertQDQEverywhere(job.ranges, self.caps),
-                  WidenActivations(job.plan.wide, self.caps), WideGraphOutputs(self.caps), InferShapes()]
+                  WidenActivations(job.plan.excluded, self.caps), WideGraphOutputs(self.caps), InferShapes()]
         PassManager(passes, name=f"{self.name.value}/bucket{job.index}").run(graph, ctx)
         return CompiledBucket(job.index, graph, host_graph=host.host_graph, float_graph=keep.graph)
 
