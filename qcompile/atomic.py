@@ -78,22 +78,68 @@ def _check_replaceable(folder: Path, option: str = "--out") -> None:
         raise UserError(f"{option} {folder}: folder is not empty and is not a qcompile artifact; choose another")
 
 
+SCRATCH = ".scratch"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_leftovers(out: Path) -> list[Path]:
+    """Remove what killed builds into `out` left beside it: staging folders and half-swapped old folders
+    whose process (its pid is in the name) no longer runs. SIGKILL cannot be caught, so the next build
+    into the same place cleans up. Returns what was removed."""
+    out = Path(out)
+    removed = []
+    if not out.parent.is_dir():
+        return removed
+    for p in out.parent.iterdir():
+        name = p.name
+        if not p.is_dir() or not name.startswith(f".{out.name}."):
+            continue
+        rest = name[len(out.name) + 2:]
+        pid_text = rest.split(".")[0] if rest.endswith(".staging") else rest.removeprefix("old-")
+        if not (rest.endswith(".staging") or rest.startswith("old-")) or not pid_text.isdigit():
+            continue
+        if int(pid_text) != os.getpid() and not _pid_alive(int(pid_text)):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
 class StagedFolder:
     """Build an output folder in a hidden sibling, then swap it in with `commit()`.
 
     An existing `out` is replaced only when it is empty or a previous qcompile artifact folder (its
     manifest.json is a qcompile manifest, not merely a file of that name); any other folder is refused,
-    so the user's files are never clobbered. Without `commit()` (an error, Ctrl-C) the staging folder is
-    removed and `out` is untouched.
+    so the user's files are never clobbered. Without `commit()` (an error, Ctrl-C, SIGTERM) the staging
+    folder is removed and `out` is untouched; after a SIGKILL the next build into the same place removes
+    it (the staging folder's name carries the pid of the process that made it). Temporary data (the
+    calibration recording, probes) lives in the staging folder's `.scratch`, removed before the swap.
     """
 
     def __init__(self, out: Path):
         self.out = Path(out)
         _check_replaceable(self.out)
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.path = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".staging", dir=self.out.parent))
+        for p in sweep_leftovers(self.out):
+            print(f"[qcompile] removed {p}: left by a build that was killed", flush=True)
+        self.path = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.{os.getpid()}.", suffix=".staging",
+                                          dir=self.out.parent))
         os.chmod(self.path, 0o777 & ~_UMASK)
         self._committed = False
+
+    def scratch(self) -> Path:
+        """A folder for temporary data inside the staging folder (gone with it, never committed)."""
+        path = self.path / SCRATCH
+        path.mkdir(exist_ok=True)
+        return path
 
     def __enter__(self) -> StagedFolder:
         return self
@@ -108,6 +154,8 @@ class StagedFolder:
         changed during the build)."""
         dest = self.out if dest is None else Path(dest)
         _check_replaceable(dest)
+        sweep_leftovers(dest)
+        shutil.rmtree(self.path / SCRATCH, ignore_errors=True)
         old = None
         if dest.exists():
             old = dest.with_name(f".{dest.name}.old-{os.getpid()}")

@@ -227,8 +227,9 @@ def calibrate_stage(cfg: CompileConfig, adapter, exported: Exported, plan: Calib
     _stage(f"calibrating ({plan.spec.describe()})" + (f", cache {cfg.calib_cache}" if cfg.calib_cache else ""))
     names = input_names(adapter)
     cache, seconds, reused = open_or_calibrate(plan.spec, adapter, exported.path, exported.graph, cache_dir,
-                                               names=(names.sample, names.timestep), sampler=cfg.fidelity.sampler,
-                                               seed=cfg.seed, inputs=plan.inputs, pipeline=pipeline_of(cfg))
+                                               explicit=cfg.calib is not None, names=(names.sample, names.timestep),
+                                               sampler=cfg.fidelity.sampler, seed=cfg.seed, inputs=plan.inputs,
+                                               pipeline=pipeline_of(cfg))
     if reused:
         print(f"[qcompile] reused calibration cache {cfg.calib_cache} ({seconds:.2f}s, no model run)")
     return Calibrated(str(cache.meta["source"].get("calib") or plan.spec.describe()), cache, cache.table(), seconds,
@@ -263,7 +264,7 @@ def decide_stage(cfg: CompileConfig, target: Target, adapter, exported: Exported
     table, graph = calibrated.table, exported.graph
     mixed = None
     if cfg.mixed_precision_sqnr_db is not None or cfg.max_float_layers is not None:
-        mixed = _mixed_precision(cfg, target, adapter, exported, calibrated, excluded, input_names(adapter))
+        mixed = _mixed_precision(cfg, target, adapter, exported, calibrated, excluded, input_names(adapter), scratch)
         excluded = (*excluded, *exact(mixed.float_layers))
     smoothed = None
     if cfg.smoothquant_alpha is not None:
@@ -275,12 +276,24 @@ def decide_stage(cfg: CompileConfig, target: Target, adapter, exported: Exported
         print(f"[qcompile] smoothquant: {len(smoothed.groups)} group(s), "
               f"{sum(len(g.nodes) for g in smoothed.groups)} layer(s) ({smoothed.seconds:.1f}s)", flush=True)
     plan = plan_quantization(graph, caps, excluded)
+    _check_statistics(plan, table, calibrated.cache.folder)
     buckets = choose_buckets(table, cfg.buckets, cfg.bucket_method, timestep_scale=adapter.timestep_scale)
     return Decisions(graph, plan, table, tuple(buckets), excluded, mixed, smoothed)
 
 
+def _check_statistics(plan: QuantPlan, table: StatsTable, cache_dir: Path) -> None:
+    """Every activation the plan quantizes needs statistics: without them it would silently stay float
+    while the manifest counts it quantized."""
+    fixed = {name for name, _, _ in plan.fixed}
+    missing = [n for n in plan.activations
+               if n not in fixed and (n not in table.tensors or int(table.tensors[n].count.sum()) == 0)]
+    if missing:
+        raise UserError(f"--calib-cache {cache_dir}: no statistics for {len(missing)} tensor(s) this graph quantizes, "
+                        f"e.g. '{missing[0]}'; the cache is incomplete: recalibrate into a new folder")
+
+
 def _mixed_precision(cfg: CompileConfig, target: Target, adapter, exported: Exported, calibrated: Calibrated,
-                     excluded: tuple[str, ...], names: InputNames) -> MixedPrecision:
+                     excluded: tuple[str, ...], names: InputNames, scratch: Path) -> MixedPrecision:
     probe = calibrated.cache.recording().spread_rows(64)
     caps = target.caps
     levels = caps.activation_dtype.qmax - caps.activation_dtype.qmin
@@ -293,7 +306,7 @@ def _mixed_precision(cfg: CompileConfig, target: Target, adapter, exported: Expo
                         source=source_record(cfg, adapter, exported.path.name, None), model=model_record(adapter),
                         export=exported.record)
     mixed = mixed_precision(exported.graph, exported.path, target, ranges, probe, excluded,
-                            timestep_input=names.timestep, template=template,
+                            timestep_input=names.timestep, template=template, folder=scratch / "sensitivity",
                             target_sqnr_db=cfg.mixed_precision_sqnr_db, max_float=budget)
     print(f"[qcompile] mixed precision: {len(mixed.float_layers)} layer(s) {kept}, probe SQNR "
           f"{mixed.all_quantized_sqnr_db:.2f} -> {mixed.sqnr_db:.2f} dB", flush=True)
@@ -373,7 +386,7 @@ def make_manifest(cfg: CompileConfig, adapter, target: Target, exported: Exporte
         source=source_record(cfg, adapter, f"{FP32_DIR}/{exported.path.name}", cache.graph_fingerprint),
         model=model_record(adapter), export=exported.record, calibration=calibration, quantization=quantization,
         buckets=buckets, sdk_files=tuple(emitted.sdk_files), device=dict(emitted.device),
-        pass_log=tuple(e.as_dict() for e in ctx.log), tools=tool_versions())
+        pass_log=tuple(e.as_dict(timing=False) for e in ctx.log), tools=tool_versions())
 
 
 # --- the build ----------------------------------------------------------------------------------
@@ -384,19 +397,20 @@ def build(cfg: CompileConfig) -> BuildResult:
     calib = calibration_plan(cfg, adapter)
     exclusions(cfg, adapter, target)  # contradictory options fail before any work
     names = input_names(adapter)
-    with StagedFolder(cfg.out_dir) as stage, tempfile.TemporaryDirectory(prefix="qcompile-calib-") as tmp:
-        work = stage.path
+    with StagedFolder(cfg.out_dir) as stage:
+        work, scratch = stage.path, stage.scratch()
         ctx = PassContext()
         exported = export_stage(cfg, adapter, work / FP32_DIR, ctx)
-        calibrated = calibrate_stage(cfg, adapter, exported, calib, cfg.calib_cache or Path(tmp))
-        decisions = decide_stage(cfg, target, adapter, exported, calibrated, Path(tmp))
+        calibrated = calibrate_stage(cfg, adapter, exported, calib, cfg.calib_cache or scratch / "calibration")
+        decisions = decide_stage(cfg, target, adapter, exported, calibrated, scratch)
         compiled = quantize_stage(cfg, target, decisions, names, ctx)
         emitted = target.emit(compiled, work)
         manifest = make_manifest(cfg, adapter, target, exported, calibrated, decisions, emitted, ctx)
         manifest.write(work)
 
         _stage("evaluating the artifact against the float model")
-        extra: dict[str, Any] = {"calibration_seconds": round(calibrated.seconds, 3),
+        extra: dict[str, Any] = {"pass_seconds": round(sum(e.seconds for e in ctx.log), 3),
+                                 "calibration_seconds": round(calibrated.seconds, 3),
                                  "calibration_reused": calibrated.reused,
                                  "float_layers": len(manifest.quantization.float_layers),
                                  "build_seconds": round(time.perf_counter() - t_start, 3)}
@@ -450,7 +464,7 @@ def export_only(cfg: CompileConfig) -> Path:
         exported = export_canonical(adapter, stage.path, opset=cfg.opset, ctx=ctx)
         Manifest(target=FP32_TARGET, precision="fp32", qcompile_version=tool_versions()["qcompile"],
                  source=source_record(cfg, adapter, exported.path.name, None), model=model_record(adapter),
-                 export=exported.record, pass_log=tuple(e.as_dict() for e in ctx.log),
+                 export=exported.record, pass_log=tuple(e.as_dict(timing=False) for e in ctx.log),
                  tools=tool_versions()).write(stage.path)
         out = stage.commit()
     e = exported.record

@@ -1,7 +1,10 @@
 """The `qcompile` command line.
 
-Exit codes: 0 success; 2 a user error (one line on stderr, nothing written); 1 the build finished but
-missed a threshold (the report says which). A traceback means a bug in qcompile.
+Exit codes scripts can rely on: 0 success; 1 the build finished but missed a threshold (the report
+says which; `--out` is untouched, the build is in `<out>.failed`); 2 a user error (one line on stderr,
+nothing written); 3 an internal error in qcompile (one line; the traceback with `-v`); 130 / 143
+interrupted (Ctrl-C / SIGTERM: the staging folder is removed, `--out` untouched).
+Third-party warnings (torch, diffusers, onnxruntime) reach stderr only with `-v`.
 Argument groups are written once and shared by the subcommands that take them.
 """
 
@@ -9,11 +12,38 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-EXIT_OK, EXIT_THRESHOLD, EXIT_USER_ERROR = 0, 1, 2
+EXIT_OK, EXIT_THRESHOLD, EXIT_USER_ERROR, EXIT_INTERNAL = 0, 1, 2, 3
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so every `with` block cleans up (staging and temp folders)."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def _quiet_third_parties(verbose: bool) -> None:
+    """Libraries' own warnings and log lines say nothing to a user of the CLI and bury its one-line
+    messages; -v lets them through."""
+    if verbose:
+        return
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    for name in ("diffusers", "transformers", "torch", "onnxscript", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -246,10 +276,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = make_parser().parse_args(argv)
     except SystemExit as exc:  # --help, or a bad option already reported in one line
         return int(exc.code or 0)
-    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
-                        format="%(name)s: %(message)s")
+    verbose = bool(getattr(args, "verbose", False))
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
+    _quiet_third_parties(verbose)
     from qcompile.errors import UserError
 
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread: leave signals alone
+        previous = None
     try:
         return _run(args)
     except UserError as exc:
@@ -260,7 +295,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     except KeyboardInterrupt:
         print("qcompile: interrupted; nothing was written to --out", file=sys.stderr)
-        return 130
+        return EXIT_SIGINT
+    except Terminated:
+        print("qcompile: terminated; nothing was written to --out", file=sys.stderr)
+        return EXIT_SIGTERM
+    except Exception as exc:  # a bug in qcompile, not the user's input
+        if verbose:
+            traceback.print_exc()
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        print(f"qcompile: internal error: {type(exc).__name__}: {first} (a bug in qcompile; -v shows the traceback)",
+              file=sys.stderr)
+        return EXIT_INTERNAL
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -62,15 +62,15 @@ class PassLogEntry:
     modified: bool
     detail: str = ""
 
-    def as_dict(self) -> dict[str, object]:
-        return {
-            "pass": self.name,
-            "seconds": round(self.seconds, 4),
-            "nodes_before": self.nodes_before,
-            "nodes_after": self.nodes_after,
-            "modified": self.modified,
-            "detail": self.detail,
-        }
+    def as_dict(self, *, timing: bool = True) -> dict[str, object]:
+        """`timing=False` leaves the seconds out: the manifest must be byte-identical between two runs of
+        the same build; timings go to the report."""
+        out: dict[str, object] = {"pass": self.name}
+        if timing:
+            out["seconds"] = round(self.seconds, 4)
+        out.update({"nodes_before": self.nodes_before, "nodes_after": self.nodes_after, "modified": self.modified,
+                    "detail": self.detail})
+        return out
 
 
 class PassInstrument(Protocol):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -131,17 +130,21 @@ def choose_float_layers(ranking: Sequence[LayerSensitivity], evaluate: Callable[
 
 
 def mixed_precision(graph: gs.Graph, fp32_path: Path, target, ranges: dict[str, TensorRange], inputs: InputSet,
-                    base_exclude: Sequence[str], *, timestep_input: str | None, template: Manifest,
+                    base_exclude: Sequence[str], *, timestep_input: str | None, template: Manifest, folder: Path,
                     target_sqnr_db: float | None, max_float: int) -> MixedPrecision:
     """`graph` is the canonical float graph (copied, never changed); `template` the manifest of the build
-    so far, from which each probe's runner reads the model's inputs."""
+    so far, from which each probe's runner reads the model's inputs; probes are built in `folder` (removed
+    afterwards)."""
     plan = plan_quantization(graph, target.caps, base_exclude)
     candidates = [w.node for w in plan.weights if w.node not in set(plan.excluded)]
-    with tempfile.TemporaryDirectory(prefix="qcompile-sensitivity-") as tmp:
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    try:
         prober = Prober(graph, fp32_path, target, ranges, inputs, base_exclude, timestep_input=timestep_input,
-                        template=template, folder=Path(tmp))
+                        template=template, folder=Path(folder))
         ranking = rank_layers(prober, candidates, {n.name: n for n in graph.nodes})
         all_q = prober.sqnr(())
         layers, reached = choose_float_layers(ranking, lambda names: prober.sqnr(exact(names)),
                                               target_sqnr_db=target_sqnr_db, max_float=max_float)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     return MixedPrecision(layers, reached, all_q, target_sqnr_db, tuple(ranking))

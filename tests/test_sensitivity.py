@@ -28,7 +28,7 @@ def test_mixed_precision_reaches_the_requested_sqnr_with_few_float_layers(tmp_pa
     target = OrtInt8Target()
     template = manifest_for([], [])
     full = mixed_precision(load_graph(path), path, target, ranges, inputs, (), timestep_input=None, template=template,
-                           target_sqnr_db=None, max_float=0)
+                           folder=tmp_path / "probes", target_sqnr_db=None, max_float=0)
     assert full.float_layers == () and [s.node for s in sorted(full.ranking, key=lambda s: s.node)] == \
         ["conv1", "conv2", "fc"]
     assert all(a.sqnr_db <= b.sqnr_db for a, b in zip(full.ranking, full.ranking[1:], strict=False))
@@ -36,7 +36,7 @@ def test_mixed_precision_reaches_the_requested_sqnr_with_few_float_layers(tmp_pa
     assert full.all_quantized_sqnr_db < min(s.sqnr_db for s in full.ranking)
     goal = full.all_quantized_sqnr_db + 3.0
     mixed = mixed_precision(load_graph(path), path, target, ranges, inputs, (), timestep_input=None,
-                            template=template, target_sqnr_db=goal, max_float=3)
+                            template=template, folder=tmp_path / "probes", target_sqnr_db=goal, max_float=3)
     assert mixed.sqnr_db >= goal and 1 <= len(mixed.float_layers) < 3
     assert mixed.float_layers[0] == mixed.ranking[0].node  # the most sensitive goes first
 

@@ -6,14 +6,17 @@ Layout of a cache folder (`--calib-cache DIR`):
     stats.npz      per tensor i: t{i}.count, t{i}.lo, t{i}.hi, t{i}.chan, t{i}.hist (one row per timestep)
     recording/     the recorded denoiser inputs the statistics came from
 
-The cache is keyed by the fingerprint of the canonical float graph it was computed on: a cache made
-for another graph is refused, never silently reused.
+The cache is verified, not trusted: it is keyed by the fingerprint of the canonical float graph it was
+computed on (a cache made for another graph is refused), its own fingerprint covers the content of
+every file in it (statistics and recording, checked again when it is opened), and a table whose
+arrays do not match its timesteps or tensors is refused in one line naming the cache.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +28,7 @@ from qcompile.calibration.recorder import RECORDING_JSON, Recording
 from qcompile.calibration.stats import BINS_PER_OCTAVE, LOG2_MAX, LOG2_MIN, StatsTable, TensorStats
 from qcompile.errors import UserError
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 META = "meta.json"
 STATS = "stats.npz"
 RECORDING_DIR = "recording"
@@ -35,6 +38,12 @@ SETTINGS = {"observer": "minmax+chan_absmax+log2_hist", "log2_min": LOG2_MIN, "l
 
 def _digest(*parts: str) -> str:
     return "sha256:" + hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _file_digest(path: Path) -> str:
+    from qcompile.artifact import file_fingerprint
+
+    return file_fingerprint([path])
 
 
 def recording_fingerprint(recording: Recording) -> str:
@@ -66,14 +75,42 @@ class CalibrationCache:
         path = Path(folder) / META
         if not path.is_file():
             raise UserError(f"--calib-cache {folder}: not a calibration cache (no {META})")
-        meta = json.loads(path.read_text())
-        if meta.get("format") != CACHE_FORMAT:
-            raise UserError(f"--calib-cache {folder}: cache format {meta.get('format')}, this qcompile reads "
+        try:
+            meta = json.loads(path.read_text())
+            fingerprints = meta["fingerprints"]
+            fmt = meta.get("format")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"--calib-cache {folder}: {META} is not a calibration cache's ({type(exc).__name__})") \
+                from None
+        if fmt != CACHE_FORMAT:
+            raise UserError(f"--calib-cache {folder}: cache format {fmt}, this qcompile reads "
                             f"{CACHE_FORMAT}; recalibrate into a new folder")
-        if expect_graph is not None and meta["fingerprints"]["graph"] != expect_graph:
-            raise UserError(f"--calib-cache {folder}: made for another graph ({meta['fingerprints']['graph'][:19]}…, "
+        if expect_graph is not None and fingerprints["graph"] != expect_graph:
+            raise UserError(f"--calib-cache {folder}: made for another graph ({fingerprints['graph'][:19]}…, "
                             f"this model is {expect_graph[:19]}…); use a new folder")
-        return cls(Path(folder), meta)
+        cache = cls(Path(folder), meta)
+        cache.verify()
+        return cache
+
+    def verify(self) -> None:
+        """Every file's content against the fingerprints written with it (an edited, truncated or swapped
+        file is refused, never silently used)."""
+        fp = self.meta["fingerprints"]
+        stats = self.folder / STATS
+        if not stats.is_file():
+            raise UserError(f"--calib-cache {self.folder}: {STATS} is missing")
+        if _file_digest(stats) != fp.get("stats"):
+            raise UserError(f"--calib-cache {self.folder}: {STATS} changed since the cache was written (its content "
+                            "no longer matches the cache's fingerprint); recalibrate into a new folder")
+        try:
+            recording = self.recording()
+            rec_fp = recording_fingerprint(recording)
+        except (OSError, KeyError, ValueError) as exc:
+            raise UserError(f"--calib-cache {self.folder}: its recording is unreadable ({type(exc).__name__})") \
+                from None
+        if rec_fp != fp["recording"]:
+            raise UserError(f"--calib-cache {self.folder}: its recording changed since the cache was written; "
+                            "recalibrate into a new folder")
 
     @classmethod
     def create(cls, folder: Path, *, graph_fingerprint: str, recording: Recording, table: StatsTable,
@@ -89,11 +126,12 @@ class CalibrationCache:
                            f"t{i}.chan": st.chan_absmax, f"t{i}.hist": st.hist})
         with atomic_path(folder / STATS) as tmp, open(tmp, "wb") as f:
             np.savez_compressed(f, **arrays)
+        stats_fp = _file_digest(folder / STATS)
         settings_fp = _digest(json.dumps(SETTINGS, sort_keys=True))
         meta = {
             "format": CACHE_FORMAT,
             "fingerprints": {"graph": graph_fingerprint, "recording": rec_fp, "settings": settings_fp,
-                             "cache": _digest(graph_fingerprint, rec_fp, settings_fp)},
+                             "stats": stats_fp, "cache": _digest(graph_fingerprint, rec_fp, settings_fp, stats_fp)},
             "source": source,
             "settings": SETTINGS,
             "timesteps": [None if np.isnan(t) else float(t) for t in table.timesteps],
@@ -110,10 +148,18 @@ class CalibrationCache:
     def table(self) -> StatsTable:
         timesteps = np.array([np.nan if t is None else t for t in self.meta["timesteps"]], np.float64)
         tensors = {}
-        with np.load(self.folder / STATS) as data:
-            for i, entry in enumerate(self.meta["tensors"]):
-                tensors[entry["name"]] = TensorStats(entry["channel_axis"], data[f"t{i}.count"], data[f"t{i}.lo"],
-                                                     data[f"t{i}.hi"], data[f"t{i}.chan"], data[f"t{i}.hist"])
+        try:
+            with np.load(self.folder / STATS) as data:
+                for i, entry in enumerate(self.meta["tensors"]):
+                    st = TensorStats(entry["channel_axis"], data[f"t{i}.count"], data[f"t{i}.lo"], data[f"t{i}.hi"],
+                                     data[f"t{i}.chan"], data[f"t{i}.hist"])
+                    rows = {len(a) for a in (st.count, st.lo, st.hi, st.chan_absmax, st.hist)}
+                    if rows != {len(timesteps)}:
+                        raise UserError(f"--calib-cache {self.folder}: tensor '{entry['name']}' has {sorted(rows)} "
+                                        f"rows of statistics for {len(timesteps)} timesteps; the cache is damaged")
+                    tensors[entry["name"]] = st
+        except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+            raise UserError(f"--calib-cache {self.folder}: {STATS} is unreadable ({type(exc).__name__})") from None
         return StatsTable(timesteps, tensors)
 
     def summary(self) -> str:

@@ -47,7 +47,7 @@ def record(spec: CalibSpec, adapter, fp32_path: Path, folder: Path, *, names: tu
     (the build holds part of the user's file back for validation); `pipeline` (folder, component) is
     what a PROMPTS spec runs."""
     sample_name, timestep_name = names
-    source = {"calib": spec.describe()}
+    source = spec_source(spec)
     if spec.kind is CalibKind.PROMPTS:
         if pipeline is None:
             raise UserError(f"--calib {spec.describe()}: needs a diffusers pipeline folder as MODEL, with --component")
@@ -88,12 +88,28 @@ def producers(graph: gs.Graph) -> dict[str, str]:
     return out
 
 
-def open_or_calibrate(spec: CalibSpec, adapter, fp32_path: Path, graph: gs.Graph, cache_dir: Path,
-                      **kwargs) -> tuple[CalibrationCache, float, bool]:
-    """(cache, seconds, reused): an existing cache in `cache_dir` is reused, but only for the same graph."""
+def spec_source(spec: CalibSpec) -> dict[str, str]:
+    """What a recording records of where its inputs came from: the spec, and for a file its content's
+    fingerprint (the same path with other contents is other data)."""
+    source = {"calib": spec.describe()}
+    if spec.path is not None and spec.path.is_file():
+        source["input_fingerprint"] = file_fingerprint([spec.path])
+    return source
+
+
+def open_or_calibrate(spec: CalibSpec, adapter, fp32_path: Path, graph: gs.Graph, cache_dir: Path, *,
+                      explicit: bool = False, **kwargs) -> tuple[CalibrationCache, float, bool]:
+    """(cache, seconds, reused): an existing cache in `cache_dir` is reused, but only for the same graph,
+    and, when the user named the calibration (`explicit`), only if it was recorded from it."""
     t0 = time.perf_counter()
     if CalibrationCache.exists(cache_dir):
         cache = CalibrationCache.open(cache_dir, expect_graph=graph_fingerprint(fp32_path))
+        have = {k: cache.meta["source"].get(k) for k in ("calib", "input_fingerprint")}
+        want = spec_source(spec)
+        if explicit and any(have[k] != want.get(k) for k in have):
+            what = "" if have["calib"] != want["calib"] else " (the same file name with other contents)"
+            raise UserError(f"--calib-cache {cache_dir}: recorded from {have['calib']}{what}, but --calib asks for "
+                            f"{want['calib']}; use a new cache folder, or drop --calib to reuse this one")
         return cache, time.perf_counter() - t0, True
     cache = calibrate(spec, adapter, fp32_path, graph, cache_dir, **kwargs)
     return cache, time.perf_counter() - t0, False

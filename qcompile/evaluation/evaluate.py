@@ -52,6 +52,19 @@ def cover_buckets(held_out: InputSet, manifest: Manifest, adapter, seed: int) ->
     return held_out.concat(extra)
 
 
+def uninformative_inputs(held_out: InputSet, sample_input: str | None) -> str | None:
+    """Why held-out inputs cannot judge an artifact (every row the same, or a constant sample such as all
+    zeros: a quantized graph that maps everything to one value would pass), else None."""
+    batched = {k: np.asarray(v) for k, v in held_out.arrays.items() if k not in held_out.unbatched}
+    if held_out.count > 1 and all(np.array_equal(v, v[:1].repeat(len(v), axis=0)) for v in batched.values()):
+        return f"all {held_out.count} held-out rows are identical"
+    if sample_input in batched:
+        x = batched[sample_input]
+        if x.size and float(x.max()) == float(x.min()):
+            return f"the held-out '{sample_input}' is constant ({float(x.min()):g} everywhere)"
+    return None
+
+
 def evaluate_artifact(folder: Path, adapter, *, held_out: InputSet, thresholds: Thresholds,
                       fidelity: FidelitySettings | None = None, extra: dict[str, Any] | None = None,
                       manifest: Manifest | None = None) -> dict[str, Any]:
@@ -82,6 +95,10 @@ def evaluate_artifact(folder: Path, adapter, *, held_out: InputSet, thresholds: 
         images["Samples: fp32 (left) and quantized (right), same seeds"] = sample_grid_png(result)
     else:
         steps = compare_on_inputs(reference, runner, held_out, bucket_of=runner.bucket_of)
+        why = uninformative_inputs(held_out, model.sample_input)
+        if why is not None:
+            print(f"[qcompile] warning: the validation inputs cannot judge this artifact: {why}", flush=True)
+            summary_extra["validation_warning"] = why
     evidence = DeviceEvidence(adapter, held_out, reference, runner, settings.sampler, settings.device_samples)
     print(f"[qcompile] checking the artifact on the device ({target.name.value})", flush=True)
     device = target.device_checks(folder, manifest, evidence)
@@ -103,6 +120,8 @@ def evaluate_artifact(folder: Path, adapter, *, held_out: InputSet, thresholds: 
         report["sensitivity_top20"] = mixed["sensitivity_top20"]
         if mixed["target_sqnr_db"] is not None:  # an unreachable target is a miss, like a threshold
             report["checks"]["mixed_precision_target_reached"] = mixed["reached_sqnr_db"] >= mixed["target_sqnr_db"]
+    if "validation_warning" in summary_extra:
+        report["checks"]["validation_inputs_informative"] = False
     report["passed"] = all(report["checks"].values())
     write_reports(folder, report, json_name=REPORT_JSON, html_name=REPORT_HTML, images=images)
     return report
