@@ -28,9 +28,9 @@ from qcompile.rewrite import (
     NoMatch,
     Rule,
     apply,
-    consumers,
     is_scalar,
     producer,
+    reader,
     require,
     subgraph,
 )
@@ -157,7 +157,7 @@ def _leaves(t: gs.Tensor, stop: tuple[gs.Tensor, ...], view: GraphView, root: bo
 
 def _product_end(act: gs.Node, x: gs.Tensor, view: GraphView) -> gs.Node:
     """The Mul that completes x * 0.5 * (1 + act(.))."""
-    add = next((c for c in consumers(act.outputs[0]) if c.op == "Add"), None)
+    add = reader(act.outputs[0], "Add")
     require(add is not None and _close(add.inputs[1] if add.inputs[0] is act.outputs[0] else add.inputs[0], 1.0),
             f"no 1 + {act.op}(.) follows the {act.op}")
     one_plus = t = add.outputs[0]

@@ -30,6 +30,7 @@ from qcompile.rewrite import (
     consumers,
     is_scalar,
     other_operand,
+    reader,
     require,
     scalar_value,
     subgraph,
@@ -129,10 +130,10 @@ def trailing_norm_shape(mean: gs.Node, x: gs.Tensor, opset: int) -> tuple[int, .
 
 
 def epsilon_root(mean_square: gs.Tensor, view: GraphView) -> tuple[float, gs.Node]:
-    """(eps, the Sqrt node) for Sqrt(Add(mean_square, eps)), each op the only reader of its input."""
-    add_eps = view.only_consumer(mean_square, "Add")
+    """(eps, the Sqrt node) for Sqrt(Add(mean_square, eps))."""
+    add_eps = reader(mean_square, "Add")
     eps = scalar_value(other_operand(add_eps, mean_square)) if add_eps is not None else None
-    sqrt = view.only_consumer(add_eps.outputs[0], "Sqrt") if eps is not None else None
+    sqrt = reader(add_eps.outputs[0], "Sqrt") if eps is not None else None
     require(sqrt is not None, "the mean square is not followed by Sqrt(Add(., eps))")
     return eps, sqrt
 
@@ -153,7 +154,7 @@ def affine_tail(last: gs.Node, norm_shape: tuple[int, ...], view: GraphView, ops
 def _match(mean: gs.Node, view: GraphView) -> NormMatch:
     opset = view.graph.opset
     x = mean.inputs[0]
-    sub = next((c for c in consumers(mean.outputs[0]) if c.op == "Sub"), None)
+    sub = reader(mean.outputs[0], "Sub")
     require(sub is not None and sub.inputs[0] is x and sub.inputs[1] is mean.outputs[0],
             "the mean is not subtracted from its input")
     norm_shape = trailing_norm_shape(mean, x, opset)
@@ -164,14 +165,14 @@ def _match(mean: gs.Node, view: GraphView) -> NormMatch:
     divide = next((u for u in users if u is not square and u.op in ("Div", "Mul")), None)
     require(square is not None and divide is not None and (square.op != "Pow" or is_scalar(square.inputs[1], 2.0)),
             "x - mean is not both squared and normalized")
-    var = view.only_consumer(square.outputs[0], "ReduceMean")
+    var = reader(square.outputs[0], "ReduceMean")
     require(var is not None and reduced_axes(var, opset, len(x.shape)) == axes,
             "the square is not averaged over the same axes")
     eps, sqrt = epsilon_root(var.outputs[0], view)
     if divide.op == "Div":
         require(divide.inputs[0] is d and divide.inputs[1] is sqrt.outputs[0], "x - mean is not divided by the root")
     else:
-        recip = view.only_consumer(sqrt.outputs[0], "Reciprocal")
+        recip = reader(sqrt.outputs[0], "Reciprocal")
         if recip is None or other_operand(divide, d) is not recip.outputs[0]:
             raise NoMatch("x - mean is not multiplied by the inverse root")
     last, gamma, beta = affine_tail(divide, norm_shape, view, ("Mul", "Add"))

@@ -27,7 +27,18 @@ from qcompile.passes.fuse_layernorm import (
     norm_check,
     trailing_norm_shape,
 )
-from qcompile.rewrite import Edit, GraphView, Rule, apply, is_scalar, other_operand, producer, require, subgraph
+from qcompile.rewrite import (
+    Edit,
+    GraphView,
+    Rule,
+    apply,
+    is_scalar,
+    other_operand,
+    producer,
+    reader,
+    require,
+    subgraph,
+)
 
 RMSNORM_OPSET = 23
 
@@ -46,13 +57,13 @@ class RMSNormRule(Rule[NormMatch]):
                 (square.op == "Mul" and square.inputs[1] is x), "the ReduceMean does not read a square")
         norm_shape = trailing_norm_shape(anchor, x, view.graph.opset)
         eps, sqrt = epsilon_root(anchor.outputs[0], view)
-        recip = view.only_consumer(sqrt.outputs[0], "Reciprocal")
+        recip = reader(sqrt.outputs[0], "Reciprocal")
         if recip is not None:
-            last = view.only_consumer(recip.outputs[0], "Mul")
+            last = reader(recip.outputs[0], "Mul")
             require(last is not None and other_operand(last, recip.outputs[0]) is x,
                     "x is not multiplied by the inverse root")
         else:
-            last = view.only_consumer(sqrt.outputs[0], "Div")
+            last = reader(sqrt.outputs[0], "Div")
             require(last is not None and last.inputs[0] is x, "x is not divided by the root")
         last, scale, _ = affine_tail(last, norm_shape, view, ("Mul",))
         dtype = np.dtype(x.dtype) if x.dtype is not None else np.dtype(np.float32)

@@ -63,6 +63,12 @@ def consumers(t: gs.Tensor) -> list[gs.Node]:
     return list({id(c): c for c in t.outputs}.values())
 
 
+def reader(t: gs.Tensor, op: str) -> gs.Node | None:
+    """The first node of type `op` reading `t`, whoever else reads it (a match's `check` then decides,
+    with a reason, whether the other readers forbid the rewrite)."""
+    return next((c for c in t.outputs if c.op == op), None)
+
+
 def other_operand(node: gs.Node, t: gs.Tensor) -> gs.Tensor:
     """The input of a two-input node that is not `t`."""
     return node.inputs[1] if node.inputs[0] is t else node.inputs[0]

@@ -23,6 +23,7 @@ from qcompile.evaluation.metrics import sqnr_db
 from qcompile.graph_io import save_graphs
 from qcompile.pass_manager import Pass
 from qcompile.passes.cleanup import NameNodes
+from qcompile.passes.fuse_groupnorm import FuseGroupNorm
 from qcompile.passes.insert_qdq import InsertQDQ, QuantPlan
 from qcompile.passes.static_shapes import StaticShapes
 from qcompile.quant import TensorRange
@@ -52,7 +53,7 @@ class _TfliteTarget:
 
     def pipeline(self, plan: QuantPlan, ranges: Mapping[str, TensorRange], *,
                  timestep_input: str | None = None) -> list[Pass]:
-        return [NameNodes(), InsertQDQ(plan, ranges, self.caps), StaticShapes(self.batch)]
+        return [NameNodes(), InsertQDQ(plan, ranges, self.caps), StaticShapes(self.batch), FuseGroupNorm()]
 
     def emit(self, graphs: Sequence[gs.Graph], out_dir: Path) -> list[list[str]]:
         """One .tflite file; one subgraph and signature per timestep bucket ('bucket_0', ...), sharing
@@ -158,4 +159,4 @@ class TfliteFp32Target(_TfliteTarget):
 
     def pipeline(self, plan: QuantPlan, ranges: Mapping[str, TensorRange], *,
                  timestep_input: str | None = None) -> list[Pass]:
-        return [NameNodes(), StaticShapes(self.batch)]
+        return [NameNodes(), StaticShapes(self.batch), FuseGroupNorm()]
