@@ -24,7 +24,6 @@ from qcompile.pass_manager import GraphProperty, Pass, PassContext, PassResult
 from qcompile.rewrite import (
     Edit,
     GraphView,
-    NoMatch,
     Rule,
     apply,
     consumers,
@@ -129,7 +128,7 @@ def trailing_norm_shape(mean: gs.Node, x: gs.Tensor, opset: int) -> tuple[int, .
     return norm_shape
 
 
-def epsilon_root(mean_square: gs.Tensor, view: GraphView) -> tuple[float, gs.Node]:
+def epsilon_root(mean_square: gs.Tensor) -> tuple[float, gs.Node]:
     """(eps, the Sqrt node) for Sqrt(Add(mean_square, eps))."""
     add_eps = reader(mean_square, "Add")
     eps = scalar_value(other_operand(add_eps, mean_square)) if add_eps is not None else None
@@ -168,13 +167,13 @@ def _match(mean: gs.Node, view: GraphView) -> NormMatch:
     var = reader(square.outputs[0], "ReduceMean")
     require(var is not None and reduced_axes(var, opset, len(x.shape)) == axes,
             "the square is not averaged over the same axes")
-    eps, sqrt = epsilon_root(var.outputs[0], view)
+    eps, sqrt = epsilon_root(var.outputs[0])
     if divide.op == "Div":
         require(divide.inputs[0] is d and divide.inputs[1] is sqrt.outputs[0], "x - mean is not divided by the root")
     else:
         recip = reader(sqrt.outputs[0], "Reciprocal")
-        if recip is None or other_operand(divide, d) is not recip.outputs[0]:
-            raise NoMatch("x - mean is not multiplied by the inverse root")
+        require(recip is not None and other_operand(divide, d) is recip.outputs[0],
+                "x - mean is not multiplied by the inverse root")
     last, gamma, beta = affine_tail(divide, norm_shape, view, ("Mul", "Add"))
     if gamma is None:
         gamma = np.ones(norm_shape, np.dtype(x.dtype) if x.dtype is not None else np.float32)

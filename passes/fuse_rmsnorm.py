@@ -56,7 +56,7 @@ class RMSNormRule(Rule[NormMatch]):
         require((square.op == "Pow" and is_scalar(square.inputs[1], 2.0)) or
                 (square.op == "Mul" and square.inputs[1] is x), "the ReduceMean does not read a square")
         norm_shape = trailing_norm_shape(anchor, x, view.graph.opset)
-        eps, sqrt = epsilon_root(anchor.outputs[0], view)
+        eps, sqrt = epsilon_root(anchor.outputs[0])
         recip = reader(sqrt.outputs[0], "Reciprocal")
         if recip is not None:
             last = reader(recip.outputs[0], "Mul")
