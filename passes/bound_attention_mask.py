@@ -23,6 +23,7 @@ Layers that share one mask constant get one bounded copy each, since their score
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -30,26 +31,72 @@ import onnx_graphsurgeon as gs
 from qcompile.graph_io import constant_values, redirect_consumers
 from qcompile.pass_manager import GraphProperty, Pass, PassContext, PassResult
 from qcompile.quant import TensorRange
+from qcompile.rewrite import Edit, GraphView, NoMatch, Pattern, Rule, apply, find, producer, require
 
 BLOCKED = -1e4  # mask values at or below this block a position (finfo.min, diffusers' -10000.0)
 GAP = 16.0  # blocked logits sit at least this far below the smallest unblocked one
 
 
-def masked_softmax_sums(graph: gs.Graph) -> list[tuple[gs.Node, gs.Tensor, gs.Constant]]:
-    """(Add node, scores, mask constant) for every Softmax(Add(scores, mask)) with a blocking mask."""
-    out = []
-    for node in graph.nodes:
-        if node.op != "Softmax" or not node.inputs[0].inputs:
-            continue
-        add = node.inputs[0].inputs[0]
-        if add.op != "Add" or len(add.inputs) != 2:
-            continue
+@dataclass(frozen=True)
+class MaskedSum:
+    add: gs.Node  # Add(scores, mask) read by the Softmax
+    scores: gs.Tensor
+    mask: gs.Tensor  # a constant with blocking values
+
+    @property
+    def nodes(self) -> tuple[gs.Node, ...]:
+        return (self.add,)
+
+
+class MaskedSoftmaxPattern(Pattern[MaskedSum]):
+    """Softmax(Add(scores, mask)) with a constant mask that blocks positions."""
+
+    name = "masked-softmax"
+    anchors = frozenset({"Softmax"})
+
+    def match(self, anchor: gs.Node, view: GraphView) -> MaskedSum:
+        add = producer(anchor.inputs[0])
+        require(add is not None and add.op == "Add" and len(add.inputs) == 2, "the Softmax does not read an Add")
         for scores, mask in (add.inputs, add.inputs[::-1]):
             values = constant_values(mask)
             if values is not None and constant_values(scores) is None and values.size and values.min() <= BLOCKED:
-                out.append((add, scores, mask))
-                break
-    return out
+                return MaskedSum(add, scores, mask)
+        raise NoMatch("the Softmax's Add has no constant blocking mask")
+
+
+def masked_softmax_sums(graph: gs.Graph) -> list[tuple[gs.Node, gs.Tensor, gs.Tensor]]:
+    """(Add node, scores, mask constant) for every Softmax(Add(scores, mask)) with a blocking mask."""
+    return [(m.add, m.scores, m.mask) for m in find(graph, MaskedSoftmaxPattern()).matches]
+
+
+class BoundMaskRule(MaskedSoftmaxPattern, Rule[MaskedSum]):
+    name = "bound-attention-mask"
+
+    def __init__(self, ranges: Mapping[str, TensorRange]):
+        self.ranges = ranges
+
+    def check(self, match: MaskedSum, view: GraphView) -> str | None:
+        if match.scores.name not in self.ranges:
+            return "the scores have no calibrated range to bound by"
+        if match.add.outputs[0].name in view.outputs:
+            return "the masked sum is a graph output (which keeps its name)"
+        return None
+
+    def floor(self, match: MaskedSum) -> float:
+        """The value blocked positions get: GAP below the smallest score the mask lets through."""
+        values = constant_values(match.mask)
+        kept = values[values > BLOCKED]  # a bias beside the blocks (ALiBi, say) keeps its values
+        rng = self.ranges[match.scores.name]
+        return (min(float(kept.min()), 0.0) if kept.size else 0.0) - ((rng.hi - rng.lo) + GAP)
+
+    def rewrite(self, match: MaskedSum, edit: Edit) -> None:
+        add, values = match.add, constant_values(match.mask)
+        bounded = np.where(values <= BLOCKED, self.floor(match), values).astype(values.dtype)
+        add.inputs[add.inputs.index(match.mask)] = gs.Constant(f"{add.name}_bounded_mask", bounded)
+        total = add.outputs[0]
+        renamed = gs.Variable(f"{total.name}_bounded", dtype=total.dtype, shape=total.shape)
+        redirect_consumers(total, renamed)
+        add.outputs[0] = renamed
 
 
 class BoundAttentionMask(Pass):
@@ -60,24 +107,7 @@ class BoundAttentionMask(Pass):
         self.ranges = ranges
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        outputs = {t.name for t in graph.outputs}
-        bounded = []
-        for add, scores, mask in masked_softmax_sums(graph):
-            rng = self.ranges.get(scores.name)
-            total = add.outputs[0]
-            if rng is None or total.name in outputs:
-                continue  # without the scores' range there is nothing to bound by; outputs keep names
-            values = constant_values(mask)
-            kept = values[values > BLOCKED]  # a bias beside the blocks (ALiBi, say) keeps its values
-            floor = min(float(kept.min()), 0.0) if kept.size else 0.0
-            floor -= (rng.hi - rng.lo) + GAP
-            new_mask = gs.Constant(f"{add.name}_bounded_mask",
-                                   np.where(values <= BLOCKED, floor, values).astype(values.dtype))
-            add.inputs[add.inputs.index(mask)] = new_mask
-            renamed = gs.Variable(f"{total.name}_bounded", dtype=total.dtype, shape=total.shape)
-            redirect_consumers(total, renamed)
-            add.outputs[0] = renamed
-            bounded.append(f"{add.name} (mask floor {floor:.1f})")
-        if bounded:
-            graph.cleanup().toposort()
-        return PassResult(modified=bool(bounded), detail=", ".join(bounded) or "no blocking masks")
+        rule = BoundMaskRule(self.ranges)
+        report = apply(graph, [rule])
+        bounded = ", ".join(f"{m.add.name} (mask floor {rule.floor(m):.1f})" for m in report.matches)
+        return PassResult(modified=bool(report.matches), detail=report.detail(bounded or "no blocking masks"))

@@ -6,10 +6,12 @@ to the CPU), while Transpose is a plain data-movement op every target runs, quan
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import onnx_graphsurgeon as gs
 
-from qcompile.graph_io import tag_new_node
 from qcompile.pass_manager import GraphProperty, Pass, PassContext, PassResult
+from qcompile.rewrite import Edit, GraphView, Rule, apply, require
 
 PASS_NAME = "einsum-as-transpose"
 
@@ -25,23 +27,37 @@ def permutation(equation: str) -> list[int] | None:
     return [src.index(c) for c in dst]
 
 
+@dataclass(frozen=True)
+class EinsumMatch:
+    einsum: gs.Node
+    perm: list[int] | None
+
+    @property
+    def nodes(self) -> tuple[gs.Node, ...]:
+        return (self.einsum,)
+
+
+class EinsumRule(Rule[EinsumMatch]):
+    name = PASS_NAME
+    anchors = frozenset({"Einsum"})
+
+    def match(self, anchor: gs.Node, view: GraphView) -> EinsumMatch:
+        require(len(anchor.inputs) == 1, "the Einsum has several operands")
+        return EinsumMatch(anchor, permutation(str(anchor.attrs.get("equation", ""))))
+
+    def check(self, match: EinsumMatch, view: GraphView) -> str | None:
+        return "the equation is not a pure permutation" if match.perm is None else None
+
+    def rewrite(self, match: EinsumMatch, edit: Edit) -> None:
+        node = match.einsum
+        edit.add("Transpose", node.name, [node.inputs[0]], [node.outputs[0]], {"perm": match.perm}, like=node)
+
+
 class EinsumAsTranspose(Pass):
     name = PASS_NAME
     preserves = frozenset({GraphProperty.NODES_NAMED, GraphProperty.SHAPES_KNOWN, GraphProperty.QDQ_PAIRED})
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        count = 0
-        for node in list(graph.nodes):
-            if node.op != "Einsum" or len(node.inputs) != 1:
-                continue
-            perm = permutation(str(node.attrs.get("equation", "")))
-            if perm is None:
-                continue
-            transpose = gs.Node("Transpose", node.name, {"perm": perm}, [node.inputs[0]], [node.outputs[0]])
-            node.inputs.clear()
-            node.outputs.clear()
-            graph.nodes.append(tag_new_node(transpose, PASS_NAME, like=node))
-            count += 1
-        if count:
-            graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        return PassResult(modified=bool(count), detail=f"{count} Einsum as Transpose")
+        report = apply(graph, [EinsumRule()])
+        return PassResult(modified=bool(report.matches),
+                          detail=report.detail(f"{len(report.matches)} Einsum as Transpose"))

@@ -20,17 +20,25 @@ the scale after the Q·K matmul; dynamo puts sqrt(scale) on Q and on K before it
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import onnx_graphsurgeon as gs
 
-from qcompile.graph_io import constant_values, node_meta
+from qcompile.graph_io import constant_values
 from qcompile.pass_manager import GraphProperty, Pass, PassContext, PassResult
+from qcompile.rewrite import (
+    GraphView,
+    NoMatch,
+    Pattern,
+    clear_stale,
+    consumers,
+    find,
+    is_activation,
+    mark_unit,
+    producer,
+    require,
+)
 
-# Unit annotations shared by the passes that record a group of nodes as one unit (fuse_groupnorm too).
-FUSED_KEY = "qcompile.fused"
-ROLE_KEY = "qcompile.fused_role"
 KIND = "attention"
 ROLES = ("scale", "qk_matmul", "mask", "cast", "softmax", "guard", "av_matmul")
 # Longest chain of scale/mask/cast nodes accepted between the Q·K matmul and the Softmax.
@@ -70,15 +78,62 @@ class AttentionUnit:
         return tuple(name for name, _ in self.roles())
 
 
+@dataclass(frozen=True)
+class AttentionMatch:
+    """What the pattern found from one Softmax: every node with its role, and the matmuls' operands."""
+
+    members: tuple[tuple[gs.Node, str], ...]
+    qk: gs.Node
+    softmax: gs.Node
+    av: gs.Node
+
+    @property
+    def nodes(self) -> tuple[gs.Node, ...]:
+        return tuple(node for node, _ in self.members)
+
+    def unit(self, index: int) -> AttentionUnit:
+        named = [(node.name, role) for node, role in self.members]
+        return AttentionUnit(
+            index=index, qk_matmul=self.qk.name, softmax=self.softmax.name, av_matmul=self.av.name,
+            **{role: tuple(n for n, r in named if r == role) for role in ("scale", "mask", "cast", "guard")},
+            query=self.qk.inputs[0].name, key=self.qk.inputs[1].name, value=self.av.inputs[1].name,
+            output=self.av.outputs[0].name)
+
+
+class AttentionPattern(Pattern[AttentionMatch]):
+    """Scaled-dot-product attention, found from its Softmax (see the module docstring)."""
+
+    name = "fuse-attention"
+    anchors = frozenset({"Softmax"})
+
+    def match(self, anchor: gs.Node, view: GraphView) -> AttentionMatch:
+        require(_softmax_on_last_axis(anchor), "the Softmax is not over the last axis")
+        score_roles: list[tuple[gs.Node, str]] = []
+        qk = _walk_scores(anchor.inputs[0], 0, view, score_roles)
+        require(qk is not None, f"no Q·K MatMul of two activations within {MAX_CHAIN} scale/mask/cast nodes "
+                                "before the Softmax")
+        prob_roles: list[tuple[gs.Node, str]] = []
+        av = _walk_probs(anchor.outputs[0], view, prob_roles)
+        q_scales = _operand_scales(qk.inputs[0], view)
+        k_scales = _operand_scales(qk.inputs[1], view)
+        roles = score_roles + prob_roles
+        members = [(n, "scale") for n in (*q_scales, *k_scales)] + [(n, r) for n, r in roles if r == "scale"]
+        members.append((qk, "qk_matmul"))
+        members += [(n, r) for n, r in roles if r in ("mask", "cast")]
+        members.append((anchor, "softmax"))
+        members += [(n, r) for n, r in roles if r == "guard"]
+        members.append((av, "av_matmul"))
+        return AttentionMatch(tuple(_grouped(members)), qk, anchor, av)
+
+
+def _grouped(members: list[tuple[gs.Node, str]]) -> list[tuple[gs.Node, str]]:
+    """Members ordered by role as `ROLES` lists them (mask before cast), stable within a role."""
+    return sorted(members, key=lambda m: ROLES.index(m[1]))
+
+
 def find_attention(graph: gs.Graph) -> list[AttentionUnit]:
     """Every attention unit in graph order (numbered by the position of its Softmax)."""
-    units: list[AttentionUnit] = []
-    for node in graph.nodes:
-        if node.op == "Softmax":
-            unit = _match(node, len(units), {t.name for t in graph.outputs})
-            if unit is not None:
-                units.append(unit)
-    return units
+    return [m.unit(i) for i, m in enumerate(find(graph, AttentionPattern()).matches)]
 
 
 class FuseAttention(Pass):
@@ -89,66 +144,15 @@ class FuseAttention(Pass):
     preserves = frozenset({GraphProperty.NODES_NAMED, GraphProperty.SHAPES_KNOWN, GraphProperty.QDQ_PAIRED})
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        units = find_attention(graph)
-        nodes = {n.name: n for n in graph.nodes}
+        report = find(graph, AttentionPattern())
         changed = False
-        for unit in units:
-            changed |= mark_unit(((nodes[n], role) for n, role in unit.roles()), unit.unit_id)
-        changed |= clear_stale(graph, KIND, {n for u in units for n in u.nodes})
-        return PassResult(modified=changed, detail=f"{len(units)} attention units")
-
-
-# --- unit annotations (shared with fuse_groupnorm) ----------------------------------------------
-def mark_unit(members: Iterable[tuple[gs.Node, str]], unit_id: str) -> bool:
-    """Write `unit_id` and each node's role into its metadata; True when something changed."""
-    changed = False
-    for node, role in members:
-        meta = node_meta(node)
-        if meta.get(FUSED_KEY) != unit_id or meta.get(ROLE_KEY) != role:
-            meta[FUSED_KEY] = unit_id
-            meta[ROLE_KEY] = role
-            changed = True
-    return changed
-
-
-def clear_stale(graph: gs.Graph, kind: str, keep: set[str]) -> bool:
-    """Drop `kind` annotations from nodes outside `keep` (a unit that no longer matches)."""
-    changed = False
-    for node in graph.nodes:
-        meta = node_meta(node)
-        if meta.get(FUSED_KEY, "").startswith(kind + ":") and node.name not in keep:
-            del meta[FUSED_KEY]
-            meta.pop(ROLE_KEY, None)
-            changed = True
-    return changed
-
-
-def unit_members(graph: gs.Graph, unit_id: str) -> dict[str, list[gs.Node]]:
-    """role -> nodes annotated with `unit_id`, in graph order."""
-    members: dict[str, list[gs.Node]] = {}
-    for node in graph.nodes:
-        meta = node_meta(node)
-        if meta.get(FUSED_KEY) == unit_id:
-            members.setdefault(meta.get(ROLE_KEY, ""), []).append(node)
-    return members
+        for index, match in enumerate(report.matches):
+            changed |= mark_unit(match.members, match.unit(index).unit_id)
+        changed |= clear_stale(graph, KIND, {n.name for m in report.matches for n in m.nodes})
+        return PassResult(modified=changed, detail=report.detail(f"{len(report.matches)} attention units"))
 
 
 # --- matching ------------------------------------------------------------------------------------
-def _producer(t: gs.Tensor) -> gs.Node | None:
-    return t.inputs[0] if len(t.inputs) == 1 else None
-
-
-def _only_consumer(t: gs.Tensor, graph_outputs: set[str]) -> gs.Node | None:
-    consumers = {id(c): c for c in t.outputs}
-    if len(consumers) != 1 or t.name in graph_outputs:
-        return None
-    return next(iter(consumers.values()))
-
-
-def _is_activation(t: gs.Tensor) -> bool:
-    return not isinstance(t, gs.Constant) and constant_values(t) is None
-
-
 def _scalar_like(t: gs.Tensor) -> bool:
     """A constant or a run-time value with at most one element (a shape-derived softmax scale)."""
     values = constant_values(t)
@@ -172,13 +176,13 @@ def _scale_data_input(node: gs.Node) -> gs.Tensor | None:
 
 
 def _is_qk(node: gs.Node) -> bool:
-    return node.op == "MatMul" and all(_is_activation(t) for t in node.inputs)
+    return node.op == "MatMul" and all(is_activation(t) for t in node.inputs)
 
 
-def _walk_scores(t: gs.Tensor, depth: int, outs: set[str], roles: list[tuple[str, str]]) -> gs.Node | None:
+def _walk_scores(t: gs.Tensor, depth: int, view: GraphView, roles: list[tuple[gs.Node, str]]) -> gs.Node | None:
     """From the Softmax input back to the Q·K MatMul through scale/mask/cast nodes; roles collected."""
-    node = _producer(t)
-    if node is None or depth > MAX_CHAIN or _only_consumer(t, outs) is None:
+    node = producer(t)
+    if node is None or depth > MAX_CHAIN or not view.single_use(t):
         return None
     if _is_qk(node):
         return node
@@ -193,41 +197,39 @@ def _walk_scores(t: gs.Tensor, depth: int, outs: set[str], roles: list[tuple[str
     elif node.op == "Cast":
         candidates.append((node.inputs[0], "cast"))
     for data, role in candidates:
-        found: list[tuple[str, str]] = []
-        qk = _walk_scores(data, depth + 1, outs, found)
+        found: list[tuple[gs.Node, str]] = []
+        qk = _walk_scores(data, depth + 1, view, found)
         if qk is not None:
-            roles += [(node.name, role), *found]
+            roles += [(node, role), *found]
             return qk
     return None
 
 
-def _walk_probs(t: gs.Tensor, outs: set[str], roles: list[tuple[str, str]]) -> gs.Node | None:
+def _walk_probs(t: gs.Tensor, view: GraphView, roles: list[tuple[gs.Node, str]]) -> gs.Node:
     """From the Softmax output forward to the P·V MatMul through casts and a NaN guard."""
     for _ in range(MAX_CHAIN):
-        if t.name in outs:
-            return None
-        consumers = list({id(c): c for c in t.outputs}.values())
-        if len(consumers) == 1 and consumers[0].op == "MatMul":
-            node = consumers[0]
-            ok = node.inputs[0] is t and node.inputs[1] is not t and _is_activation(node.inputs[1])
-            return node if ok else None
-        if len(consumers) == 1 and consumers[0].op == "Cast":
-            roles.append((consumers[0].name, "cast"))
-            t = consumers[0].outputs[0]
+        require(t.name not in view.outputs, "the attention probabilities are a graph output")
+        readers = consumers(t)
+        if len(readers) == 1 and readers[0].op == "MatMul":
+            node = readers[0]
+            require(node.inputs[0] is t and node.inputs[1] is not t and is_activation(node.inputs[1]),
+                    "the probabilities are not multiplied by an activation V")
+            return node
+        if len(readers) == 1 and readers[0].op == "Cast":
+            roles.append((readers[0], "cast"))
+            t = readers[0].outputs[0]
             continue
         # torch's NaN guard for fully masked rows: Where(IsNaN(p), 0, p).
-        ops = sorted(c.op for c in consumers)
-        if ops != ["IsNaN", "Where"]:
-            return None
-        isnan = next(c for c in consumers if c.op == "IsNaN")
-        where = next(c for c in consumers if c.op == "Where")
-        if where.inputs[0] is not isnan.outputs[0] or where.inputs[2] is not t:
-            return None
-        if _only_consumer(isnan.outputs[0], outs) is not where or constant_values(where.inputs[1]) is None:
-            return None
-        roles += [(isnan.name, "guard"), (where.name, "guard")]
+        require(sorted(c.op for c in readers) == ["IsNaN", "Where"],
+                "the Softmax does not reach a P·V MatMul through casts and a NaN guard")
+        isnan = next(c for c in readers if c.op == "IsNaN")
+        where = next(c for c in readers if c.op == "Where")
+        require(where.inputs[0] is isnan.outputs[0] and where.inputs[2] is t
+                and view.only_consumer(isnan.outputs[0]) is where and constant_values(where.inputs[1]) is not None,
+                "the Softmax is followed by an IsNaN/Where that is not a NaN guard")
+        roles += [(isnan, "guard"), (where, "guard")]
         t = where.outputs[0]
-    return None
+    raise NoMatch(f"no P·V MatMul within {MAX_CHAIN} nodes after the Softmax")
 
 
 def _softmax_on_last_axis(node: gs.Node) -> bool:
@@ -236,38 +238,14 @@ def _softmax_on_last_axis(node: gs.Node) -> bool:
     return axis == -1 or (rank is not None and axis == rank - 1)
 
 
-def _operand_scales(t: gs.Tensor, outs: set[str]) -> list[str]:
+def _operand_scales(t: gs.Tensor, view: GraphView) -> list[gs.Node]:
     """Scale nodes applied to Q or K before the matmul (dynamo puts sqrt(scale) on each)."""
-    names: list[str] = []
-    node = _producer(t)
-    while node is not None and len(names) < 2 and _only_consumer(node.outputs[0], outs) is not None:
+    nodes: list[gs.Node] = []
+    node = producer(t)
+    while node is not None and len(nodes) < 2 and view.only_consumer(node.outputs[0]) is not None:
         data = _scale_data_input(node)
         if data is None:
             break
-        names.append(node.name)
-        node = _producer(data)
-    return names
-
-
-def _match(softmax: gs.Node, index: int, outs: set[str]) -> AttentionUnit | None:
-    if not _softmax_on_last_axis(softmax):
-        return None
-    score_roles: list[tuple[str, str]] = []
-    qk = _walk_scores(softmax.inputs[0], 0, outs, score_roles)
-    if qk is None:
-        return None
-    prob_roles: list[tuple[str, str]] = []
-    av = _walk_probs(softmax.outputs[0], outs, prob_roles)
-    if av is None:
-        return None
-    q_scales = _operand_scales(qk.inputs[0], outs)
-    k_scales = _operand_scales(qk.inputs[1], outs)
-    roles = score_roles + prob_roles
-    return AttentionUnit(
-        index=index, qk_matmul=qk.name, softmax=softmax.name, av_matmul=av.name,
-        scale=(*q_scales, *k_scales, *(n for n, r in roles if r == "scale")),
-        mask=tuple(n for n, r in roles if r == "mask"),
-        cast=tuple(n for n, r in roles if r == "cast"),
-        guard=tuple(n for n, r in roles if r == "guard"),
-        query=qk.inputs[0].name, key=qk.inputs[1].name, value=av.inputs[1].name, output=av.outputs[0].name,
-    )
+        nodes.append(node)
+        node = producer(data)
+    return nodes

@@ -9,10 +9,10 @@ per *group* (deprecated in 21, which made them per channel, as torch has them). 
 cannot be expressed in the opset-18 form without keeping the Mul/Add, so below opset 21 the nodes
 stay and each gets node metadata `qcompile.fused` = "groupnorm:<n>" plus `qcompile.fused_role`
 (`reshape_in`, `instance_norm`, `shape`, `reshape_out`, `gamma`, `beta`); a target lowers the unit as
-it likes (and Q/DQ insertion can leave its inside alone). From opset 21 the unit becomes one
-`GroupNormalization` node (onnxruntime 1.31 CPU runs it; the fused tiny SD UNet matches to 1.2e-6).
-`DecomposeGroupNorm` is the inverse for targets without the operator: it emits the exporter's form,
-annotated, for either opset's semantics.
+it likes (TFLite lowers it as one normalization over NHWC storage, `targets/tflite/ops_norm.py`) and
+Q/DQ insertion can leave its inside alone. From opset 21 the unit becomes one `GroupNormalization`
+node (onnxruntime 1.31 CPU runs it; the fused tiny SD UNet matches to 1.2e-6).
+`GroupNormPattern` is also what `groupnorm_affine_conv` rewrites from.
 """
 
 from __future__ import annotations
@@ -23,13 +23,24 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qcompile.graph_io import constant_values, tag_new_node
+from qcompile.graph_io import constant_values
 from qcompile.pass_manager import GraphProperty, Pass, PassContext, PassResult
-from qcompile.passes.fuse_attention import clear_stale, mark_unit
+from qcompile.rewrite import (
+    Edit,
+    GraphView,
+    Pattern,
+    Rule,
+    apply,
+    clear_stale,
+    find,
+    mark_unit,
+    per_channel,
+    producer,
+    require,
+)
 
 KIND = "groupnorm"
 PER_CHANNEL_OPSET = 21  # GroupNormalization-21: scale and bias of shape [C]
-FIRST_OPSET = 18  # GroupNormalization-18: scale and bias of shape [G]
 
 
 class GroupNormForm(enum.Enum):
@@ -64,16 +75,62 @@ class GroupNormUnit:
         return tuple((name, role) for role, name in pairs if name)
 
 
+@dataclass(frozen=True)
+class GroupNormMatch:
+    """The nodes of one decomposed GroupNorm by role, and its attributes."""
+
+    members: tuple[tuple[gs.Node, str], ...]  # in `GroupNormUnit.roles` order
+    x: gs.Tensor
+    num_groups: int
+    channels: int
+    epsilon: float
+    gamma: np.ndarray  # [C], ones when the graph has no Mul
+    beta: np.ndarray  # [C], zeros when the graph has no Add
+
+    @property
+    def nodes(self) -> tuple[gs.Node, ...]:
+        return tuple(node for node, _ in self.members)
+
+    def role(self, name: str) -> gs.Node | None:
+        return next((node for node, role in self.members if role == name), None)
+
+    @property
+    def last(self) -> gs.Node:
+        """The node writing the unit's result."""
+        return self.members[-1][0]
+
+    def unit(self, index: int) -> GroupNormUnit:
+        names = {role: node.name for node, role in self.members}
+        return GroupNormUnit(index, names["reshape_in"], names["instance_norm"], names["reshape_out"],
+                             names.get("shape", ""), names.get("gamma", ""), names.get("beta", ""), self.x.name,
+                             self.last.outputs[0].name, self.num_groups, self.channels, self.epsilon)
+
+
+class GroupNormPattern(Pattern[GroupNormMatch]):
+    """Reshape [N, G, -1] -> InstanceNormalization(1, 0) -> Reshape back [-> Mul gamma] [-> Add beta]."""
+
+    name = "groupnorm"
+    anchors = frozenset({"InstanceNormalization"})
+
+    def match(self, anchor: gs.Node, view: GraphView) -> GroupNormMatch:
+        return _match(anchor, view)
+
+
+class GroupNormAsOperator(GroupNormPattern, Rule[GroupNormMatch]):
+    """The unit as one GroupNormalization-21 node writing the unit's output tensor."""
+
+    name = "fuse-groupnorm"
+
+    def rewrite(self, match: GroupNormMatch, edit: Edit) -> None:
+        last = match.last
+        scale, bias = gs.Constant(f"{last.name}_scale", match.gamma), gs.Constant(f"{last.name}_bias", match.beta)
+        edit.add("GroupNormalization", last.name, [match.x, scale, bias], [last.outputs[0]],
+                 {"num_groups": match.num_groups, "epsilon": match.epsilon}, like=last)
+
+
 def find_groupnorm(graph: gs.Graph) -> list[GroupNormUnit]:
     """Every decomposed GroupNorm, in graph order."""
-    outs = {t.name for t in graph.outputs}
-    units: list[GroupNormUnit] = []
-    for node in graph.nodes:
-        if node.op == "InstanceNormalization":
-            unit = _match(node, len(units), outs)
-            if unit is not None:
-                units.append(unit)
-    return units
+    return [m.unit(i) for i, m in enumerate(find(graph, GroupNormPattern()).matches)]
 
 
 class FuseGroupNorm(Pass):
@@ -85,176 +142,78 @@ class FuseGroupNorm(Pass):
         self.form = form
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        units = find_groupnorm(graph)
         if self.form is GroupNormForm.AUTO and graph.opset >= PER_CHANNEL_OPSET:
-            nodes = {n.name: n for n in graph.nodes}
-            for unit in units:
-                self._fuse(graph, unit, nodes)
-            if units:
-                graph.cleanup(remove_unused_graph_inputs=False).toposort()
+            report = apply(graph, [GroupNormAsOperator()])
             cleared = clear_stale(graph, KIND, set())
-            return PassResult(modified=bool(units) or cleared, detail=f"{len(units)} fused into GroupNormalization")
-        changed = annotate_groupnorm(graph, units)
-        return PassResult(modified=changed, detail=f"{len(units)} annotated (opset {graph.opset})")
-
-    def _fuse(self, graph: gs.Graph, unit: GroupNormUnit, nodes: dict[str, gs.Node]) -> None:
-        last = nodes[unit.beta or unit.gamma or unit.reshape_out]
-        x, y = nodes[unit.reshape_in].inputs[0], last.outputs[0]
-        rank = len(x.shape)
-        gamma = _affine(nodes.get(unit.gamma), unit.channels, rank, 1.0)
-        beta = _affine(nodes.get(unit.beta), unit.channels, rank, 0.0)
-        node = gs.Node("GroupNormalization", last.name,
-                       {"num_groups": unit.num_groups, "epsilon": unit.epsilon},
-                       [x, gs.Constant(f"{last.name}_scale", gamma), gs.Constant(f"{last.name}_bias", beta)], [y])
-        last.outputs.clear()  # frees the name and the output; cleanup drops the old nodes
-        graph.nodes.append(tag_new_node(node, self.name, like=last))
-
-
-class DecomposeGroupNorm(Pass):
-    """GroupNormalization -> the exporter's Reshape/InstanceNormalization/Reshape/Mul/Add, annotated."""
-
-    name = "decompose-groupnorm"
-    requires = frozenset({GraphProperty.NODES_NAMED, GraphProperty.SHAPES_KNOWN})
-    preserves = frozenset({GraphProperty.NODES_NAMED, GraphProperty.SHAPES_KNOWN, GraphProperty.QDQ_PAIRED})
-
-    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        count = 0
-        for node in list(graph.nodes):
-            if node.op == "GroupNormalization" and node.domain in (None, "", "ai.onnx"):
-                count += self._decompose(graph, node)
-        if count:
-            graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        annotated = annotate_groupnorm(graph, find_groupnorm(graph))
-        return PassResult(modified=bool(count) or annotated, detail=f"{count} decomposed")
-
-    def _decompose(self, graph: gs.Graph, node: gs.Node) -> int:
-        x, y = node.inputs[0], node.outputs[0]
-        scale, bias = constant_values(node.inputs[1]), constant_values(node.inputs[2])
-        groups = int(node.attrs["num_groups"])
-        shape = x.shape
-        if scale is None or bias is None or shape is None or not isinstance(shape[1], int):
-            return 0  # run-time affine or unknown channel count: leave the operator
-        channels, rank = shape[1], len(shape)
-        if channels % groups or scale.size != bias.size:
-            return 0
-        if graph.opset < PER_CHANNEL_OPSET and scale.size == groups:  # per-group affine (opset 18)
-            scale, bias = np.repeat(scale, channels // groups), np.repeat(bias, channels // groups)
-        if scale.size != channels:
-            return 0
-        base, eps = node.name, float(node.attrs.get("epsilon", 1e-5))
-        spatial = list(shape[2:])
-        group_size = (int(np.prod(spatial)) * (channels // groups) if all(isinstance(d, int) for d in spatial)
-                      else f"{base}_group_size")
-        grouped = gs.Variable(f"{base}_grouped", x.dtype, [shape[0], groups, group_size])
-        normed = gs.Variable(f"{base}_normed", x.dtype, [shape[0], groups, group_size])
-        x_shape = gs.Variable(f"{base}_input_shape", np.int64, [rank])
-        restored = gs.Variable(f"{base}_restored", x.dtype, shape)
-        scaled = gs.Variable(f"{base}_scaled", x.dtype, shape)
-        affine_shape = (channels,) + (1,) * (rank - 2)
-        gamma = gs.Constant(f"{base}_gamma_values", scale.astype(np.float32).reshape(affine_shape))
-        beta = gs.Constant(f"{base}_beta_values", bias.astype(np.float32).reshape(affine_shape))
-        ones, zeros = np.ones(groups, np.float32), np.zeros(groups, np.float32)
-        new = [
-            gs.Node("Reshape", f"{base}_reshape_in", {},
-                    [x, gs.Constant(f"{base}_group_shape", np.array([0, groups, -1], np.int64))], [grouped]),
-            gs.Node("InstanceNormalization", f"{base}_instance_norm", {"epsilon": eps},
-                    [grouped, gs.Constant(f"{base}_ones", ones), gs.Constant(f"{base}_zeros", zeros)], [normed]),
-            gs.Node("Shape", f"{base}_shape", {}, [x], [x_shape]),
-            gs.Node("Reshape", f"{base}_reshape_out", {}, [normed, x_shape], [restored]),
-            gs.Node("Mul", f"{base}_gamma", {}, [restored, gamma], [scaled]),
-            gs.Node("Add", base, {}, [scaled, beta], [y]),
-        ]
-        node.outputs.clear()
-        node.name = f"{base}_decomposed"
-        graph.nodes.extend(tag_new_node(n, self.name, like=node) for n in new)
-        return 1
-
-
-def annotate_groupnorm(graph: gs.Graph, units: list[GroupNormUnit]) -> bool:
-    """Mark each unit's nodes (renumbering all of them in graph order); True when metadata changed."""
-    nodes = {n.name: n for n in graph.nodes}
-    changed = False
-    for unit in units:
-        changed |= mark_unit(((nodes[n], role) for n, role in unit.roles()), unit.unit_id)
-    return clear_stale(graph, KIND, {n for u in units for n, _ in u.roles()}) or changed
+            return PassResult(modified=bool(report.matches) or cleared,
+                              detail=report.detail(f"{len(report.matches)} fused into GroupNormalization"))
+        report = find(graph, GroupNormPattern())
+        changed = False
+        for index, match in enumerate(report.matches):
+            changed |= mark_unit(match.members, match.unit(index).unit_id)
+        changed |= clear_stale(graph, KIND, {n.name for m in report.matches for n in m.nodes})
+        return PassResult(modified=changed,
+                          detail=report.detail(f"{len(report.matches)} annotated (opset {graph.opset})"))
 
 
 # --- matching ------------------------------------------------------------------------------------
-def _only_consumer(t: gs.Tensor, outs: set[str]) -> gs.Node | None:
-    consumers = {id(c): c for c in t.outputs}
-    if len(consumers) != 1 or t.name in outs:
-        return None
-    return next(iter(consumers.values()))
-
-
-def _per_channel(t: gs.Tensor, channels: int, rank: int) -> np.ndarray | None:
-    """The constant's values as [C] when it broadcasts along the channel axis only, else None."""
-    values = constant_values(t)
-    if values is None or values.ndim > rank:
-        return None
-    padded = values.reshape((1,) * (rank - values.ndim) + values.shape)
-    if any(d != 1 for i, d in enumerate(padded.shape) if i != 1) or padded.shape[1] not in (1, channels):
-        return None
-    return np.broadcast_to(padded.reshape(-1), (channels,)).astype(np.float32)
-
-
-def _affine(node: gs.Node | None, channels: int, rank: int, default: float) -> np.ndarray:
+def _affine(node: gs.Node | None, channels: int, rank: int) -> np.ndarray | None:
+    """The per-channel constant operand of a Mul/Add, else None."""
     if node is None:
-        return np.full(channels, default, np.float32)
-    for t in node.inputs:
-        values = _per_channel(t, channels, rank)
-        if values is not None:
-            return values
-    raise AssertionError(f"{node.name}: matched as per-channel affine but has no per-channel constant")
+        return None
+    return next((v for v in (per_channel(t, channels, rank) for t in node.inputs) if v is not None), None)
 
 
-def _restores_shape(reshape: gs.Node, x: gs.Tensor, outs: set[str]) -> str | None:
-    """'' or the Shape node's name when `reshape` gives back x's shape; None when it does not."""
+def _restores_shape(reshape: gs.Node, x: gs.Tensor, view: GraphView) -> gs.Node | None:
+    """The Shape node that only `reshape` reads, when it gives back x's shape from Shape(x) or from a
+    constant (None then); NoMatch when it does not restore x's shape."""
     target = reshape.inputs[1]
-    producer = target.inputs[0] if len(target.inputs) == 1 else None
-    if producer is not None and producer.op == "Shape" and producer.inputs[0] is x:
-        if producer.attrs.get("start", 0) == 0 and producer.attrs.get("end") in (None, len(x.shape or ())):
-            return producer.name if _only_consumer(target, outs) is reshape else ""
-        return None
+    shape_node = producer(target)
+    if shape_node is not None and shape_node.op == "Shape" and shape_node.inputs[0] is x:
+        require(shape_node.attrs.get("start", 0) == 0 and shape_node.attrs.get("end") in (None, len(x.shape)),
+                "the second Reshape reads a part of x's shape")
+        return shape_node if view.only_consumer(target) is reshape else None
     values = constant_values(target)
-    shape = x.shape
-    if values is None or shape is None or len(values) != len(shape):
-        return None
-    known = [v == d or (i == 0 and v == 0) for i, (v, d) in enumerate(zip(values.tolist(), shape, strict=True))]
-    return "" if all(known) else None
+    require(values is not None and len(values) == len(x.shape) and
+            all(v == d or (i == 0 and v == 0) for i, (v, d) in enumerate(zip(values.tolist(), x.shape, strict=True))),
+            "the second Reshape does not restore x's shape")
+    return None
 
 
-def _match(inorm: gs.Node, index: int, outs: set[str]) -> GroupNormUnit | None:
+def _match(inorm: gs.Node, view: GraphView) -> GroupNormMatch:
     grouped = inorm.inputs[0]
-    reshape_in = grouped.inputs[0] if len(grouped.inputs) == 1 else None
-    if reshape_in is None or reshape_in.op != "Reshape" or _only_consumer(grouped, outs) is not inorm:
-        return None
+    reshape_in = producer(grouped)
+    require(reshape_in is not None and reshape_in.op == "Reshape" and view.only_consumer(grouped) is inorm,
+            "the InstanceNormalization does not read a Reshape of its own")
     x = reshape_in.inputs[0]
     group_shape = constant_values(reshape_in.inputs[1])
-    if x.shape is None or len(x.shape) < 3 or not isinstance(x.shape[1], int) or group_shape is None:
-        return None
+    require(x.shape is not None and len(x.shape) >= 3 and isinstance(x.shape[1], int) and group_shape is not None,
+            "the grouped tensor has no static channel count or constant group shape")
     channels, rank = x.shape[1], len(x.shape)
-    if group_shape.shape != (3,) or group_shape[2] != -1 or group_shape[0] not in (0, x.shape[0]):
-        return None
+    require(group_shape.shape == (3,) and group_shape[2] == -1 and group_shape[0] in (0, x.shape[0]),
+            "the first Reshape is not [N, G, -1]")
     groups = int(group_shape[1])
-    if groups <= 0 or channels % groups or reshape_in.attrs.get("allowzero", 0):
-        return None
+    require(groups > 0 and channels % groups == 0 and not reshape_in.attrs.get("allowzero", 0),
+            "the group count does not divide the channels")
     ones, zeros = constant_values(inorm.inputs[1]), constant_values(inorm.inputs[2])
-    if ones is None or zeros is None or not (np.all(ones == 1) and np.all(zeros == 0)):
-        return None
-    reshape_out = _only_consumer(inorm.outputs[0], outs)
-    if reshape_out is None or reshape_out.op != "Reshape" or reshape_out.inputs[0] is not inorm.outputs[0]:
-        return None
-    shape_node = _restores_shape(reshape_out, x, outs)
-    if shape_node is None:
-        return None
+    require(ones is not None and zeros is not None and np.all(ones == 1) and np.all(zeros == 0),
+            "the InstanceNormalization has its own scale or bias")
+    reshape_out = view.only_consumer(inorm.outputs[0], "Reshape")
+    require(reshape_out is not None and reshape_out.inputs[0] is inorm.outputs[0],
+            "the normalized groups are not reshaped back")
+    shape_node = _restores_shape(reshape_out, x, view)
+    members = [(reshape_in, "reshape_in"), (inorm, "instance_norm")]
+    members += [(shape_node, "shape")] if shape_node is not None else []
+    members.append((reshape_out, "reshape_out"))
     # Optional per-channel affine (absent for affine=False and for AdaGroupNorm's run-time scale).
-    tail, gamma, beta = reshape_out.outputs[0], "", ""
-    nxt = _only_consumer(tail, outs)
-    if nxt is not None and nxt.op == "Mul" and any(_per_channel(t, channels, rank) is not None for t in nxt.inputs):
-        gamma, tail = nxt.name, nxt.outputs[0]
-        nxt = _only_consumer(tail, outs)
-    if nxt is not None and nxt.op == "Add" and any(_per_channel(t, channels, rank) is not None for t in nxt.inputs):
-        beta, tail = nxt.name, nxt.outputs[0]
-    return GroupNormUnit(index, reshape_in.name, inorm.name, reshape_out.name, shape_node, gamma, beta,
-                         x.name, tail.name, groups, channels, float(inorm.attrs.get("epsilon", 1e-5)))
+    tail, gamma, beta = reshape_out.outputs[0], None, None
+    nxt = view.only_consumer(tail, "Mul")
+    if (gamma := _affine(nxt, channels, rank)) is not None:
+        members.append((nxt, "gamma"))
+        tail = nxt.outputs[0]
+    nxt = view.only_consumer(tail, "Add")
+    if (beta := _affine(nxt, channels, rank)) is not None:
+        members.append((nxt, "beta"))
+    return GroupNormMatch(tuple(members), x, groups, channels, float(inorm.attrs.get("epsilon", 1e-5)),
+                          np.ones(channels, np.float32) if gamma is None else gamma,
+                          np.zeros(channels, np.float32) if beta is None else beta)

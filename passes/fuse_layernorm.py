@@ -9,17 +9,65 @@ Why fuse: targets quantize around a LayerNorm as one op (TFLite, QNN and TensorR
 left decomposed, Q/DQ insertion would see nine ops whose intermediate ranges (the variance!) are
 the worst possible to quantize. Both reductions must cover the same trailing axes, which become
 `axis = -k`. RMSNorm (no mean subtraction, used by SD3/Flux) does not match: it has no Sub.
+The norm-shaped pieces (reduced axes, epsilon root, affine operand) are shared with fuse_rmsnorm.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qcompile.graph_io import constant_values, tag_new_node
+from qcompile.graph_io import constant_values
 from qcompile.pass_manager import GraphProperty, Pass, PassContext, PassResult
+from qcompile.rewrite import (
+    Edit,
+    GraphView,
+    Rule,
+    apply,
+    consumers,
+    is_scalar,
+    other_operand,
+    reader,
+    require,
+    scalar_value,
+    subgraph,
+)
 
 MIN_OPSET = 17
+
+
+@dataclass(frozen=True)
+class NormMatch:
+    """A decomposed LayerNorm or RMSNorm: input, the node writing the result, and its attributes."""
+
+    x: gs.Tensor
+    last: gs.Node
+    axis: int
+    epsilon: float
+    scale: np.ndarray
+    bias: np.ndarray | None
+    nodes: tuple[gs.Node, ...]
+
+
+class LayerNormRule(Rule[NormMatch]):
+    name = "fuse-layernorm"
+    anchors = frozenset({"ReduceMean"})
+
+    def match(self, anchor: gs.Node, view: GraphView) -> NormMatch:
+        return _match(anchor, view)
+
+    def check(self, match: NormMatch, view: GraphView) -> str | None:
+        return norm_check(match, view)
+
+    def rewrite(self, match: NormMatch, edit: Edit) -> None:
+        last = match.last
+        inputs = [match.x, gs.Constant(f"{last.name}_scale", match.scale)]
+        if match.bias is not None:
+            inputs.append(gs.Constant(f"{last.name}_bias", match.bias))
+        edit.add("LayerNormalization", last.name, inputs, [last.outputs[0]],
+                 {"axis": match.axis, "epsilon": match.epsilon}, like=last)
 
 
 class FuseLayerNorm(Pass):
@@ -30,44 +78,15 @@ class FuseLayerNorm(Pass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         if graph.opset < MIN_OPSET:
             return PassResult(modified=False, detail=f"opset {graph.opset} < {MIN_OPSET}: nothing fused")
-        outs = {t.name for t in graph.outputs}
-        fused = 0
-        for node in list(graph.nodes):
-            if node.op == "ReduceMean" and node.outputs:
-                fused += self._fuse(graph, node, outs)
-        if fused:
-            graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        return PassResult(modified=bool(fused), detail=f"{fused} fused")
-
-    def _fuse(self, graph: gs.Graph, mean_node: gs.Node, outs: set[str]) -> int:
-        match = _match(mean_node, graph.opset, outs)
-        if match is None:
-            return 0
-        x, last, axis, eps, gamma, beta = match
-        inputs = [x, gs.Constant(f"{last.name}_scale", gamma)]
-        if beta is not None:
-            inputs.append(gs.Constant(f"{last.name}_bias", beta))
-        y = last.outputs[0]
-        node = gs.Node("LayerNormalization", last.name, {"axis": axis, "epsilon": eps}, inputs, [y])
-        last.outputs.clear()  # detached: cleanup removes the decomposed nodes
-        graph.nodes.append(tag_new_node(node, self.name, like=last))
-        return 1
+        report = apply(graph, [LayerNormRule()])
+        return PassResult(modified=bool(report.matches), detail=report.detail(f"{len(report.matches)} fused"))
 
 
 # --- matching (shared with fuse_rmsnorm) ----------------------------------------------------------
-def consumers(t: gs.Tensor) -> list[gs.Node]:
-    return list({id(c): c for c in t.outputs}.values())
-
-
-def only_consumer(t: gs.Tensor, outs: set[str], op: str) -> gs.Node | None:
-    readers = consumers(t)
-    if len(readers) != 1 or t.name in outs or readers[0].op != op:
-        return None
-    return readers[0]
-
-
-def other_operand(node: gs.Node, t: gs.Tensor) -> gs.Tensor:
-    return node.inputs[1] if node.inputs[0] is t else node.inputs[0]
+def norm_check(match: NormMatch, view: GraphView) -> str | None:
+    if view.escaping(match.nodes, match.last.outputs) is not None:
+        return "an intermediate of the norm is read elsewhere"
+    return None
 
 
 def reduced_axes(node: gs.Node, opset: int, rank: int) -> tuple[int, ...] | None:
@@ -81,11 +100,6 @@ def reduced_axes(node: gs.Node, opset: int, rank: int) -> tuple[int, ...] | None
     if axes is None:
         return None
     return tuple(sorted(int(a) - rank if int(a) >= 0 else int(a) for a in np.ravel(axes)))
-
-
-def scalar_value(t: gs.Tensor) -> float | None:
-    values = constant_values(t)
-    return float(values.reshape(-1)[0]) if values is not None and values.size == 1 else None
 
 
 def affine_operand(node: gs.Node, data: gs.Tensor, norm_shape: tuple[int, ...]) -> np.ndarray | None:
@@ -102,64 +116,65 @@ def affine_operand(node: gs.Node, data: gs.Tensor, norm_shape: tuple[int, ...]) 
         return None
 
 
-def trailing_norm_shape(mean: gs.Node, x: gs.Tensor, opset: int) -> tuple[int, ...] | None:
-    """The static shape of the axes `mean` reduces `x` over, when they are its trailing axes (a norm's
-    normalized shape); None for other axes or a symbolic dimension."""
-    if x.shape is None:
-        return None
+def trailing_norm_shape(mean: gs.Node, x: gs.Tensor, opset: int) -> tuple[int, ...]:
+    """The static shape of the axes `mean` reduces `x` over, which must be its trailing axes (a norm's
+    normalized shape) and of known size."""
+    require(x.shape is not None, "the normalized tensor has no shape")
     axes = reduced_axes(mean, opset, len(x.shape))
-    if axes is None or axes != tuple(range(-len(axes), 0)):
-        return None
+    require(axes is not None and axes == tuple(range(-len(axes), 0)),
+            "the ReduceMean does not reduce trailing axes with keepdims")
     norm_shape = tuple(x.shape[len(x.shape) - len(axes):])
-    return norm_shape if all(isinstance(d, int) for d in norm_shape) else None
+    require(all(isinstance(d, int) for d in norm_shape), "the normalized axes are not static")
+    return norm_shape
 
 
-def epsilon_root(mean_square: gs.Tensor, outs: set[str]) -> tuple[float, gs.Node] | None:
-    """(eps, the Sqrt node) for Sqrt(Add(mean_square, eps)), each op the only reader of its input."""
-    add_eps = only_consumer(mean_square, outs, "Add")
+def epsilon_root(mean_square: gs.Tensor) -> tuple[float, gs.Node]:
+    """(eps, the Sqrt node) for Sqrt(Add(mean_square, eps))."""
+    add_eps = reader(mean_square, "Add")
     eps = scalar_value(other_operand(add_eps, mean_square)) if add_eps is not None else None
-    sqrt = only_consumer(add_eps.outputs[0], outs, "Sqrt") if eps is not None else None
-    return None if sqrt is None else (eps, sqrt)
+    sqrt = reader(add_eps.outputs[0], "Sqrt") if eps is not None else None
+    require(sqrt is not None, "the mean square is not followed by Sqrt(Add(., eps))")
+    return eps, sqrt
 
 
-def _match(mean: gs.Node, opset: int, outs: set[str]):
+def affine_tail(last: gs.Node, norm_shape: tuple[int, ...], view: GraphView, ops: tuple[str, ...]):
+    """Extend the norm by the following Mul (scale) and Add (bias) named in `ops`, each when it is the
+    only reader and its constant broadcasts over the normalized axes: (node writing the result, scale
+    or None, bias or None)."""
+    found: dict[str, np.ndarray] = {}
+    for op in ops:
+        node = view.only_consumer(last.outputs[0], op)
+        values = affine_operand(node, last.outputs[0], norm_shape) if node is not None else None
+        if values is not None:
+            found[op], last = values, node
+    return last, found.get("Mul"), found.get("Add")
+
+
+def _match(mean: gs.Node, view: GraphView) -> NormMatch:
+    opset = view.graph.opset
     x = mean.inputs[0]
+    sub = reader(mean.outputs[0], "Sub")
+    require(sub is not None and sub.inputs[0] is x and sub.inputs[1] is mean.outputs[0],
+            "the mean is not subtracted from its input")
     norm_shape = trailing_norm_shape(mean, x, opset)
-    if norm_shape is None:
-        return None
     axes = tuple(range(-len(norm_shape), 0))
-    sub = only_consumer(mean.outputs[0], outs, "Sub")
-    if sub is None or sub.inputs[0] is not x or sub.inputs[1] is not mean.outputs[0]:
-        return None
     d = sub.outputs[0]
     users = consumers(d)
-    if d.name in outs or len(users) != 2:
-        return None
     square = next((u for u in users if u.op == "Pow" or (u.op == "Mul" and u.inputs[0] is d is u.inputs[1])), None)
     divide = next((u for u in users if u is not square and u.op in ("Div", "Mul")), None)
-    if square is None or divide is None or (square.op == "Pow" and scalar_value(square.inputs[1]) != 2.0):
-        return None
-    var = only_consumer(square.outputs[0], outs, "ReduceMean")
-    if var is None or var.inputs[0] is not square.outputs[0] or reduced_axes(var, opset, len(x.shape)) != axes:
-        return None
-    root = epsilon_root(var.outputs[0], outs)
-    if root is None:
-        return None
-    eps, sqrt = root
+    require(square is not None and divide is not None and (square.op != "Pow" or is_scalar(square.inputs[1], 2.0)),
+            "x - mean is not both squared and normalized")
+    var = reader(square.outputs[0], "ReduceMean")
+    require(var is not None and reduced_axes(var, opset, len(x.shape)) == axes,
+            "the square is not averaged over the same axes")
+    eps, sqrt = epsilon_root(var.outputs[0])
     if divide.op == "Div":
-        if divide.inputs[0] is not d or divide.inputs[1] is not sqrt.outputs[0]:
-            return None
+        require(divide.inputs[0] is d and divide.inputs[1] is sqrt.outputs[0], "x - mean is not divided by the root")
     else:
-        recip = only_consumer(sqrt.outputs[0], outs, "Reciprocal")
-        if recip is None or other_operand(divide, d) is not recip.outputs[0]:
-            return None
-    last, tail, gamma, beta = divide, divide.outputs[0], None, None
-    mul = only_consumer(tail, outs, "Mul")
-    if mul is not None and (gamma := affine_operand(mul, tail, norm_shape)) is not None:
-        last, tail = mul, mul.outputs[0]
-    add = only_consumer(tail, outs, "Add")
-    if add is not None and (beta := affine_operand(add, tail, norm_shape)) is not None:
-        last = add
+        recip = reader(sqrt.outputs[0], "Reciprocal")
+        require(recip is not None and other_operand(divide, d) is recip.outputs[0],
+                "x - mean is not multiplied by the inverse root")
+    last, gamma, beta = affine_tail(divide, norm_shape, view, ("Mul", "Add"))
     if gamma is None:
         gamma = np.ones(norm_shape, np.dtype(x.dtype) if x.dtype is not None else np.float32)
-    return x, last, -len(axes), eps, gamma, beta
+    return NormMatch(x, last, -len(axes), eps, gamma, beta, subgraph([x], last.outputs))

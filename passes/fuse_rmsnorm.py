@@ -18,52 +18,66 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qcompile.graph_io import raise_opset, tag_new_node
+from qcompile.graph_io import raise_opset
 from qcompile.pass_manager import GraphProperty, Pass, PassContext, PassResult
 from qcompile.passes.fuse_layernorm import (
-    affine_operand,
+    NormMatch,
+    affine_tail,
     epsilon_root,
-    only_consumer,
-    other_operand,
-    scalar_value,
+    norm_check,
     trailing_norm_shape,
+)
+from qcompile.rewrite import (
+    Edit,
+    GraphView,
+    Rule,
+    apply,
+    is_scalar,
+    other_operand,
+    producer,
+    reader,
+    require,
+    subgraph,
 )
 
 RMSNORM_OPSET = 23
 
 
-def match_rmsnorm(mean: gs.Node, opset: int, outs: set[str]):
-    """(x, node writing the result, axis, eps, scale) for the RMSNorm whose ReduceMean this is, else None.
-    No intermediate may be read elsewhere or be a graph output: they all disappear."""
-    square = mean.inputs[0].inputs[0] if mean.inputs[0].inputs else None
-    if square is None or square.op not in ("Pow", "Mul") or len(mean.inputs[0].outputs) != 1 \
-            or mean.inputs[0].name in outs:
-        return None
-    x = square.inputs[0]
-    if not (square.op == "Pow" and scalar_value(square.inputs[1]) == 2.0) and \
-            not (square.op == "Mul" and square.inputs[1] is x):
-        return None
-    norm_shape = trailing_norm_shape(mean, x, opset)
-    root = epsilon_root(mean.outputs[0], outs) if norm_shape is not None else None
-    if root is None:
-        return None
-    eps, sqrt = root
-    recip = only_consumer(sqrt.outputs[0], outs, "Reciprocal")
-    if recip is not None:
-        last = only_consumer(recip.outputs[0], outs, "Mul")
-        if last is None or other_operand(last, recip.outputs[0]) is not x:
-            return None
-    else:
-        last = only_consumer(sqrt.outputs[0], outs, "Div")
-        if last is None or last.inputs[0] is not x:
-            return None
-    dtype = np.dtype(x.dtype) if x.dtype is not None else np.dtype(np.float32)
-    scale = None
-    weight = only_consumer(last.outputs[0], outs, "Mul")
-    if weight is not None and (scale := affine_operand(weight, last.outputs[0], norm_shape)) is not None:
-        last = weight
-    scale = np.ones(norm_shape, dtype) if scale is None else scale.astype(dtype)  # the output takes its type
-    return x, last, -len(norm_shape), float(eps), scale
+class RMSNormRule(Rule[NormMatch]):
+    """x * 1/sqrt(mean(x^2) + eps) [* weight], matched from its ReduceMean."""
+
+    name = "fuse-rmsnorm"
+    anchors = frozenset({"ReduceMean"})
+
+    def match(self, anchor: gs.Node, view: GraphView) -> NormMatch:
+        square = producer(anchor.inputs[0])
+        require(square is not None and square.op in ("Pow", "Mul"), "the ReduceMean does not read a square")
+        x = square.inputs[0]
+        require((square.op == "Pow" and is_scalar(square.inputs[1], 2.0)) or
+                (square.op == "Mul" and square.inputs[1] is x), "the ReduceMean does not read a square")
+        norm_shape = trailing_norm_shape(anchor, x, view.graph.opset)
+        eps, sqrt = epsilon_root(anchor.outputs[0])
+        recip = reader(sqrt.outputs[0], "Reciprocal")
+        if recip is not None:
+            last = reader(recip.outputs[0], "Mul")
+            require(last is not None and other_operand(last, recip.outputs[0]) is x,
+                    "x is not multiplied by the inverse root")
+        else:
+            last = reader(sqrt.outputs[0], "Div")
+            require(last is not None and last.inputs[0] is x, "x is not divided by the root")
+        last, scale, _ = affine_tail(last, norm_shape, view, ("Mul",))
+        dtype = np.dtype(x.dtype) if x.dtype is not None else np.dtype(np.float32)
+        scale = np.ones(norm_shape, dtype) if scale is None else scale.astype(dtype)  # the output takes its type
+        return NormMatch(x, last, -len(norm_shape), float(eps), scale, None, subgraph([x], last.outputs))
+
+    def check(self, match: NormMatch, view: GraphView) -> str | None:
+        return norm_check(match, view)
+
+    def rewrite(self, match: NormMatch, edit: Edit) -> None:
+        last = match.last
+        edit.add("RMSNormalization", f"{last.name}_rmsnorm",
+                 [match.x, gs.Constant(f"{last.name}_rmsnorm_scale", match.scale)], [last.outputs[0]],
+                 {"axis": match.axis, "epsilon": match.epsilon}, like=last)
 
 
 class FuseRMSNorm(Pass):
@@ -72,19 +86,7 @@ class FuseRMSNorm(Pass):
     preserves = frozenset({GraphProperty.NODES_NAMED, GraphProperty.SHAPES_KNOWN})
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        outs = {t.name for t in graph.outputs}
-        fused = 0
-        for mean in [n for n in graph.nodes if n.op == "ReduceMean"]:
-            found = match_rmsnorm(mean, graph.opset, outs)
-            if found is None:
-                continue
-            x, last, axis, eps, scale = found
-            node = gs.Node("RMSNormalization", f"{last.name}_rmsnorm", attrs={"axis": axis, "epsilon": eps},
-                           inputs=[x, gs.Constant(f"{last.name}_rmsnorm_scale", scale)], outputs=[last.outputs[0]])
-            last.outputs.clear()  # detached: cleanup removes the decomposed nodes
-            graph.nodes.append(tag_new_node(node, self.name, like=last))
-            fused += 1
-        if fused:
+        report = apply(graph, [RMSNormRule()])
+        if report.matches:
             raise_opset(graph, max(graph.opset, RMSNORM_OPSET))
-            graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        return PassResult(modified=bool(fused), detail=f"{fused} fused")
+        return PassResult(modified=bool(report.matches), detail=report.detail(f"{len(report.matches)} fused"))

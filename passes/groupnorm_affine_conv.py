@@ -18,11 +18,33 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from qcompile.graph_io import tag_new_node
 from qcompile.pass_manager import GraphProperty, Pass, PassContext, PassResult
-from qcompile.passes.fuse_groupnorm import _affine, find_groupnorm
+from qcompile.passes.fuse_groupnorm import GroupNormMatch, GroupNormPattern
+from qcompile.rewrite import Edit, GraphView, Rule, apply
 
 PASS_NAME = "groupnorm-affine-as-conv"
+
+
+class AffineAsConv(GroupNormPattern, Rule[GroupNormMatch]):
+    """The Mul/Add after a decomposed GroupNorm as one Conv(W = gamma, B = beta, group = C)."""
+
+    name = PASS_NAME
+
+    def check(self, match: GroupNormMatch, view: GraphView) -> str | None:
+        if match.role("gamma") is None and match.role("beta") is None:
+            return "the GroupNorm has no affine"
+        if len(match.x.shape) != 4:
+            return "the GroupNorm input is not 4-D (Conv is 2-D here)"
+        return None
+
+    def rewrite(self, match: GroupNormMatch, edit: Edit) -> None:
+        first = match.role("gamma") or match.role("beta")
+        last = match.last
+        c = match.channels
+        weight = gs.Constant(f"{last.name}_gamma_weight", match.gamma.reshape(c, 1, 1, 1))
+        bias = gs.Constant(f"{last.name}_beta_bias", match.beta)
+        edit.add("Conv", f"{last.name}_depthwise", [match.role("reshape_out").outputs[0], weight, bias],
+                 [last.outputs[0]], {"group": c, "kernel_shape": [1, 1]}, like=first)
 
 
 class GroupNormAffineAsConv(Pass):
@@ -31,27 +53,6 @@ class GroupNormAffineAsConv(Pass):
     preserves = frozenset({GraphProperty.NODES_NAMED, GraphProperty.SHAPES_KNOWN})
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        nodes = {n.name: n for n in graph.nodes}
-        count = 0
-        for unit in find_groupnorm(graph):
-            if not unit.gamma and not unit.beta:
-                continue  # affine=False: nothing to rewrite
-            x_rank = len(nodes[unit.reshape_in].inputs[0].shape)
-            if x_rank != 4:
-                continue  # Conv is 2-D here; other ranks keep the elementwise form
-            first = nodes[unit.gamma or unit.beta]
-            last = nodes[unit.beta or unit.gamma]
-            x = nodes[unit.reshape_out].outputs[0]
-            y = last.outputs[0]
-            gamma = _affine(nodes.get(unit.gamma), unit.channels, x_rank, 1.0)
-            beta = _affine(nodes.get(unit.beta), unit.channels, x_rank, 0.0)
-            conv = gs.Node("Conv", f"{last.name}_depthwise", {"group": unit.channels, "kernel_shape": [1, 1]},
-                           [x, gs.Constant(f"{last.name}_gamma_weight", gamma.reshape(unit.channels, 1, 1, 1)),
-                            gs.Constant(f"{last.name}_beta_bias", beta)], [y])
-            last.outputs.clear()  # cleanup drops the Mul/Add; y keeps its name and consumers
-            graph.nodes.append(tag_new_node(conv, PASS_NAME, like=first))
-            count += 1
-        if count:
-            graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        return PassResult(modified=bool(count), detail=f"{count} GroupNorm affines as depthwise Conv")
-
+        report = apply(graph, [AffineAsConv()])
+        return PassResult(modified=bool(report.matches),
+                          detail=report.detail(f"{len(report.matches)} GroupNorm affines as depthwise Conv"))

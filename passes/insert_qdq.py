@@ -23,6 +23,7 @@ from qcompile.caps import TargetCaps
 from qcompile.graph_io import constant_values, module_path, redirect_consumers, tag_new_node
 from qcompile.pass_manager import GraphProperty, Pass, PassContext, PassResult
 from qcompile.quant import QParams, QuantDType, TensorRange, activation_qparams, quantize, weight_qparams
+from qcompile.rewrite import producer, weight_axis
 
 PASS_NAME = "insert-qdq"
 
@@ -50,16 +51,6 @@ class QuantPlan:
     excluded: tuple[str, ...] = field(default=())
     # (tensor, scale, zero point): outputs of caps.int8_ops whose parameters the kernel fixes.
     fixed: tuple[tuple[str, float, int], ...] = field(default=())
-
-
-def _weight_axis(node: gs.Node, weight_rank: int) -> int | None:
-    if node.op == "Conv":
-        return 0
-    if node.op == "Gemm":
-        return 0 if node.attrs.get("transB", 0) else 1
-    if node.op == "MatMul":
-        return weight_rank - 1 if weight_rank >= 2 else None
-    return None
 
 
 def _float32(t: gs.Tensor) -> bool:
@@ -117,7 +108,7 @@ def plan_quantization(graph: gs.Graph, caps: TargetCaps, exclude: Sequence[str] 
         else:
             if node.op == "Gemm" and node.attrs.get("transA", 0):
                 continue
-            axis = _weight_axis(node, w_values.ndim)
+            axis = weight_axis(node, w_values.ndim)
             if axis is None or constant_values(data) is not None:
                 continue
             weights.append(WeightSlot(node.name, 1, axis))
@@ -221,10 +212,10 @@ def dequantize_constant(graph: gs.Graph, q: gs.Constant, qp: QParams, base: str,
 def activation_qdq_pair(t: gs.Tensor) -> tuple[gs.Node, gs.Node] | None:
     """(QuantizeLinear, DequantizeLinear) when `t` is the dequantized output of an activation's pair
     (a constant's DequantizeLinear reads stored integers, with no QuantizeLinear before it)."""
-    dq = t.inputs[0] if len(t.inputs) == 1 else None
+    dq = producer(t)
     if dq is None or dq.op != "DequantizeLinear":
         return None
-    q = dq.inputs[0].inputs[0] if dq.inputs[0].inputs else None
+    q = producer(dq.inputs[0])
     if q is None or q.op != "QuantizeLinear" or constant_values(q.inputs[0]) is not None:
         return None
     return q, dq

@@ -31,7 +31,6 @@ from qcompile.pass_manager import GraphProperty, Pass, PassContext, PassResult
 from qcompile.passes.insert_qdq import (
     QuantPlan,
     WeightSlot,
-    _weight_axis,
     dequantize_constant,
     insert_qdq_pair,
     is_excluded,
@@ -46,6 +45,7 @@ from qcompile.quant import (
     quantize,
     weight_qparams,
 )
+from qcompile.rewrite import consumers, producer, weight_axis
 
 PASS_NAME = "insert-qdq-integer"
 WIDE_QDQ_OPSET = 21  # QuantizeLinear/DequantizeLinear accept 16-bit integers from opset 21
@@ -86,7 +86,7 @@ def plan_integer(graph: gs.Graph, caps: TargetCaps, exclude: Sequence[re.Pattern
             values = constant_values(node.inputs[1])
             if values is None:
                 continue
-            weights.append(WeightSlot(node.name, 1, _weight_axis(node, values.ndim) or 0))  # int8 either way
+            weights.append(WeightSlot(node.name, 1, weight_axis(node, values.ndim) or 0))  # int8 either way
             if exclude and is_excluded(node, exclude):
                 excluded.append(node.name)
     if excluded and caps.wide_dtype is None:
@@ -133,19 +133,19 @@ class InsertQDQEverywhere(Pass):
         dtype = self.caps.activation_dtype
         out: dict[str, QParams] = {}
         for t in float_activations(graph):
-            producer = t.inputs[0] if t.inputs else None
-            source = producer.inputs[0] if producer is not None and producer.inputs else None
-            if producer is not None and producer.op in self.fixed:
-                scale, zero = self.fixed[producer.op]
+            writer = producer(t)
+            source = writer.inputs[0] if writer is not None and writer.inputs else None
+            if writer is not None and writer.op in self.fixed:
+                scale, zero = self.fixed[writer.op]
                 out[t.name] = QParams(np.array(scale, np.float32), np.array(zero, dtype.numpy), dtype)
-            elif producer is not None and producer.op in self.caps.same_scale_ops and source.name in out:
+            elif writer is not None and writer.op in self.caps.same_scale_ops and source.name in out:
                 out[t.name] = out[source.name]
-            elif (rng := self.ranges.get(t.name) or derived_range(producer, self.ranges)) is not None:
+            elif (rng := self.ranges.get(t.name) or derived_range(writer, self.ranges)) is not None:
                 qp = activation_qparams(rng, dtype, symmetric=self.caps.activation_symmetric)
-                pow2 = producer is not None and producer.op in self.caps.power_of_two_scale_ops
+                pow2 = writer is not None and writer.op in self.caps.power_of_two_scale_ops
                 out[t.name] = power_of_two_scale(qp) if pow2 else qp
             else:
-                where = f" ({producer.op} {producer.name})" if producer is not None else " (graph input)"
+                where = f" ({writer.op} {writer.name})" if writer is not None else " (graph input)"
                 raise UserError(f"{PASS_NAME}: no calibrated range for tensor '{t.name}'{where}; the calibration "
                                 "cache must cover every float tensor of this graph")
         return out
@@ -158,7 +158,7 @@ class InsertQDQEverywhere(Pass):
             if values is None or values.dtype != np.float32 or (node.op, i) in self.float_operands:
                 continue
             if i == 1 and node.op in ("Conv", "Gemm") and node.op not in self.per_tensor:
-                qp = weight_qparams(values, _weight_axis(node, values.ndim), self.caps.weight_dtype)
+                qp = weight_qparams(values, weight_axis(node, values.ndim), self.caps.weight_dtype)
                 weight_qp, symmetric_range = qp, True
             elif i == 1 and node.op in self.per_tensor:
                 qp = _per_tensor_weight(values, self.per_tensor[node.op])
@@ -172,7 +172,7 @@ class InsertQDQEverywhere(Pass):
                 qp = activation_qparams(TensorRange(float(values.min()), float(values.max())), dtype,
                                         symmetric=self.caps.activation_symmetric)
                 symmetric_range = False
-            shared = len({id(c) for c in t.outputs}) > 1
+            shared = len(consumers(t)) > 1
             q = gs.Constant(f"{t.name}_{node.name}_quantized" if shared else f"{t.name}_quantized",
                             quantize(values, qp, symmetric_range=symmetric_range))
             node.inputs[i] = dequantize_constant(graph, q, qp, f"{node.name}_input{i}", node, PASS_NAME)

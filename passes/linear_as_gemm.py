@@ -15,17 +15,69 @@ tensor is renamed `<name>_unflattened`; shapes must be static.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qcompile.graph_io import constant_values, tag_new_node
+from qcompile.graph_io import constant_values
 from qcompile.pass_manager import GraphProperty, Pass, PassContext, PassResult
+from qcompile.rewrite import Edit, GraphView, Rule, apply, is_static, other_operand, require
 
 PASS_NAME = "linear-as-gemm"
 
 
-def _static(shape) -> bool:
-    return shape is not None and all(isinstance(d, int) and d >= 0 for d in shape)
+@dataclass(frozen=True)
+class LinearMatch:
+    matmul: gs.Node
+    add: gs.Node
+    bias: gs.Tensor
+
+    @property
+    def nodes(self) -> tuple[gs.Node, ...]:
+        return (self.matmul, self.add)
+
+
+class LinearRule(Rule[LinearMatch]):
+    name = PASS_NAME
+    anchors = frozenset({"MatMul"})
+
+    def match(self, anchor: gs.Node, view: GraphView) -> LinearMatch:
+        weight = constant_values(anchor.inputs[1])
+        require(weight is not None and weight.ndim == 2, "the MatMul has no 2-D constant weight")
+        add = view.only_consumer(anchor.outputs[0], "Add")
+        require(add is not None, "the MatMul's product is not only read by an Add")
+        return LinearMatch(anchor, add, other_operand(add, anchor.outputs[0]))
+
+    def check(self, match: LinearMatch, view: GraphView) -> str | None:
+        x, n = match.matmul.inputs[0], constant_values(match.matmul.inputs[1]).shape[1]
+        bias = constant_values(match.bias)
+        if bias is None or bias.size != n or bias.ndim > 1 and any(d != 1 for d in bias.shape[:-1]):
+            return "the Add is not a bias over the output channels"
+        if not is_static(x.shape) or len(x.shape) < 2:
+            return "the input shape is not static"
+        if match.add.outputs[0].name in view.outputs:
+            return "the biased product is a graph output"
+        return None
+
+    def rewrite(self, match: LinearMatch, edit: Edit) -> None:
+        matmul, add = match.matmul, match.add
+        x, w, y = matmul.inputs[0], matmul.inputs[1], add.outputs[0]
+        k, n = constant_values(w).shape
+        bias = constant_values(match.bias)
+        bias_t = match.bias if bias.ndim == 1 else gs.Constant(f"{add.name}_bias", bias.reshape(-1))
+        if len(x.shape) == 2:
+            edit.add("Gemm", matmul.name, [x, w, bias_t], [y], like=matmul)
+            return
+        rows = int(np.prod(x.shape[:-1]))
+        gemm_in = gs.Variable(f"{matmul.name}_rows", x.dtype, [rows, k])
+        edit.add("Reshape", f"{matmul.name}_to_rows",
+                 [x, gs.Constant(f"{matmul.name}_rows_shape", np.array([rows, k], np.int64))], [gemm_in], like=matmul)
+        out = gs.Variable(y.name, y.dtype, [rows, n])  # the Gemm's output takes the name ranges were recorded under
+        y.name = f"{y.name}_unflattened"
+        edit.add("Gemm", matmul.name, [gemm_in, w, bias_t], [out], like=matmul)
+        out_shape = gs.Constant(f"{matmul.name}_out_shape", np.array(y.shape, np.int64))
+        edit.add("Reshape", f"{matmul.name}_from_rows", [out, out_shape], [y], like=matmul)
 
 
 class LinearAsGemm(Pass):
@@ -34,47 +86,6 @@ class LinearAsGemm(Pass):
     preserves = frozenset({GraphProperty.NODES_NAMED, GraphProperty.SHAPES_KNOWN})
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        outputs = {t.name for t in graph.outputs}
-        count = 0
-        for matmul in list(graph.nodes):
-            if matmul.op != "MatMul" or not matmul.outputs:
-                continue
-            x, w, product = matmul.inputs[0], matmul.inputs[1], matmul.outputs[0]
-            weight = constant_values(w)
-            if weight is None or weight.ndim != 2 or not _static(x.shape) or len(x.shape) < 2 or \
-                    len(product.outputs) != 1 or product.name in outputs:
-                continue
-            add = product.outputs[0]
-            if add.op != "Add" or add.outputs[0].name in outputs:
-                continue
-            other = add.inputs[1] if add.inputs[0] is product else add.inputs[0]
-            bias = constant_values(other)
-            if bias is None or bias.size != weight.shape[1] or bias.ndim > 1 and any(d != 1 for d in bias.shape[:-1]):
-                continue
-            k, n = weight.shape
-            rows = int(np.prod(x.shape[:-1]))
-            y = add.outputs[0]
-            bias_t = other if bias.ndim == 1 else gs.Constant(f"{add.name}_bias", bias.reshape(-1))
-            new: list[gs.Node] = []
-            if len(x.shape) == 2:
-                gemm_in = x
-            else:
-                gemm_in = gs.Variable(f"{matmul.name}_rows", x.dtype, [rows, k])
-                new.append(gs.Node("Reshape", f"{matmul.name}_to_rows", {},
-                                   [x, gs.Constant(f"{matmul.name}_rows_shape", np.array([rows, k], np.int64))],
-                                   [gemm_in]))
-            add.outputs.clear()
-            matmul.outputs.clear()
-            if len(x.shape) == 2:
-                new.append(gs.Node("Gemm", matmul.name, {}, [gemm_in, w, bias_t], [y]))
-            else:
-                out = gs.Variable(y.name, y.dtype, [rows, n])
-                y.name = f"{y.name}_unflattened"
-                new.append(gs.Node("Gemm", matmul.name, {}, [gemm_in, w, bias_t], [out]))
-                new.append(gs.Node("Reshape", f"{matmul.name}_from_rows", {},
-                                   [out, gs.Constant(f"{matmul.name}_out_shape", np.array(y.shape, np.int64))], [y]))
-            graph.nodes.extend(tag_new_node(node, PASS_NAME, like=matmul) for node in new)
-            count += 1
-        if count:
-            graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        return PassResult(modified=bool(count), detail=f"{count} MatMul + bias as Gemm")
+        report = apply(graph, [LinearRule()])
+        return PassResult(modified=bool(report.matches),
+                          detail=report.detail(f"{len(report.matches)} MatMul + bias as Gemm"))

@@ -9,23 +9,55 @@ with MEM_ALLOC on this node). A float graph keeps it: there the guard can matter
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import onnx_graphsurgeon as gs
 
 from qcompile.graph_io import constant_values, redirect_consumers
 from qcompile.pass_manager import GraphProperty, Pass, PassContext, PassResult
+from qcompile.rewrite import Edit, GraphView, Pattern, Rule, apply, find, producer, require
+
+
+@dataclass(frozen=True)
+class NanGuardMatch:
+    where: gs.Node
+    x: gs.Tensor  # the guarded tensor
+
+    @property
+    def nodes(self) -> tuple[gs.Node, ...]:
+        return (self.where,)
+
+
+class NanGuardPattern(Pattern[NanGuardMatch]):
+    """Where(IsNaN(x), constant, x)."""
+
+    name = "nan-guard"
+    anchors = frozenset({"Where"})
+
+    def match(self, anchor: gs.Node, view: GraphView) -> NanGuardMatch:
+        require(len(anchor.inputs) == 3, "the Where has no three inputs")
+        cond, fill, x = anchor.inputs
+        test = producer(cond)
+        require(test is not None and test.op == "IsNaN" and test.inputs[0] is x and constant_values(fill) is not None,
+                "the Where is not Where(IsNaN(x), constant, x)")
+        return NanGuardMatch(anchor, x)
+
+
+class RemoveNanGuardRule(NanGuardPattern, Rule[NanGuardMatch]):
+    name = "remove-nan-guards"
+
+    def check(self, match: NanGuardMatch, view: GraphView) -> str | None:
+        return "the guard writes a graph output (which keeps its name)" \
+            if match.where.outputs[0].name in view.outputs else None
+
+    def rewrite(self, match: NanGuardMatch, edit: Edit) -> None:
+        redirect_consumers(match.where.outputs[0], match.x)
+        match.where.outputs.clear()
 
 
 def nan_guards(graph: gs.Graph) -> list[tuple[gs.Node, gs.Tensor]]:
     """(Where node, the guarded tensor x) for every Where(IsNaN(x), constant, x)."""
-    out = []
-    for node in graph.nodes:
-        if node.op != "Where" or len(node.inputs) != 3:
-            continue
-        cond, fill, x = node.inputs
-        test = cond.inputs[0] if cond.inputs else None
-        if test is not None and test.op == "IsNaN" and test.inputs[0] is x and constant_values(fill) is not None:
-            out.append((node, x))
-    return out
+    return [(m.where, m.x) for m in find(graph, NanGuardPattern()).matches]
 
 
 class RemoveNanGuards(Pass):
@@ -33,15 +65,5 @@ class RemoveNanGuards(Pass):
     preserves = frozenset({GraphProperty.NODES_NAMED, GraphProperty.SHAPES_KNOWN})
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        guards = nan_guards(graph)
-        outputs = {t.name for t in graph.outputs}
-        removed = 0
-        for node, x in guards:
-            if node.outputs[0].name in outputs:
-                continue  # a graph output keeps its name
-            redirect_consumers(node.outputs[0], x)
-            node.outputs.clear()
-            removed += 1
-        if removed:
-            graph.cleanup().toposort()
-        return PassResult(modified=bool(removed), detail=f"{removed} NaN guard(s)")
+        report = apply(graph, [RemoveNanGuardRule()])
+        return PassResult(modified=bool(report.matches), detail=report.detail(f"{len(report.matches)} NaN guard(s)"))

@@ -27,6 +27,7 @@ import onnx_graphsurgeon as gs
 
 from qcompile.graph_io import constant_values, tag_new_node
 from qcompile.pass_manager import GraphProperty, Pass, PassContext, PassResult
+from qcompile.rewrite import consumers, producer, weight_axis
 
 PASS_NAME = "smoothquant"
 # s is clipped to this range: a dead channel (absmax 0) or a zero weight row would make it 0 or inf.
@@ -57,7 +58,7 @@ def plan_smoothquant(graph: gs.Graph, act_absmax: Mapping[str, np.ndarray],
     """
     members: dict[str, list[tuple[gs.Node, float]]] = {}
     for node in graph.nodes:
-        if node.op not in ("MatMul", "Gemm") or node.inputs[0].name not in act_absmax or _weight_axis(node) is None:
+        if node.op not in ("MatMul", "Gemm") or node.inputs[0].name not in act_absmax or _input_axis(node) is None:
             continue
         a = alpha.get(node.name) if isinstance(alpha, Mapping) else alpha
         if a is not None:
@@ -70,7 +71,7 @@ def plan_smoothquant(graph: gs.Graph, act_absmax: Mapping[str, np.ndarray],
         w_max = np.zeros_like(act)
         for node, _ in group:
             w = np.abs(np.asarray(constant_values(node.inputs[1]), np.float64))
-            rows = w.max(axis=1 - _weight_axis(node))  # per input channel, over the outputs
+            rows = w.max(axis=1 - _input_axis(node))  # per input channel, over the outputs
             if rows.shape != act.shape:
                 raise ValueError(f"smoothquant: {node.name} has {rows.size} input channels but the absmax of "
                                  f"'{name}' has {act.size}")
@@ -103,7 +104,7 @@ class SmoothQuant(Pass):
             x = tensors[group.activation]
             for node_name in group.nodes:
                 node = nodes[node_name]
-                _scale_slot(node, 1, _weight_axis(node), group.scale, taken)
+                _scale_slot(node, 1, _input_axis(node), group.scale, taken)
             if group.fold is FoldTarget.LAYER_NORM:
                 _fold_layernorm(x.inputs[0], group.scale, taken)
             elif group.fold is FoldTarget.LINEAR:
@@ -134,21 +135,20 @@ def _fresh(name: str, taken: set[str]) -> str:
     return name
 
 
-def _weight_axis(node: gs.Node) -> int | None:
-    """Input-channel axis of a constant 2-D weight of MatMul/Gemm reading an activation, else None."""
+def _output_axis(node: gs.Node) -> int | None:
+    """Output-channel axis of a constant 2-D weight of MatMul/Gemm reading an activation (where an
+    upstream fold divides), else None."""
     if node.op not in ("MatMul", "Gemm") or len(node.inputs) < 2 or constant_values(node.inputs[0]) is not None:
         return None
     if node.op == "Gemm" and node.attrs.get("transA", 0):
         return None
     w = constant_values(node.inputs[1])
-    if w is None or w.ndim != 2:
-        return None
-    return 1 if node.op == "Gemm" and node.attrs.get("transB", 0) else 0
+    return weight_axis(node, 2) if w is not None and w.ndim == 2 else None
 
 
-def _output_axis(node: gs.Node) -> int | None:
-    """Output-channel axis of a MatMul/Gemm weight (where an upstream fold divides)."""
-    axis = _weight_axis(node)
+def _input_axis(node: gs.Node) -> int | None:
+    """Input-channel axis of the same weight (the rows SmoothQuant scales), else None."""
+    axis = _output_axis(node)
     return None if axis is None else 1 - axis
 
 
@@ -159,23 +159,23 @@ def _per_channel_const(t: gs.Tensor, size: int) -> bool:
 
 def _fold_target(x: gs.Tensor, group: set[str], outs: set[str], size: int) -> FoldTarget:
     readers = {c.name for c in x.outputs}
-    producer = x.inputs[0] if len(x.inputs) == 1 else None
-    if producer is None or readers != group or x.name in outs:
+    writer = producer(x)
+    if writer is None or readers != group or x.name in outs:
         return FoldTarget.MUL
-    if producer.op == "LayerNormalization":
-        rank = len(producer.inputs[0].shape or ())
-        axis = producer.attrs.get("axis", -1)
-        if (axis == -1 or axis == rank - 1) and _per_channel_const(producer.inputs[1], size) and (
-                len(producer.inputs) < 3 or _per_channel_const(producer.inputs[2], size)):
+    if writer.op == "LayerNormalization":
+        rank = len(writer.inputs[0].shape or ())
+        axis = writer.attrs.get("axis", -1)
+        if (axis == -1 or axis == rank - 1) and _per_channel_const(writer.inputs[1], size) and (
+                len(writer.inputs) < 3 or _per_channel_const(writer.inputs[2], size)):
             return FoldTarget.LAYER_NORM
-    if producer.op == "Gemm" and _output_axis(producer) is not None and (
-            len(producer.inputs) < 3 or _per_channel_const(producer.inputs[2], size)):
+    if writer.op == "Gemm" and _output_axis(writer) is not None and (
+            len(writer.inputs) < 3 or _per_channel_const(writer.inputs[2], size)):
         return FoldTarget.LINEAR
-    if producer.op == "MatMul" and _output_axis(producer) is not None:
+    if writer.op == "MatMul" and _output_axis(writer) is not None:
         return FoldTarget.LINEAR
-    if producer.op == "Add":
-        for data, bias in (producer.inputs, producer.inputs[::-1]):
-            mm = data.inputs[0] if len(data.inputs) == 1 else None
+    if writer.op == "Add":
+        for data, bias in (writer.inputs, writer.inputs[::-1]):
+            mm = producer(data)
             if (mm is not None and mm.op == "MatMul" and _output_axis(mm) is not None and len(data.outputs) == 1
                     and data.name not in outs and _per_channel_const(bias, size)):
                 return FoldTarget.LINEAR
@@ -192,7 +192,7 @@ def _scale_slot(node: gs.Node, index: int, axis: int, factor: np.ndarray, taken:
     # Always a new Constant: assigning `.values` to a loaded one would keep its EXTERNAL data_location
     # and the saved model would point at bytes that were never written. The name is kept unless the
     # old tensor has other readers, which must go on reading the old values.
-    alone = isinstance(t, gs.Constant) and len({id(c) for c in t.outputs}) == 1
+    alone = isinstance(t, gs.Constant) and len(consumers(t)) == 1
     node.inputs[index] = gs.Constant(t.name if alone else _fresh(f"{t.name}_{node.name}_smoothed", taken), new)
 
 

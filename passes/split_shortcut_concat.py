@@ -18,6 +18,7 @@ import onnx_graphsurgeon as gs
 
 from qcompile.graph_io import constant_values, tag_new_node
 from qcompile.pass_manager import GraphProperty, Pass, PassContext, PassResult
+from qcompile.rewrite import producer
 
 
 class SplitShortcutConcat(Pass):
@@ -74,7 +75,7 @@ def _concat_parts(conv: gs.Node) -> list[tuple[gs.Tensor, int]] | None:
     if conv.op != "Conv" or conv.attrs.get("group", 1) != 1 or len(conv.inputs) < 2:
         return None
     data = conv.inputs[0]
-    concat = data.inputs[0] if len(data.inputs) == 1 else None
+    concat = producer(data)
     if concat is None or concat.op != "Concat" or len(concat.inputs) < 2:
         return None
     weight = constant_values(conv.inputs[1])

@@ -10,18 +10,64 @@ output pixel (h*bs + b1, w*bs + b2) of channel c). Exact; the output keeps its n
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qcompile.graph_io import constant_values, tag_new_node
+from qcompile.graph_io import constant_values
 from qcompile.pass_manager import GraphProperty, Pass, PassContext, PassResult
+from qcompile.rewrite import Edit, GraphView, Rule, apply, is_static, producer, require
 
 PASS_NAME = "unpatchify-as-depth-to-space"
 UNPATCHIFY_PERM = [0, 5, 1, 3, 2, 4]
 
 
-def _single_consumer(t: gs.Tensor) -> gs.Node | None:
-    return t.outputs[0] if len(t.outputs) == 1 else None
+@dataclass(frozen=True)
+class UnpatchifyMatch:
+    first: gs.Node  # Reshape to [N, h, w, p, p, c]
+    transpose: gs.Node
+    last: gs.Node  # Reshape to [N, c, h*p, w*p]
+
+    @property
+    def nodes(self) -> tuple[gs.Node, ...]:
+        return (self.first, self.transpose, self.last)
+
+
+class UnpatchifyRule(Rule[UnpatchifyMatch]):
+    name = PASS_NAME
+    anchors = frozenset({"Transpose"})
+
+    def match(self, anchor: gs.Node, view: GraphView) -> UnpatchifyMatch:
+        require(list(anchor.attrs.get("perm", [])) == UNPATCHIFY_PERM, "not the unpatchify permutation")
+        first = producer(anchor.inputs[0])
+        last = view.only_consumer(anchor.outputs[0], "Reshape")
+        require(first is not None and first.op == "Reshape" and last is not None,
+                "the Transpose is not between two Reshapes")
+        return UnpatchifyMatch(first, anchor, last)
+
+    def check(self, match: UnpatchifyMatch, view: GraphView) -> str | None:
+        six, out = match.first.outputs[0], match.last.outputs[0]
+        if not view.single_use(six):
+            return "the 6-D patches are read elsewhere"
+        if six.shape is None or len(six.shape) != 6 or out.shape is None or len(out.shape) != 4 or \
+                not is_static((*six.shape, *out.shape)):
+            return "the shapes are not static 6-D patches and a 4-D image"
+        n, h, w, p, q, c = six.shape
+        if p != q or list(out.shape) != [n, c, h * p, w * q] or constant_values(match.first.inputs[1]) is None:
+            return "the Reshapes are not an unpatchify of square patches"
+        return None
+
+    def rewrite(self, match: UnpatchifyMatch, edit: Edit) -> None:
+        n, h, w, p, q, c = match.first.outputs[0].shape
+        base = match.first.name
+        flat = gs.Variable(f"{base}_patches", np.float32, [n, h, w, p * q * c])
+        nchw = gs.Variable(f"{base}_patches_nchw", np.float32, [n, p * q * c, h, w])
+        shape = gs.Constant(f"{base}_patch_shape", np.array([n, h, w, p * q * c], np.int64))
+        edit.add("Reshape", f"{base}_to_patches", [match.first.inputs[0], shape], [flat], like=match.transpose)
+        edit.add("Transpose", f"{base}_to_nchw", [flat], [nchw], {"perm": [0, 3, 1, 2]}, like=match.transpose)
+        edit.add("DepthToSpace", f"{base}_depth_to_space", [nchw], [match.last.outputs[0]],
+                 {"blocksize": p, "mode": "DCR"}, like=match.transpose)
 
 
 class UnpatchifyAsDepthToSpace(Pass):
@@ -30,40 +76,6 @@ class UnpatchifyAsDepthToSpace(Pass):
     preserves = frozenset({GraphProperty.NODES_NAMED, GraphProperty.SHAPES_KNOWN})
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        outputs = {t.name for t in graph.outputs}
-        count = 0
-        for first in list(graph.nodes):
-            if first.op != "Reshape" or not first.outputs or first.outputs[0].name in outputs:
-                continue
-            six = first.outputs[0]
-            transpose = _single_consumer(six)
-            if transpose is None or transpose.op != "Transpose" or list(transpose.attrs.get("perm", [])) != \
-                    UNPATCHIFY_PERM or transpose.outputs[0].name in outputs:
-                continue
-            last = _single_consumer(transpose.outputs[0])
-            if last is None or last.op != "Reshape":
-                continue
-            shape, out_shape = six.shape, last.outputs[0].shape
-            if shape is None or len(shape) != 6 or out_shape is None or len(out_shape) != 4 or \
-                    not all(isinstance(d, int) for d in (*shape, *out_shape)):
-                continue
-            n, h, w, p, q, c = shape
-            if p != q or list(out_shape) != [n, c, h * p, w * q] or constant_values(first.inputs[1]) is None:
-                continue
-            base = first.name
-            flat = gs.Variable(f"{base}_patches", np.float32, [n, h, w, p * q * c])
-            nchw = gs.Variable(f"{base}_patches_nchw", np.float32, [n, p * q * c, h, w])
-            y = last.outputs[0]
-            new = [
-                gs.Node("Reshape", f"{base}_to_patches", {},
-                        [first.inputs[0], gs.Constant(f"{base}_patch_shape", np.array([n, h, w, p * q * c], np.int64))],
-                        [flat]),
-                gs.Node("Transpose", f"{base}_to_nchw", {"perm": [0, 3, 1, 2]}, [flat], [nchw]),
-                gs.Node("DepthToSpace", f"{base}_depth_to_space", {"blocksize": p, "mode": "DCR"}, [nchw], [y]),
-            ]
-            last.outputs.clear()
-            graph.nodes.extend(tag_new_node(node, PASS_NAME, like=transpose) for node in new)
-            count += 1
-        if count:
-            graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        return PassResult(modified=bool(count), detail=f"{count} unpatchify as DepthToSpace")
+        report = apply(graph, [UnpatchifyRule()])
+        return PassResult(modified=bool(report.matches),
+                          detail=report.detail(f"{len(report.matches)} unpatchify as DepthToSpace"))

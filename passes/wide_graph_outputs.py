@@ -30,6 +30,7 @@ from qcompile.pass_manager import GraphProperty, Pass, PassContext, PassResult
 from qcompile.passes.insert_qdq import activation_qdq_pair, insert_qdq_pair
 from qcompile.passes.insert_qdq_integer import WIDE_QDQ_OPSET
 from qcompile.quant import grid_ratio, widen_qparams
+from qcompile.rewrite import producer
 
 PASS_NAME = "wide-graph-outputs"
 
@@ -76,7 +77,7 @@ class WideGraphOutputs(Pass):
                 return pairs, None
             pairs.append(pair)
             src = q.inputs[0]
-            op = src.inputs[0] if src.inputs else None
+            op = producer(src)
             if op is None or len(src.outputs) != 1:
                 return pairs, None
             if op.op not in self.caps.same_scale_ops:
@@ -113,7 +114,7 @@ class WideGraphOutputs(Pass):
             self._rescale_bias(op, op.inputs[2])
 
     def _rescale_bias(self, op: gs.Node, t: gs.Tensor) -> None:
-        dq = t.inputs[0] if len(t.inputs) == 1 else None
+        dq = producer(t)
         values = constant_values(dq.inputs[0]) if dq is not None and dq.op == "DequantizeLinear" else None
         if values is None or values.dtype != np.int32:
             return

@@ -70,8 +70,12 @@ class WidenActivations(Pass):
         if graph.opset < WIDE_QDQ_OPSET:
             raise_opset(graph, WIDE_QDQ_OPSET)
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        return PassResult(modified=True, detail=f"{len(stored)} activations at {self.wide.value}, {len(wide_ops)} ops "
-                                                f"A16, {converts} converts")
+        names = {n.name for n in graph.nodes}
+        off_device = sum(name not in names for name in self.layers)
+        detail = f"{len(stored)} activations at {self.wide.value}, {len(wide_ops)} ops A16, {converts} converts"
+        if off_device:
+            detail += f"; {off_device} layer(s) not on the device"
+        return PassResult(modified=True, detail=detail)
 
     # --- which tensors and ops ---------------------------------------------------------------------
     def _primary_pairs(self, graph: gs.Graph) -> dict[str, tuple[gs.Node, gs.Node]]:
@@ -93,12 +97,11 @@ class WidenActivations(Pass):
         by_dq = {dq.name: name for name, (_, dq) in pairs.items()}
         by_src = {q.inputs[0].name: name for name, (q, _) in pairs.items()}
         nodes = {n.name: n for n in graph.nodes}
-        missing = [name for name in self.layers if name not in nodes]
-        if missing:
-            raise UserError(f"{PASS_NAME}: layer(s) {', '.join(missing[:3])} not in the graph")
         out: set[str] = set()
         for name in self.layers:
-            node = nodes[name]
+            node = nodes.get(name)
+            if node is None:  # not on the device: moved to the host graph, which stays float
+                continue
             for t in node.inputs:
                 if t.inputs and t.inputs[0].name in by_dq:
                     out.add(by_dq[t.inputs[0].name])

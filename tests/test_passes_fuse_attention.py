@@ -11,8 +11,9 @@ from qcompile.graph_io import load_graph, node_meta, save_graph
 from qcompile.models.source import resolve_model
 from qcompile.pass_manager import PassContext, PassManager
 from qcompile.passes.cleanup import NameNodes
-from qcompile.passes.fuse_attention import FUSED_KEY, ROLE_KEY, AttentionUnit, FuseAttention, find_attention
+from qcompile.passes.fuse_attention import AttentionUnit, FuseAttention, find_attention
 from qcompile.passes.infer_shapes import InferShapes
+from qcompile.rewrite import FUSED_KEY, ROLE_KEY
 from qcompile.runtime import make_session
 
 B, H, L, D = 2, 2, 6, 4

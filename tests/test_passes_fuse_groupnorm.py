@@ -1,4 +1,4 @@
-"""GroupNorm units: annotated below opset 21, one GroupNormalization node from 21, and the inverse."""
+"""GroupNorm units: annotated below opset 21, one GroupNormalization node from 21."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from qcompile.graph_io import PASS_KEY, load_graph, module_path, node_meta, save
 from qcompile.models.source import resolve_model
 from qcompile.pass_manager import PassContext, PassManager
 from qcompile.passes.cleanup import NameNodes
-from qcompile.passes.fuse_attention import FUSED_KEY, ROLE_KEY, unit_members
-from qcompile.passes.fuse_groupnorm import DecomposeGroupNorm, FuseGroupNorm, GroupNormForm, find_groupnorm
+from qcompile.passes.fuse_groupnorm import FuseGroupNorm, GroupNormForm, find_groupnorm
 from qcompile.passes.infer_shapes import InferShapes
+from qcompile.rewrite import FUSED_KEY, ROLE_KEY, unit_members
 from qcompile.runtime import make_session
 
 RTOL, ATOL = 1e-5, 1e-6
@@ -50,16 +50,6 @@ def _decomposed(opset, in_scale=1.0, rank=4):
     ]
     shape = ("N", C, 4, 4) if rank == 4 else ("N", C, 16)
     return _model(nodes, inits, opset, shape)
-
-
-def _operator(opset):
-    """One GroupNormalization node: per-channel affine at 21, per-group at 18."""
-    rng = np.random.default_rng(2)
-    n = C if opset >= 21 else G
-    inits = {"s": rng.standard_normal(n).astype(np.float32), "b": rng.standard_normal(n).astype(np.float32)}
-    nodes = [helper.make_node("GroupNormalization", ["x", "s", "b"], ["gn"], "gn", num_groups=G, epsilon=1e-5),
-             helper.make_node("Sigmoid", ["gn"], ["y"], "act")]
-    return _model(nodes, inits, opset)
 
 
 def _apply(model, tmp_path, rewrite, x):
@@ -112,23 +102,6 @@ def test_forced_annotation_at_opset_21_and_unmatched_instance_norm(tmp_path):
     graph, result, got, want = _apply(_decomposed(21, in_scale=2.0), tmp_path / "b", FuseGroupNorm(), _x())
     assert not result.modified and len(graph.nodes) == 7 and not find_groupnorm(graph)
     np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
-
-
-@pytest.mark.parametrize("opset", [18, 21])
-def test_decompose_is_the_inverse_for_both_opset_semantics(tmp_path, opset):
-    graph, result, got, want = _apply(_operator(opset), tmp_path, DecomposeGroupNorm(), _x(3))
-    assert result.modified
-    assert [n.op for n in graph.nodes] == ["Reshape", "Shape", "InstanceNormalization", "Reshape", "Mul", "Add",
-                                           "Sigmoid"]
-    assert graph.nodes[5].name == "gn" and graph.nodes[5].outputs[0].name == "gn"  # name and output kept
-    assert all(node_meta(n).get(FUSED_KEY) == "groupnorm:0" for n in graph.nodes if n.op != "Sigmoid")
-    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
-    if opset >= 21:  # and fusing again gives the operator back, with the same numbers
-        assert FuseGroupNorm().run(graph, PassContext()).modified
-        assert [n.op for n in graph.nodes] == ["GroupNormalization", "Sigmoid"]
-        out = save_graph(graph, tmp_path / "again.onnx")
-        again = make_session(out, optimize=False).run(None, {"x": _x(3)})[0]
-        np.testing.assert_allclose(again, want, rtol=RTOL, atol=ATOL)
 
 
 # --- a real export ------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 from qcompile.errors import UserError
 from qcompile.graph_io import load_graph
 from qcompile.pass_manager import PassContext, PassManager
+from qcompile.passes.fuse_groupnorm import FuseGroupNorm
 from qcompile.runtime import make_session
 from qcompile.targets.tflite.inspect import operators
 from qcompile.targets.tflite.runner import TfliteRunner
@@ -44,14 +45,17 @@ def _conv_in(out="c"):
     return [helper.make_node("Conv", ["x", "w0", "b0"], [out], "conv_in")], {"w0": _arr(4, 4, 1, 1), "b0": _arr(4)}
 
 
-def lower_and_compare(model, tmp_path, feed=None, batch=2):
+def lower_and_compare(model, tmp_path, feed=None, batch=2, without: type | None = None):
+    """Lower through the target's pipeline (less the pass of type `without`) and compare with onnxruntime."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "m.onnx"
     onnx.save(model, str(path))
     feed = feed or {i.name: _arr(*[d.dim_value for d in i.type.tensor_type.shape.dim], scale=1.0)
                     for i in model.graph.input}
     target = TfliteFp32Target(batch=batch)
     graph = load_graph(path)
-    PassManager(target.pipeline(None, {})).run(graph, PassContext())
+    PassManager([p for p in target.pipeline(None, {}) if without is None or not isinstance(p, without)]).run(
+        graph, PassContext())
     [[name]] = target.emit([graph], tmp_path)
     got = TfliteRunner([tmp_path / name]).run(feed)
     ref = make_session(path).run(None, feed)[0]
@@ -169,10 +173,14 @@ def test_exported_group_norm_folds_its_affine(tmp_path):
              helper.make_node("Add", ["gm", "beta"], ["y"])]
     inits.update(grp=np.array([2, 2, -1], np.int64), ones=np.ones(2, np.float32), zeros=np.zeros(2, np.float32),
                  back=np.array([2, 4, 6, 6], np.int64), gamma=_arr(4, 1, 1), beta=_arr(4, 1, 1))
-    ops = lower_and_compare(_model(nodes, inits, opset=18), tmp_path)
+    ops = lower_and_compare(_model(nodes, inits, opset=18), tmp_path / "unit")
     # square, normalize, gamma into inv_std: three MULs (one of them on [N, 1, G, C/G]); one ADD for eps,
     # one for beta; no transposes.
     assert ops.count("MUL") == 3 and ops.count("ADD") == 2 and "TRANSPOSE" not in ops
+    # The lowerer matches nothing itself: without FuseGroupNorm's annotation the same nodes lower one by
+    # one (the grouping Reshape needs row-major storage), with the same values.
+    ops = lower_and_compare(_model(nodes, inits, opset=18), tmp_path / "nodes", without=FuseGroupNorm)
+    assert "TRANSPOSE" in ops
 
 
 def test_layer_norm_and_group_normalization_op(tmp_path):

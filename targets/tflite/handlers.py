@@ -12,7 +12,7 @@ HANDLERS = {
     **ops_shape.HANDLERS,
     **ops_spatial.HANDLERS,
     **ops_norm.HANDLERS,
-    # Reshape first checks for the GroupNorm pattern (Reshape -> InstanceNormalization -> Reshape).
+    # Reshape first checks whether it starts a GroupNorm unit that fuse_groupnorm annotated.
     "Reshape": ops_norm.lower_reshape_or_group_norm,
 }
 SUPPORTED_OPS = frozenset(HANDLERS)

@@ -23,6 +23,7 @@ import onnx_graphsurgeon as gs
 
 from qcompile.errors import UserError
 from qcompile.graph_io import constant_values
+from qcompile.rewrite import unit_of
 from qcompile.targets.tflite.builder import ModelBuilder, Quant
 from qcompile.targets.tflite.layout import (
     Perm,
@@ -78,7 +79,12 @@ class Lowering:
             for t in node.inputs:
                 self.consumers[t.name].append(node)
         self.output_names = {t.name for t in graph.outputs}
-        self.skip: set[str] = set()  # nodes already lowered as part of a matched pattern
+        self.skip: set[str] = set()  # nodes already lowered as part of an annotated unit
+        # unit id -> role -> nodes, for the units a fusion pass annotated (fuse_groupnorm)
+        self.units: dict[str, dict[str, list[gs.Node]]] = {}
+        for node in graph.nodes:
+            if (found := unit_of(node)) is not None:
+                self.units.setdefault(found[0], {}).setdefault(found[1], []).append(node)
         self.node: gs.Node | None = None
         self._cache: dict[tuple, Value] = {}
 
@@ -119,6 +125,11 @@ class Lowering:
             if v is not None and v.dtype == np.int8 and v.quant is not None:
                 quantized.append((node.outputs[0].name, v.tensor, tuple(v.perm)))
         return LoweredGraph(self.subgraph_index, tuple(inputs), tuple(outputs), tuple(quantized))
+
+    def unit(self, node: gs.Node) -> tuple[str, str, dict[str, list[gs.Node]]] | None:
+        """(unit id, this node's role, role -> the unit's nodes) when a fusion pass annotated `node`."""
+        found = unit_of(node)
+        return None if found is None else (found[0], found[1], self.units[found[0]])
 
     def fail(self, message: str) -> UserError:
         where = f" (node '{self.node.name}', op {self.node.op})" if self.node is not None else ""

@@ -2,8 +2,9 @@
 
 TFLite has no layer/instance/group norm builtin, so each becomes mean, centred square mean, rsqrt
 and the affine, reduced over whichever stored axes hold the ONNX normalized axes: no transposes.
-GroupNorm as exporters write it (Reshape [N,C,...] -> [N,G,-1], InstanceNormalization, Reshape back)
-is matched whole, so an NHWC activation is normalized as [N, H*W, G, C/G] without leaving NHWC.
+GroupNorm as exporters write it (Reshape [N,C,...] -> [N,G,-1], InstanceNormalization, Reshape back,
+Mul gamma, Add beta) is lowered whole where `fuse_groupnorm` annotated it as a unit (the TFLite
+pipelines run that pass), so an NHWC activation is normalized as [N, H*W, G, C/G] without leaving NHWC.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from qcompile.passes.fuse_groupnorm import KIND as GROUPNORM
+from qcompile.rewrite import per_channel
 from qcompile.targets.tflite.builder import Quant
 from qcompile.targets.tflite.layout import channels_last, identity, invert, stored_shape
 from qcompile.targets.tflite.lower import Lowering
@@ -146,79 +149,28 @@ def lower_group_norm(ctx: Lowering, node: gs.Node) -> None:
                                          node.outputs[0].name))
 
 
-def match_group_norm(ctx: Lowering, reshape: gs.Node) -> tuple[gs.Node, gs.Node, int] | None:
-    """Reshape [N,C,*S] -> [N,G,-1] -> InstanceNormalization -> Reshape back: (norm, reshape back, G)."""
-    src = ctx.values.get(reshape.inputs[0].name)
-    if src is None or src.rank < 3 or src.perm != channels_last(src.rank):
-        return None
-    mid_shape = reshape.outputs[0].shape
-    if mid_shape is None or len(mid_shape) != 3 or mid_shape[0] != src.shape[0]:
-        return None
-    groups = mid_shape[1]
-    if not isinstance(groups, int) or groups <= 0 or src.shape[1] % groups:
-        return None
-    norm = _only_reader(ctx, reshape.outputs[0], "InstanceNormalization")
-    back = _only_reader(ctx, norm.outputs[0], "Reshape") if norm is not None else None
-    if back is None or tuple(back.outputs[0].shape or ()) != src.shape:
-        return None
-    return norm, back, groups
+def lower_group_norm_unit(ctx: Lowering, members: dict[str, list[gs.Node]]) -> None:
+    """A GroupNorm unit as `fuse_groupnorm` annotates the exporter's nodes (Reshape [N,G,-1] ->
+    InstanceNormalization(1, 0) -> Reshape back [-> Mul gamma] [-> Add beta]), lowered whole, with the
+    per-channel gamma multiplied into the per-group inverse std (diffusers exports write the affine
+    after the reshape back)."""
+    reshape_in, norm = members["reshape_in"][0], members["instance_norm"][0]
+    src = ctx.value(reshape_in.inputs[0])
+    c, rank = src.shape[1], src.rank
+    groups = int(ctx.const_ints(reshape_in.inputs[1])[1])
+    scale, bias = (_channel_values(members.get(role), c, rank) for role in ("gamma", "beta"))
+    last = members.get("beta") or members.get("gamma") or members["reshape_out"]
+    ctx.skip.update(n.name for nodes in members.values() for n in nodes)
+    out_tensor = last[0].outputs[0]
+    ctx.bind(out_tensor, group_norm(ctx, src, groups, float(norm.attrs.get("epsilon", 1e-5)), scale, bias,
+                                    out_tensor.name))
 
 
-def _only_reader(ctx: Lowering, t: gs.Tensor, op: str) -> gs.Node | None:
-    readers = ctx.consumers.get(t.name, [])
-    if t.name in ctx.output_names or len(readers) != 1 or readers[0].op != op or readers[0].inputs[0] is not t:
+def _channel_values(nodes: list[gs.Node] | None, channels: int, rank: int) -> np.ndarray | None:
+    """The per-channel constant of the unit's gamma Mul or beta Add, as [C]; None when there is none."""
+    if not nodes:
         return None
-    return readers[0]
-
-
-def lower_group_norm_pattern(ctx: Lowering, reshape: gs.Node, match: tuple[gs.Node, gs.Node, int]) -> None:
-    """The exporter's GroupNorm, with the per-channel Mul(gamma) / Add(beta) that follow it folded in
-    when they are float constants (diffusers exports write the affine after the reshape back)."""
-    norm, back, groups = match
-    src = ctx.values[reshape.inputs[0].name]
-    c = src.shape[1]
-    scale, bias = _const_or_none(ctx, norm, 1), _const_or_none(ctx, norm, 2)
-    scale = None if scale is None else np.repeat(scale, c // groups)
-    bias = None if bias is None else np.repeat(bias, c // groups)
-    out_tensor = back.outputs[0]
-    if scale is not None and bias is not None and np.all(scale == 1.0) and np.all(bias == 0.0):
-        mul = _channel_affine_reader(ctx, out_tensor, "Mul", c)
-        add = _channel_affine_reader(ctx, mul[0].outputs[0], "Add", c) if mul is not None else None
-        if mul is not None:
-            scale, out_tensor = mul[1], mul[0].outputs[0]
-            ctx.skip.add(mul[0].name)
-        if add is not None:
-            bias, out_tensor = add[1], add[0].outputs[0]
-            ctx.skip.add(add[0].name)
-    ctx.skip.update({norm.name, back.name})
-    out = group_norm(ctx, src, groups, float(norm.attrs.get("epsilon", 1e-5)), scale, bias, out_tensor.name)
-    ctx.bind(out_tensor, out)
-
-
-def _channel_affine_reader(ctx: Lowering, t: gs.Tensor, op: str, channels: int) -> tuple[gs.Node, np.ndarray] | None:
-    """The only reader of `t` when it is `op` (Mul or Add) with a float constant that varies at most per
-    channel (right-aligned against t's rank: [C, 1, 1] or [1, C, 1, 1] for 4-D, or a scalar) and no Q/DQ
-    in between: (node, values per channel)."""
-    readers = ctx.consumers.get(t.name, [])
-    if t.name in ctx.output_names or len(readers) != 1 or readers[0].op != op:
-        return None
-    node = readers[0]
-    other = [i for i in node.inputs if i is not t]
-    if len(other) != 1:
-        return None
-    c = ctx.const(other[0])
-    if c is None or c.quantized or np.asarray(c.values).dtype.kind != "f":
-        return None
-    values = np.asarray(c.values, np.float32)
-    rank = len(t.shape or ())
-    if rank < 3 or values.ndim > rank:
-        return None
-    if values.size == 1:
-        return node, np.full(channels, values.reshape(()), np.float32)
-    aligned = (1,) * (rank - values.ndim) + tuple(values.shape)
-    if aligned[1:] != (channels,) + (1,) * (rank - 2) or aligned[0] != 1:
-        return None
-    return node, values.reshape(channels)
+    return next(v for v in (per_channel(t, channels, rank) for t in nodes[0].inputs) if v is not None)
 
 
 def lower_softmax(ctx: Lowering, node: gs.Node) -> None:
@@ -271,8 +223,9 @@ HANDLERS = {
 
 
 def lower_reshape_or_group_norm(ctx: Lowering, node: gs.Node) -> None:
-    match = match_group_norm(ctx, node)
-    if match is None:
-        lower_reshape(ctx, node)
+    """A Reshape, or the first node of a GroupNorm unit that `fuse_groupnorm` annotated."""
+    unit = ctx.unit(node)
+    if unit is not None and unit[0].startswith(GROUPNORM + ":") and unit[1] == "reshape_in":
+        lower_group_norm_unit(ctx, unit[2])
     else:
-        lower_group_norm_pattern(ctx, node, match)
+        lower_reshape(ctx, node)

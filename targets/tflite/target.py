@@ -22,6 +22,7 @@ from qcompile.graph_io import save_graphs
 from qcompile.manifest import Manifest
 from qcompile.pass_manager import Pass, PassContext, PassManager
 from qcompile.passes.cleanup import NameNodes
+from qcompile.passes.fuse_groupnorm import FuseGroupNorm
 from qcompile.passes.insert_qdq import InsertQDQ
 from qcompile.passes.static_shapes import StaticShapes
 from qcompile.target import BucketJob, CompiledBucket, DeviceEvidence, DeviceReport, EmitPurpose, EmitResult
@@ -50,7 +51,8 @@ class _TfliteTarget:
         return deps.litert_version()
 
     def passes(self, job: BucketJob) -> list[Pass]:
-        return [NameNodes(), InsertQDQ(job.plan, job.ranges, self.caps), StaticShapes(self.options.batch)]
+        return [NameNodes(), InsertQDQ(job.plan, job.ranges, self.caps), StaticShapes(self.options.batch),
+                FuseGroupNorm()]
 
     def compile_bucket(self, graph, job: BucketJob, ctx: PassContext) -> CompiledBucket:
         PassManager(self.passes(job), name=f"{self.name.value}/bucket{job.index}").run(graph, ctx)
@@ -169,4 +171,4 @@ class TfliteFp32Target(_TfliteTarget):
     caps = TFLITE_FP32_CAPS
 
     def passes(self, job: BucketJob) -> list[Pass]:
-        return [NameNodes(), StaticShapes(self.options.batch)]
+        return [NameNodes(), StaticShapes(self.options.batch), FuseGroupNorm()]
