@@ -1,0 +1,190 @@
+"""What the property tests check on one generated graph, as plain functions: the hypothesis tests
+(tests/test_fuzz_*.py) call them on drawn specs, the regression tests (tests/test_fuzz_found.py) on
+the minimal specs the fuzzer found.
+
+Each check runs the product path: the passes as the build runs them, calibration through the real
+recorder / statistics / MAX estimator on random inputs, the target's own pipeline and emitter, and
+the real runtime on the other side (onnxruntime unoptimized, the LiteRT interpreter, the QNN HTP
+simulator). Profiles: `QCOMPILE_FUZZ_PROFILE=ci` (the default) or `nightly` (see `fuzz_settings`).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from fuzz_graphs import GraphSpec, build_model
+from hypothesis import HealthCheck, Phase, settings
+
+from qcompile.calibration.estimators import estimate_ranges
+from qcompile.calibration.inputs import InputSet
+from qcompile.calibration.recorder import record_input_set
+from qcompile.calibration.stats import collect_stats
+from qcompile.config import Estimator
+from qcompile.graph_io import load_graph, raise_opset, save_graph
+from qcompile.pass_manager import Pass, PassContext, PassManager
+from qcompile.passes.canonicalize import canonicalize_passes
+from qcompile.passes.cleanup import NameNodes
+from qcompile.passes.infer_shapes import InferShapes
+from qcompile.passes.insert_qdq import plan_quantization
+from qcompile.runtime import make_session
+
+PROFILE = os.environ.get("QCOMPILE_FUZZ_PROFILE", "ci")
+if PROFILE not in ("ci", "nightly"):
+    raise ValueError(f"QCOMPILE_FUZZ_PROFILE must be 'ci' or 'nightly', not {PROFILE!r}")
+
+
+def fuzz_settings(*, ci: int, nightly: int) -> settings:
+    """A fixed seed (derandomize: the same graphs on every run and machine), no example database,
+    no deadline (the HTP simulator compiles for a second or two), `ci` or `nightly` examples."""
+    return settings(max_examples=ci if PROFILE == "ci" else nightly, derandomize=True, database=None,
+                    deadline=None, print_blob=True, phases=[Phase.explicit, Phase.generate, Phase.shrink],
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                           HealthCheck.filter_too_much])
+
+
+# --- runtimes ---------------------------------------------------------------------------------------
+def run_onnx(path: Path, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+    """First output per feed, onnxruntime with graph optimizations off: the ops as written, so a
+    rewrite is compared with the graph it rewrote, not with onnxruntime's own fusions of either."""
+    session = make_session(path, optimize=False)
+    names = {i.name for i in session.get_inputs()}
+    return [session.run(None, {k: v for k, v in feed.items() if k in names})[0] for feed in feeds]
+
+
+def save_spec(spec: GraphSpec, folder: Path) -> Path:
+    path = folder / "float.onnx"
+    onnx.save(build_model(spec), str(path))
+    return path
+
+
+def canonical(spec: GraphSpec, folder: Path) -> Path:
+    """The graph as every build starts from it: canonicalized to a fixed point."""
+    graph = load_graph(save_spec(spec, folder))
+    PassManager(canonicalize_passes(), fixed_point=True).run(graph, PassContext())
+    return save_graph(graph, folder / "canonical.onnx")
+
+
+def calibrated_ranges(spec: GraphSpec, path: Path, names, folder: Path, *, levels: int = 255):
+    """Ranges of `names` from a real calibration: 8 random batches recorded, statistics collected in
+    onnxruntime, the MAX estimator (what a build with `--estimator max` does)."""
+    feeds = spec.inputs(8, seed=1)
+    arrays = {k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}
+    recording = record_input_set(InputSet(arrays, None), folder / "recording", {})
+    table = collect_stats(path, load_graph(path), recording, names=list(names), batch=spec.shape[0])
+    return estimate_ranges(table, Estimator.MAX, names=list(names), levels=levels, symmetric=False)
+
+
+# --- property 1: passes preserve float numerics -------------------------------------------------
+# onnxruntime float32 kernels: a fused or reordered computation (LayerNormalization for its decomposed
+# form, Gemm for MatMul + Add, a depthwise Conv for Mul + Add) rounds differently, a few float32 ulps
+# of its operands per op. rtol is taken relative to the output tensor's largest magnitude, not to each
+# element: where later ops cancel (a residual Add, x - mean), an element much smaller than its operands
+# carries their absolute error (found: a fused LayerNorm then x + Linear(x) landing at -0.021 differed
+# by 3.5e-6, 1.6e-4 of that element and 3e-6 of the tensor's largest value).
+FLOAT_RTOL, FLOAT_ATOL = 1e-5, 1e-6
+
+
+def assert_float_close(got: np.ndarray, want: np.ndarray, what: str) -> float:
+    """max |got - want| <= atol + rtol * max |want|; returns the largest difference."""
+    assert got.shape == want.shape, f"{what}: output shape {got.shape} != {want.shape}"
+    diff = float(np.abs(got.astype(np.float64) - want).max(initial=0.0))
+    bound = FLOAT_ATOL + FLOAT_RTOL * float(np.abs(want).max(initial=0.0))
+    assert np.isfinite(got).all() == np.isfinite(want).all() and diff <= bound, \
+        f"{what}: max |diff| {diff:.3g} > {bound:.3g} (output max |y| {np.abs(want).max():.3g})"
+    return diff
+
+
+@dataclass(frozen=True)
+class PassOutcome:
+    name: str
+    modified: bool
+    max_abs_diff: float
+
+
+def apply_pass(source: Path, passes: list[Pass], out: Path, *, opset: int | None = None,
+               fixed_point: bool = False) -> tuple[Path, bool]:
+    """`passes` on a fresh copy of `source` (with shapes and node names established first, as the
+    build's pipelines have them); returns the saved result and whether the last pass modified it."""
+    graph = load_graph(source)
+    if opset is not None:
+        raise_opset(graph, opset)
+    ctx = PassContext()
+    PassManager([InferShapes(), NameNodes()]).run(graph, ctx)
+    modified = PassManager(passes, fixed_point=fixed_point).run(graph, ctx).modified
+    return save_graph(graph, out), modified
+
+
+def check_pass(name: str, source: Path, passes: list[Pass], feeds, reference, folder: Path, *,
+               opset: int | None = None) -> PassOutcome:
+    fixed_point = name == "canonicalize"
+    path, modified = apply_pass(source, passes, folder / f"{name}.onnx", opset=opset, fixed_point=fixed_point)
+    if not modified:
+        return PassOutcome(name, False, 0.0)
+    diffs = [assert_float_close(got, want, f"after pass {name}")
+             for want, got in zip(reference, run_onnx(path, feeds), strict=True)]
+    return PassOutcome(name, True, max(diffs))
+
+
+def raw_passes() -> list[tuple[str, list[Pass], int | None]]:
+    """(name, passes, opset) run on the graph as generated: canonicalize's passes one by one and together."""
+    from qcompile.passes.cleanup import EliminateDeadNodes, RemoveIdentity
+    from qcompile.passes.fold_constants import FoldConstants
+
+    return [("fold-constants", [FoldConstants()], None), ("remove-identity", [RemoveIdentity()], None),
+            ("eliminate-dead-nodes", [EliminateDeadNodes()], None),
+            ("canonicalize", canonicalize_passes(), None)]  # to a fixed point (check_pass)
+
+
+def canonical_passes(batch: int) -> list[tuple[str, list[Pass], int | None]]:
+    """(name, passes, opset) run on the canonical graph: each rewrite a target or the build uses,
+    alone, and the QNN target's rewrite chain in its order."""
+    from qcompile.passes.einsum_as_transpose import EinsumAsTranspose
+    from qcompile.passes.fuse_attention import FuseAttention
+    from qcompile.passes.fuse_gelu import FuseGelu
+    from qcompile.passes.fuse_groupnorm import DecomposeGroupNorm, FuseGroupNorm, GroupNormForm
+    from qcompile.passes.fuse_layernorm import FuseLayerNorm
+    from qcompile.passes.fuse_rmsnorm import FuseRMSNorm
+    from qcompile.passes.groupnorm_affine_conv import GroupNormAffineAsConv
+    from qcompile.passes.linear_as_gemm import LinearAsGemm
+    from qcompile.passes.remove_nan_guards import RemoveNanGuards
+    from qcompile.passes.split_shortcut_concat import SplitShortcutConcat
+    from qcompile.passes.static_shapes import StaticShapes
+    from qcompile.passes.unpatchify_depth_to_space import UnpatchifyAsDepthToSpace
+
+    qnn_chain = [RemoveNanGuards(), EinsumAsTranspose(), InferShapes(), UnpatchifyAsDepthToSpace(), FuseRMSNorm(),
+                 LinearAsGemm(), GroupNormAffineAsConv(), InferShapes()]
+    return [
+        ("static-shapes", [StaticShapes(batch)], None),
+        ("fuse-layernorm", [FuseLayerNorm()], None), ("fuse-gelu", [FuseGelu()], None),
+        ("fuse-rmsnorm", [FuseRMSNorm()], None), ("fuse-attention", [FuseAttention()], None),
+        ("fuse-groupnorm-annotated", [FuseGroupNorm(GroupNormForm.ANNOTATED)], None),
+        # Fused alone, onnxruntime's GroupNormalization-21 kernel would be compared, not the pass: it loses
+        # precision on groups whose mean is large against their spread (test_fuzz_found.py measures it);
+        # fused and decomposed again, the exporter's form must come back exactly.
+        ("groupnorm-fuse-decompose-opset21", [FuseGroupNorm(), InferShapes(), DecomposeGroupNorm()], 21),
+        ("split-shortcut-concat", [SplitShortcutConcat()], None),
+        ("groupnorm-affine-as-conv", [GroupNormAffineAsConv()], None), ("linear-as-gemm", [LinearAsGemm()], None),
+        ("einsum-as-transpose", [EinsumAsTranspose()], None),
+        ("unpatchify-as-depth-to-space", [UnpatchifyAsDepthToSpace()], None),
+        ("remove-nan-guards", [RemoveNanGuards()], None),
+        ("qnn-rewrites", [*qnn_chain], None),
+    ]
+
+
+def check_float_passes(spec: GraphSpec) -> list[PassOutcome]:
+    with tempfile.TemporaryDirectory(prefix="qcompile-fuzz-") as tmp:
+        folder = Path(tmp)
+        raw = save_spec(spec, folder)
+        feeds = spec.inputs(2, seed=0)
+        reference = run_onnx(raw, feeds)
+        outcomes = [check_pass(name, raw, passes, feeds, reference, folder, opset=opset)
+                    for name, passes, opset in raw_passes()]
+        canon = folder / "canonicalize.onnx"  # saved whether or not it changed anything
+        outcomes += [check_pass(name, canon, passes, feeds, reference, folder, opset=opset)
+                     for name, passes, opset in canonical_passes(spec.shape[0])]
+        return outcomes
