@@ -188,3 +188,82 @@ def check_float_passes(spec: GraphSpec) -> list[PassOutcome]:
         outcomes += [check_pass(name, canon, passes, feeds, reference, folder, opset=opset)
                      for name, passes, opset in canonical_passes(spec.shape[0])]
         return outcomes
+
+
+# --- property 2: the TFLite emitter agrees with onnxruntime on the same Q/DQ graph ---------------
+TFLITE_KEY = "serving_default"
+
+
+@dataclass(frozen=True)
+class TfliteOutcome:
+    int8_tensors: int
+    local_max_lsb: int  # worst int8 tensor, computed from the interpreter's own upstream int8 tensors
+    end_to_end_max_lsb: int  # worst int8 tensor, both runtimes from the same float inputs
+    output_scale: float  # one step of the output's range at 8 bits
+    output_local_lsb: float  # the float output from the interpreter's upstream int8 tensors, in output steps
+    output_end_to_end_lsb: float
+
+
+def tflite_qdq_graph(spec: GraphSpec, caps, folder: Path) -> Path:
+    """The tflite-int8 target's Q/DQ graph for `spec`: canonicalized, planned with `caps`, calibrated,
+    through the target's pipeline (NameNodes, InsertQDQ, StaticShapes)."""
+    from qcompile.targets.tflite.target import TfliteInt8Target
+
+    canon = canonical(spec, folder)
+    plan = plan_quantization(load_graph(canon), caps)
+    ranges = calibrated_ranges(spec, canon, plan.activations, folder)
+    target = TfliteInt8Target(batch=spec.shape[0])
+    target.caps = caps
+    graph = load_graph(canon)
+    PassManager(target.pipeline(plan, ranges)).run(graph, PassContext())
+    return save_graph(graph, folder / "qdq.onnx")
+
+
+def check_tflite(spec: GraphSpec, caps) -> TfliteOutcome:
+    """The Q/DQ graph lowered by `write_model`, run in the LiteRT interpreter, against onnxruntime
+    running that Q/DQ graph unoptimized, on held-out random inputs."""
+    from qcompile.targets.tflite.convert import write_model
+    from qcompile.targets.tflite.validate import quantized_tensor_agreement, run_onnx_static
+
+    batch = spec.shape[0]
+    with tempfile.TemporaryDirectory(prefix="qcompile-fuzz-") as tmp:
+        folder = Path(tmp)
+        qdq = tflite_qdq_graph(spec, caps, folder)
+        quantized: dict[str, list] = {}
+        tflite = write_model([(TFLITE_KEY, load_graph(qdq))], folder / "model.tflite", batch=batch,
+                             quantized=quantized)
+        feeds = spec.inputs(3, seed=2)
+        feed = {k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}
+        tensors = quantized_tensor_agreement(tflite, TFLITE_KEY, qdq, quantized[TFLITE_KEY], feed, batch=batch)
+        want = run_onnx_static(qdq, feed, batch)
+        got, local = _tflite_output_local(tflite, qdq, quantized[TFLITE_KEY], feed, batch)
+        scale = max(float(want.max() - want.min()) / 255.0, 1e-12)
+        return TfliteOutcome(
+            len(tensors), max((t.local_max_lsb for t in tensors), default=0),
+            max((t.max_lsb for t in tensors), default=0), scale,
+            float(np.abs(got.astype(np.float64) - local).max(initial=0.0)) / scale,
+            float(np.abs(got.astype(np.float64) - want).max(initial=0.0)) / scale)
+
+
+def _tflite_output_local(tflite: Path, qdq: Path, quantized: list, feed: dict[str, np.ndarray], batch: int):
+    """(interpreter output, onnxruntime output computed from the interpreter's int8 tensors) over
+    `feed` in static-batch chunks: the output's own check, as `quantized_tensor_agreement`'s local
+    one is for each int8 tensor (only the ops after the last int8 tensors are compared)."""
+    from qcompile.targets.tflite.layout import invert
+    from qcompile.targets.tflite.runner import read_metadata
+    from qcompile.targets.tflite.validate import INJECTED, _Interpreted, _probe_session
+    from qcompile.runtime import static_chunks
+
+    names = [q[0] for q in quantized]
+    interpreter = _Interpreted(tflite, TFLITE_KEY, quantized)
+    [out_spec] = read_metadata(tflite.read_bytes())["signatures"][TFLITE_KEY]["outputs"]
+    output_index = interpreter.runner.get_output_details()[out_spec["name"]]["index"]
+    local = _probe_session(qdq, names, injected=True)
+    got, want = [], []
+    for chunk, count in static_chunks(feed, batch, set(feed)):
+        test = interpreter.run(chunk)
+        out = interpreter.interpreter.get_tensor(output_index)
+        got.append(np.transpose(out, invert(tuple(out_spec["perm"])))[:count])
+        onnx_feed = {i.name: chunk[i.name] for i in local.get_inputs() if not i.name.endswith(INJECTED)}
+        want.append(local.run(None, {**onnx_feed, **{n + INJECTED: test[n] for n in names}})[0][:count])
+    return np.concatenate(got), np.concatenate(want)

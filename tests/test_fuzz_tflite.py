@@ -1,0 +1,35 @@
+"""Property: the TFLite emitter agrees with onnxruntime running the same Q/DQ graph, on random small
+graphs (tests/fuzz_graphs.py) planned with the TFLite caps and calibrated on random inputs.
+
+Every int8 tensor of the .tflite is within 1 LSB of onnxruntime's when both compute it from the
+interpreter's own upstream int8 tensors (what `TfliteInt8Target.device_checks` requires), and the
+float output, computed the same way, within 1 step of its own 8-bit range.
+
+Profiles (hypothesis, derandomized): `QCOMPILE_FUZZ_PROFILE=ci` (the default, 24 graphs) or
+`nightly` (300 graphs).
+"""
+
+import pytest
+from fuzz_checks import check_tflite, fuzz_settings
+from fuzz_graphs import OpSet, graph_specs
+from hypothesis import event, given
+from hypothesis import strategies as st
+
+pytest.importorskip("ai_edge_litert.interpreter", reason="ai-edge-litert is not installed")
+
+# TFLite has no grouped convolution other than depthwise (ops_nn.lower_conv says so in one line).
+TFLITE_OPS = OpSet(grouped_conv=False)
+
+
+@fuzz_settings(ci=24, nightly=300)
+@given(graph_specs(TFLITE_OPS), st.sampled_from(["int8", "int8-wide"]))
+def test_tflite_agrees_with_onnxruntime_on_the_qdq_graph(spec, caps_name):
+    from qcompile.targets.tflite.caps import TFLITE_INT8_CAPS, TFLITE_INT8_WIDE_CAPS
+
+    caps = {"int8": TFLITE_INT8_CAPS, "int8-wide": TFLITE_INT8_WIDE_CAPS}[caps_name]
+    outcome = check_tflite(spec, caps)
+    print(outcome)
+    event(f"int8 tensors: {min(outcome.int8_tensors, 5)}{'+' if outcome.int8_tensors >= 5 else ''}")
+    event(f"end-to-end max LSB: {outcome.end_to_end_max_lsb}")
+    assert outcome.local_max_lsb <= 1, outcome
+    assert outcome.output_local_lsb <= 1.0, outcome
