@@ -37,10 +37,19 @@ class RemoveNanGuards(Pass):
         outputs = {t.name for t in graph.outputs}
         removed = 0
         for node, x in guards:
-            if node.outputs[0].name in outputs:
-                continue  # a graph output keeps its name
-            redirect_consumers(node.outputs[0], x)
-            node.outputs.clear()
+            y = node.outputs[0]
+            if y.name in outputs:
+                # A graph output keeps its name: x's producer writes it, when only the guard reads x
+                # (else the guard stays; HTP refuses it at either width, found by tests/test_fuzz_qnn.py).
+                producer = x.inputs[0] if len(x.inputs) == 1 else None
+                if producer is None or x.name in outputs or \
+                        any(c is not node and c is not node.inputs[0].inputs[0] for c in x.outputs):
+                    continue
+                node.outputs.clear()
+                producer.outputs[producer.outputs.index(x)] = y
+            else:
+                redirect_consumers(y, x)
+                node.outputs.clear()
             removed += 1
         if removed:
             graph.cleanup().toposort()

@@ -106,43 +106,53 @@ class PassOutcome:
     max_abs_diff: float
 
 
-def apply_pass(source: Path, passes: list[Pass], out: Path, *, opset: int | None = None,
-               fixed_point: bool = False) -> tuple[Path, bool]:
-    """`passes` on a fresh copy of `source` (with shapes and node names established first, as the
-    build's pipelines have them); returns the saved result and whether the last pass modified it."""
+def apply_pass(source: Path, passes: list[Pass], out: Path, *, opset: int | None = None, fixed_point: bool = False,
+               setup: tuple[Pass, ...] = ()) -> tuple[Path, bool]:
+    """`passes` on a fresh copy of `source`, after shape inference, node naming and `setup` (what the
+    build's pipelines run before them); returns the saved result and whether `passes` modified it."""
     graph = load_graph(source)
     if opset is not None:
         raise_opset(graph, opset)
     ctx = PassContext()
-    PassManager([InferShapes(), NameNodes()]).run(graph, ctx)
+    PassManager([InferShapes(), NameNodes(), *setup]).run(graph, ctx)
     modified = PassManager(passes, fixed_point=fixed_point).run(graph, ctx).modified
     return save_graph(graph, out), modified
 
 
-def check_pass(name: str, source: Path, passes: list[Pass], feeds, reference, folder: Path, *,
-               opset: int | None = None) -> PassOutcome:
-    fixed_point = name == "canonicalize"
-    path, modified = apply_pass(source, passes, folder / f"{name}.onnx", opset=opset, fixed_point=fixed_point)
+@dataclass(frozen=True)
+class PassCase:
+    """Passes checked together on one graph: `setup` first (not counted as a rewrite), at `opset`."""
+
+    name: str
+    passes: list[Pass]
+    setup: tuple[Pass, ...] = ()
+    opset: int | None = None
+
+
+def check_pass(case: PassCase, source: Path, feeds, reference, folder: Path) -> PassOutcome:
+    path, modified = apply_pass(source, case.passes, folder / f"{case.name}.onnx", opset=case.opset,
+                                fixed_point=case.name == "canonicalize", setup=case.setup)
     if not modified:
-        return PassOutcome(name, False, 0.0)
-    diffs = [assert_float_close(got, want, f"after pass {name}")
+        return PassOutcome(case.name, False, 0.0)
+    diffs = [assert_float_close(got, want, f"after pass {case.name}")
              for want, got in zip(reference, run_onnx(path, feeds), strict=True)]
-    return PassOutcome(name, True, max(diffs))
+    return PassOutcome(case.name, True, max(diffs))
 
 
-def raw_passes() -> list[tuple[str, list[Pass], int | None]]:
-    """(name, passes, opset) run on the graph as generated: canonicalize's passes one by one and together."""
+def raw_passes() -> list[PassCase]:
+    """Run on the graph as generated: canonicalize's passes one by one and together (to a fixed point)."""
     from qcompile.passes.cleanup import EliminateDeadNodes, RemoveIdentity
     from qcompile.passes.fold_constants import FoldConstants
 
-    return [("fold-constants", [FoldConstants()], None), ("remove-identity", [RemoveIdentity()], None),
-            ("eliminate-dead-nodes", [EliminateDeadNodes()], None),
-            ("canonicalize", canonicalize_passes(), None)]  # to a fixed point (check_pass)
+    return [PassCase("fold-constants", [FoldConstants()]), PassCase("remove-identity", [RemoveIdentity()]),
+            PassCase("eliminate-dead-nodes", [EliminateDeadNodes()]), PassCase("canonicalize", canonicalize_passes())]
 
 
-def canonical_passes(batch: int) -> list[tuple[str, list[Pass], int | None]]:
-    """(name, passes, opset) run on the canonical graph: each rewrite a target or the build uses,
-    alone, and the QNN target's rewrite chain in its order."""
+def canonical_passes(batch: int) -> list[PassCase]:
+    """Run on the canonical graph: each rewrite a target or the build uses, alone, and the QNN
+    target's rewrite chain in its order. The generated graphs have a symbolic batch, as exported ones;
+    rewrites that need static shapes (LinearAsGemm, the unpatchify one) run after StaticShapes, as in
+    the QNN pipeline."""
     from qcompile.passes.einsum_as_transpose import EinsumAsTranspose
     from qcompile.passes.fuse_attention import FuseAttention
     from qcompile.passes.fuse_gelu import FuseGelu
@@ -156,23 +166,26 @@ def canonical_passes(batch: int) -> list[tuple[str, list[Pass], int | None]]:
     from qcompile.passes.static_shapes import StaticShapes
     from qcompile.passes.unpatchify_depth_to_space import UnpatchifyAsDepthToSpace
 
+    static = (StaticShapes(batch),)
     qnn_chain = [RemoveNanGuards(), EinsumAsTranspose(), InferShapes(), UnpatchifyAsDepthToSpace(), FuseRMSNorm(),
                  LinearAsGemm(), GroupNormAffineAsConv(), InferShapes()]
     return [
-        ("static-shapes", [StaticShapes(batch)], None),
-        ("fuse-layernorm", [FuseLayerNorm()], None), ("fuse-gelu", [FuseGelu()], None),
-        ("fuse-rmsnorm", [FuseRMSNorm()], None), ("fuse-attention", [FuseAttention()], None),
-        ("fuse-groupnorm-annotated", [FuseGroupNorm(GroupNormForm.ANNOTATED)], None),
+        PassCase("static-shapes", [StaticShapes(batch)]),
+        PassCase("fuse-layernorm", [FuseLayerNorm()]), PassCase("fuse-gelu", [FuseGelu()]),
+        PassCase("fuse-rmsnorm", [FuseRMSNorm()]), PassCase("fuse-attention", [FuseAttention()]),
+        PassCase("fuse-groupnorm-annotated", [FuseGroupNorm(GroupNormForm.ANNOTATED)]),
         # Fused alone, onnxruntime's GroupNormalization-21 kernel would be compared, not the pass: it loses
         # precision on groups whose mean is large against their spread (test_fuzz_found.py measures it);
         # fused and decomposed again, the exporter's form must come back exactly.
-        ("groupnorm-fuse-decompose-opset21", [FuseGroupNorm(), InferShapes(), DecomposeGroupNorm()], 21),
-        ("split-shortcut-concat", [SplitShortcutConcat()], None),
-        ("groupnorm-affine-as-conv", [GroupNormAffineAsConv()], None), ("linear-as-gemm", [LinearAsGemm()], None),
-        ("einsum-as-transpose", [EinsumAsTranspose()], None),
-        ("unpatchify-as-depth-to-space", [UnpatchifyAsDepthToSpace()], None),
-        ("remove-nan-guards", [RemoveNanGuards()], None),
-        ("qnn-rewrites", [*qnn_chain], None),
+        PassCase("groupnorm-fuse-decompose-opset21", [FuseGroupNorm(), InferShapes(), DecomposeGroupNorm()],
+                 opset=21),
+        PassCase("split-shortcut-concat", [SplitShortcutConcat()]),
+        PassCase("groupnorm-affine-as-conv", [GroupNormAffineAsConv()]),
+        PassCase("linear-as-gemm", [LinearAsGemm()], static),
+        PassCase("einsum-as-transpose", [EinsumAsTranspose()]),
+        PassCase("unpatchify-as-depth-to-space", [UnpatchifyAsDepthToSpace()], static),
+        PassCase("remove-nan-guards", [RemoveNanGuards()]),
+        PassCase("qnn-rewrites", qnn_chain, static),
     ]
 
 
@@ -182,11 +195,9 @@ def check_float_passes(spec: GraphSpec) -> list[PassOutcome]:
         raw = save_spec(spec, folder)
         feeds = spec.inputs(2, seed=0)
         reference = run_onnx(raw, feeds)
-        outcomes = [check_pass(name, raw, passes, feeds, reference, folder, opset=opset)
-                    for name, passes, opset in raw_passes()]
+        outcomes = [check_pass(case, raw, feeds, reference, folder) for case in raw_passes()]
         canon = folder / "canonicalize.onnx"  # saved whether or not it changed anything
-        outcomes += [check_pass(name, canon, passes, feeds, reference, folder, opset=opset)
-                     for name, passes, opset in canonical_passes(spec.shape[0])]
+        outcomes += [check_pass(case, canon, feeds, reference, folder) for case in canonical_passes(spec.shape[0])]
         return outcomes
 
 
@@ -237,7 +248,8 @@ def check_tflite(spec: GraphSpec, caps) -> TfliteOutcome:
         tensors = quantized_tensor_agreement(tflite, TFLITE_KEY, qdq, quantized[TFLITE_KEY], feed, batch=batch)
         want = run_onnx_static(qdq, feed, batch)
         got, local = _tflite_output_local(tflite, qdq, quantized[TFLITE_KEY], feed, batch)
-        scale = max(float(want.max() - want.min()) / 255.0, 1e-12)
+        # One step of the output's 8-bit range; never finer than float32 agreement (a constant output).
+        scale = max(float(want.max() - want.min()) / 255.0, FLOAT_ATOL + FLOAT_RTOL * float(np.abs(want).max()))
         return TfliteOutcome(
             len(tensors), max((t.local_max_lsb for t in tensors), default=0),
             max((t.max_lsb for t in tensors), default=0), scale,
@@ -267,3 +279,55 @@ def _tflite_output_local(tflite: Path, qdq: Path, quantized: list, feed: dict[st
         onnx_feed = {i.name: chunk[i.name] for i in local.get_inputs() if not i.name.endswith(INJECTED)}
         want.append(local.run(None, {**onnx_feed, **{n + INJECTED: test[n] for n in names}})[0][:count])
     return np.concatenate(got), np.concatenate(want)
+
+
+# --- property 3: the QNN Q/DQ graph on the HTP simulator against onnxruntime's CPU EP -------------
+@dataclass(frozen=True)
+class QnnOutcome:
+    bits: int  # activation width
+    output_scale: float  # of the (16-bit) graph output
+    max_lsb: float  # max |HTP - CPU EP| in steps of the output scale
+    max_activation_lsb: float  # the same in steps of the activation width's grid over the output range
+    sqnr_db: float  # HTP against the CPU EP
+    deterministic: bool
+
+
+def qnn_qdq_graph(spec: GraphSpec, caps, folder: Path) -> Path:
+    """The QNN target's Q/DQ graph for `spec`: canonicalized, every float tensor calibrated, through
+    the target's own pipeline (static shapes, HTP rewrites, integer-only Q/DQ, 16-bit outputs)."""
+    from qcompile.targets.qnn.target import QnnW8A8Target, QnnW8A16Target
+
+    target = QnnW8A8Target(batch=spec.shape[0]) if caps.activation_dtype.bits == 8 else \
+        QnnW8A16Target(batch=spec.shape[0])
+    canon = canonical(spec, folder)
+    plan = plan_quantization(load_graph(canon), target.caps)
+    levels = caps.activation_dtype.qmax - caps.activation_dtype.qmin
+    ranges = calibrated_ranges(spec, canon, plan.activations, folder, levels=levels)
+    graph = load_graph(canon)
+    PassManager(target.pipeline(plan, ranges, timestep_input=None)).run(graph, PassContext())
+    return save_graph(graph, folder / "qdq.onnx")
+
+
+def check_qnn(spec: GraphSpec, caps) -> QnnOutcome:
+    """HTP (CPU fallback disabled: a refused node fails the session) against the CPU EP, same Q/DQ
+    graph, held-out random inputs; HTP run twice to check it is deterministic."""
+    from qcompile.evaluation.metrics import sqnr_db
+    from qcompile.targets.qnn import ep
+    from qcompile.targets.tflite.validate import output_scale
+
+    with tempfile.TemporaryDirectory(prefix="qcompile-fuzz-") as tmp:
+        folder = Path(tmp)
+        qdq = qnn_qdq_graph(spec, caps, folder)
+        feeds = spec.inputs(2, seed=2)
+        want = np.concatenate(run_onnx(qdq, feeds))
+        session = ep.htp_session(qdq, quiet=True)
+        names = [i.name for i in session.get_inputs()]
+        runs = [np.concatenate([session.run(None, {n: f[n] for n in names})[0] for f in feeds]) for _ in range(2)]
+        scale = output_scale(load_graph(qdq))
+        assert scale is not None, "the QNN graph output is not dequantized"
+        diff = np.abs(runs[0].astype(np.float64) - want)
+        span = max(float(want.max() - want.min()), scale)
+        narrow = span / (caps.activation_dtype.qmax - caps.activation_dtype.qmin)
+        return QnnOutcome(caps.activation_dtype.bits, scale, float(diff.max(initial=0.0)) / scale,
+                          float(diff.max(initial=0.0)) / narrow, round(float(sqnr_db(want, runs[0])), 2),
+                          bool(np.array_equal(runs[0], runs[1])))

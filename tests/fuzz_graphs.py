@@ -197,7 +197,7 @@ class OpSet:
     nan_guard: bool = True
     einsum: bool = True
     folded: bool = True  # foldable weight chains, Identity, Shape-computed Reshape targets
-    excluded: frozenset[str] = field(default_factory=frozenset)  # block class names never drawn
+    excluded: frozenset[str] = field(default_factory=frozenset)  # block class names (or Act kinds) never drawn
 
     def allows(self, block: type) -> bool:
         return block.__name__ not in self.excluded
@@ -261,7 +261,7 @@ def _draw_block(draw, shape, grid, ops: OpSet):
     if kind == "Act":
         kinds = ["Relu", "Sigmoid", "SiLU", "Gelu", "Tanh"] + (["GeluErf"] if ops.decomposed else []) + \
             (["Identity"] if ops.folded else [])
-        return Act(draw(st.sampled_from(kinds))), shape, grid
+        return Act(draw(st.sampled_from([k for k in kinds if k not in ops.excluded]))), shape, grid
     if kind == "Softmax":
         return Softmax(draw(st.sampled_from([1, -1])), ops.nan_guard and draw(st.booleans())), shape, grid
     if kind == "Concat":
@@ -345,7 +345,9 @@ def _draw_block(draw, shape, grid, ops: OpSet):
 
 
 @st.composite
-def graph_specs(draw, ops: OpSet = EVERYTHING, max_blocks: int = 6) -> GraphSpec:
+def graph_specs(draw, ops: OpSet = EVERYTHING, max_blocks: int = 6, weighted: bool = False) -> GraphSpec:
+    """`weighted`: the graph has at least one Conv / MatMul / Gemm with a constant weight (a Residual,
+    x + Conv1x1(x) or x + Linear(x), is appended when the drawn blocks have none)."""
     n = draw(st.sampled_from([1, 2]))
     if draw(st.booleans()):
         shape = (n, draw(st.integers(1, 12)), draw(st.integers(1, 10)), draw(st.integers(1, 10)))
@@ -367,8 +369,17 @@ def graph_specs(draw, ops: OpSet = EVERYTHING, max_blocks: int = 6) -> GraphSpec
             continue
         block, current, current_grid = found
         blocks.append(block)
+    if weighted and not has_weighted_op(GraphSpec(shape, grid, tuple(blocks))):
+        blocks.append(Residual())
     return GraphSpec(shape, grid, tuple(blocks), draw(st.integers(0, 2**16)), combine,
                      draw(st.sampled_from([0.1, 1.0, 1.0, 5.0])), draw(st.sampled_from([0.0, 0.0, 0.5, -1.0])))
+
+
+def has_weighted_op(spec: GraphSpec) -> bool:
+    """Whether the graph has a Conv / MatMul / Gemm with a constant weight (what the ORT/TFLite
+    planner quantizes around; without one a TFLite graph stays float)."""
+    return any(isinstance(b, Conv | Linear | GemmRows | Residual | Unpatchify)
+               or isinstance(b, Concat) and (b.other == "conv" or b.conv_after) for b in spec.blocks)
 
 
 # --- building -------------------------------------------------------------------------------------
@@ -546,13 +557,16 @@ def _nan_guard(b: _Builder, p: str) -> str:
 
 
 def build_model(spec: GraphSpec) -> onnx.ModelProto:
-    """The spec as an opset-20 model: inputs `x` (and `z`), one output `y`; checked by onnx."""
+    """The spec as an opset-20 model: inputs `x` (and `z`) with a symbolic batch, one output `y`;
+    checked by onnx. Reshape targets hold the spec's batch, so it runs at that batch only (what
+    StaticShapes fixes it to)."""
     b = _Builder(spec.seed)
     x = "x"
-    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(spec.shape))]
+    dims = ["N", *spec.shape[1:]]  # a symbolic batch, as exporters leave it
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)]
     shape, grid = spec.shape, spec.grid
     if spec.combine:
-        inputs.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, list(spec.shape)))
+        inputs.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, dims))
         if spec.combine == "Concat":
             x = b.node("Concat", ["x", "z"], axis=1)
             shape, grid = (shape[0], 2 * shape[1], *shape[2:]), None
@@ -578,7 +592,7 @@ def build_model(spec: GraphSpec) -> onnx.ModelProto:
     else:  # the last op writes the graph output itself, as in an exported model
         producer = next(node for node in b.nodes if x in node.output)
         producer.output[list(producer.output).index(x)] = "y"
-    graph = helper.make_graph(b.nodes, "fuzz", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(shape))],
+    graph = helper.make_graph(b.nodes, "fuzz", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", *shape[1:]])],
                               b.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=10)
     onnx.checker.check_model(model, full_check=True)

@@ -17,12 +17,15 @@ from hypothesis import strategies as st
 
 pytest.importorskip("ai_edge_litert.interpreter", reason="ai-edge-litert is not installed")
 
-# TFLite has no grouped convolution other than depthwise (ops_nn.lower_conv says so in one line).
-TFLITE_OPS = OpSet(grouped_conv=False)
+# What the lowering refuses, in one line naming the op (UserError), kept out of the property:
+# - grouped convolution other than depthwise (TFLite has none; ops_nn.lower_conv);
+# - Erf, i.e. GELU spelled out as x * 0.5 * (1 + Erf(x / sqrt 2)) (TFLite has no ERF builtin, and the
+#   tflite targets' pipelines do not run FuseGelu; test_fuzz_found.py pins the one-line refusal).
+TFLITE_OPS = OpSet(grouped_conv=False, excluded=frozenset({"GeluErf"}))
 
 
 @fuzz_settings(ci=24, nightly=300)
-@given(graph_specs(TFLITE_OPS), st.sampled_from(["int8", "int8-wide"]))
+@given(graph_specs(TFLITE_OPS, weighted=True), st.sampled_from(["int8", "int8-wide"]))
 def test_tflite_agrees_with_onnxruntime_on_the_qdq_graph(spec, caps_name):
     from qcompile.targets.tflite.caps import TFLITE_INT8_CAPS, TFLITE_INT8_WIDE_CAPS
 
