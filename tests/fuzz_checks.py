@@ -285,10 +285,10 @@ def _tflite_output_local(tflite: Path, qdq: Path, quantized: list, feed: dict[st
 @dataclass(frozen=True)
 class QnnOutcome:
     bits: int  # activation width
-    output_scale: float  # of the (16-bit) graph output
-    max_lsb: float  # max |HTP - CPU EP| in steps of the output scale
-    max_activation_lsb: float  # the same in steps of the activation width's grid over the output range
-    sqnr_db: float  # HTP against the CPU EP
+    local_max_lsb: float  # worst activation, each computed by the CPU EP from HTP's own upstream values
+    local_worst: str  # 'op tensor' of that activation
+    max_activation_lsb: float  # the graph output end to end, in steps of the activation width
+    sqnr_db: float  # the graph output end to end, HTP against the CPU EP
     deterministic: bool
 
 
@@ -309,8 +309,10 @@ def qnn_qdq_graph(spec: GraphSpec, caps, folder: Path) -> Path:
 
 
 def check_qnn(spec: GraphSpec, caps) -> QnnOutcome:
-    """HTP (CPU fallback disabled: a refused node fails the session) against the CPU EP, same Q/DQ
-    graph, held-out random inputs; HTP run twice to check it is deterministic."""
+    """HTP (CPU fallback disabled: a refused node fails the session) against the CPU EP on the same
+    Q/DQ graph, on held-out random inputs: every activation locally (the CPU EP computing each op from
+    HTP's own upstream values, so HTP's rounding is not compounded through later layers), the output end
+    to end; HTP runs twice to check it is deterministic."""
     from qcompile.evaluation.metrics import sqnr_db
     from qcompile.targets.qnn import ep
     from qcompile.targets.tflite.validate import output_scale
@@ -323,11 +325,52 @@ def check_qnn(spec: GraphSpec, caps) -> QnnOutcome:
         session = ep.htp_session(qdq, quiet=True)
         names = [i.name for i in session.get_inputs()]
         runs = [np.concatenate([session.run(None, {n: f[n] for n in names})[0] for f in feeds]) for _ in range(2)]
-        scale = output_scale(load_graph(qdq))
+        graph = load_graph(qdq)
+        scale = output_scale(graph)
         assert scale is not None, "the QNN graph output is not dequantized"
-        diff = np.abs(runs[0].astype(np.float64) - want)
-        span = max(float(want.max() - want.min()), scale)
-        narrow = span / (caps.activation_dtype.qmax - caps.activation_dtype.qmin)
-        return QnnOutcome(caps.activation_dtype.bits, scale, float(diff.max(initial=0.0)) / scale,
-                          float(diff.max(initial=0.0)) / narrow, round(float(sqnr_db(want, runs[0])), 2),
-                          bool(np.array_equal(runs[0], runs[1])))
+        # One step of the activation width over the output's range: a 16-bit output of a W8A8 graph
+        # (wide_graph_outputs) has 257 steps per 8-bit step.
+        out_bits = np.iinfo(graph.outputs[0].inputs[0].inputs[2].values.dtype).bits
+        step = scale * (257 if out_bits > caps.activation_dtype.bits else 1)
+        diff = float(np.abs(runs[0].astype(np.float64) - want).max(initial=0.0))
+        local, worst = qnn_local_agreement(qdq, feeds, folder)
+        return QnnOutcome(caps.activation_dtype.bits, local, worst, diff / step,
+                          round(float(sqnr_db(want, runs[0])), 2), bool(np.array_equal(runs[0], runs[1])))
+
+
+def qnn_local_agreement(qdq: Path, feeds, folder: Path) -> tuple[float, str]:
+    """(largest difference, 'op tensor' where) in steps of each activation's own scale, between HTP's
+    value of every quantized activation and the CPU EP's value computed from HTP's upstream activations.
+
+    Every activation's DequantizeLinear output is exposed (`validate.exposed_activations`) and HTP runs
+    that graph; then the CPU EP runs it with each reader of an exposed tensor reading an extra input
+    holding HTP's value instead, so each op sees the integers HTP fed it (what `TfliteInt8Target`'s
+    local check does for TFLite)."""
+    from qcompile.targets.qnn import ep
+    from qcompile.targets.qnn.validate import exposed_activations
+
+    exposed, listed = exposed_activations(qdq, folder / "exposed.onnx")
+    names = [e.output for e in listed]
+    model = onnx.load(str(exposed))
+    wanted = set(names)
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            if name in wanted:
+                node.input[i] = name + "/injected"
+    model.graph.input.extend(onnx.helper.make_tensor_value_info(n + "/injected", onnx.TensorProto.FLOAT, None)
+                             for n in names)
+    injected = folder / "injected.onnx"
+    onnx.save(model, str(injected))
+    htp = ep.htp_session(exposed, quiet=True)
+    cpu = make_session(injected, optimize=False)
+    inputs = [i.name for i in htp.get_inputs()]
+    worst, where = 0.0, ""
+    for feed in feeds:
+        got = dict(zip(names, htp.run(names, {n: feed[n] for n in inputs}), strict=True))
+        local = dict(zip(names, cpu.run(names, {**{n: feed[n] for n in inputs},
+                                                **{n + "/injected": got[n] for n in names}}), strict=True))
+        for e in listed:
+            lsb = float(np.abs(local[e.output].astype(np.float64) - got[e.output]).max(initial=0.0)) / e.scale
+            if lsb > worst:
+                worst, where = lsb, f"{e.op} {e.tensor}"
+    return worst, where

@@ -28,5 +28,5 @@ def test_qnn_htp_agrees_with_the_cpu_ep(spec, bits):
 
     outcome = check_qnn(spec, QNN_W8A8_CAPS if bits == 8 else QNN_W8A16_CAPS)
     print(outcome, spec)
-    event(f"W8A{bits} max activation LSB: {outcome.max_activation_lsb:.0f}")
+    event(f"W8A{bits} local max LSB: {outcome.local_max_lsb:.0f}")
     assert outcome.deterministic, outcome
