@@ -61,12 +61,13 @@ class WideGraphOutputs(Pass):
         if self.narrow.bits >= self.wide.bits:
             return PassResult(modified=False, detail=f"outputs stay {self.narrow.value}")
         widened: list[str] = []
+        fixed = {op for op, _, _ in self.caps.fixed_output_qparams}
         for out in graph.outputs:
             pairs, op = self._chain(out)
             if op is None:
                 continue
             for q, dq in pairs:
-                self._set_params(q, dq)
+                self._set_params(q, dq, full_range=op.op in fixed)
             self._widen_inputs(graph, op)
             widened.append(op.name)
         if not widened:
@@ -97,8 +98,19 @@ class WideGraphOutputs(Pass):
             t = op.inputs[0]
         return pairs, None
 
-    def _set_params(self, q: gs.Node, dq: gs.Node) -> None:
-        qp = _widened(constant_values(q.inputs[1]), constant_values(q.inputs[2]), self.narrow, self.wide)
+    def _set_params(self, q: gs.Node, dq: gs.Node, *, full_range: bool = False) -> None:
+        """`full_range`: the op's kernel fixes its output encoding (HTP's Sigmoid: [0, 1) over every code
+        of the width, 1/65536 at 16 bits); the wide grid then spans the same range in wide codes, not
+        the narrow grid split 257 ways (1/65792: HTP's 16-bit Sigmoid read with it was 0.4% low at the
+        top, 255 LSB; found by tests/test_fuzz_qnn.py)."""
+        scale, zero = constant_values(q.inputs[1]), constant_values(q.inputs[2])
+        if full_range:
+            levels = (self.wide.qmax - self.wide.qmin + 1) // (self.narrow.qmax - self.narrow.qmin + 1)
+            qp = QParams(np.asarray(np.asarray(scale, np.float64) / levels, np.float32),
+                         np.asarray((np.asarray(zero, np.int64) - self.narrow.qmin) * levels + self.wide.qmin,
+                                    self.wide.numpy), self.wide)
+        else:
+            qp = _widened(scale, zero, self.narrow, self.wide)
         scale = gs.Constant(f"{q.inputs[0].name}_scale_{self.wide.value}", qp.scale)
         zero = gs.Constant(f"{q.inputs[0].name}_zero_point_{self.wide.value}", qp.zero_point)
         for node in (q, dq):

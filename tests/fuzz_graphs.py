@@ -197,6 +197,7 @@ class OpSet:
     nan_guard: bool = True
     einsum: bool = True
     folded: bool = True  # foldable weight chains, Identity, Shape-computed Reshape targets
+    unit_norms: bool = True  # LayerNorm / RMSNorm over a last axis of size 1
     excluded: frozenset[str] = field(default_factory=frozenset)  # block class names (or Act kinds) never drawn
 
     def allows(self, block: type) -> bool:
@@ -298,6 +299,8 @@ def _draw_block(draw, shape, grid, ops: OpSet):
         new = list(shape)
         new[axis] = len(range(start, end, step))
         return Slice(axis, start, end, step), tuple(new), grid if axis == rank - 1 else None
+    if kind in ("LayerNorm", "RMSNorm") and shape[-1] == 1 and not ops.unit_norms:
+        return None
     if kind == "LayerNorm":
         decomposed = ops.decomposed and draw(st.booleans())
         return LayerNorm(decomposed, draw(st.booleans())), shape, grid
@@ -373,6 +376,13 @@ def graph_specs(draw, ops: OpSet = EVERYTHING, max_blocks: int = 6, weighted: bo
         blocks.append(Residual())
     return GraphSpec(shape, grid, tuple(blocks), draw(st.integers(0, 2**16)), combine,
                      draw(st.sampled_from([0.1, 1.0, 1.0, 5.0])), draw(st.sampled_from([0.0, 0.0, 0.5, -1.0])))
+
+
+def moves_data_only(spec: GraphSpec) -> bool:
+    """Whether no block computes anything (Transpose / Slice / Resize / layout changes only)."""
+    return spec.combine in ("", "Concat") and all(
+        isinstance(b, Transpose | Slice | Resize | ToTokens | ToImage) or isinstance(b, Concat) and b.other == "self"
+        for b in spec.blocks)
 
 
 def has_weighted_op(spec: GraphSpec) -> bool:
