@@ -101,9 +101,9 @@ def _as_rank3(x: gs.Tensor, y: gs.Tensor, norm_axes: int, outs: set[str], base: 
     (the rows of channels 8 and 9 come out zero, up to 250 LSB off), [2, 16, 4] and [2, 4, 32, 16] (the
     second sample's rows); [2, 10, 4], [2, 20, 4] and an SD3-sized [2, 24, 16, 64] were right. The same
     rows as [1, R, D] agreed with the CPU EP to a rounding step in every case tried (found by
-    tests/test_fuzz_qnn.py, pinned in tests/test_fuzz_found.py). The norm output keeps the name calibration recorded (its range is that
-    of the restored tensor, renamed `<name>_unflattened`); a graph output, a symbolic shape or one
-    already [1, R, ...] stays as it is."""
+    tests/test_fuzz_qnn.py, pinned in tests/test_fuzz_found.py). The norm output keeps the name
+    calibration recorded (its range is that of the restored tensor, renamed `<name>_unflattened`); a
+    graph output, a symbolic shape or one already [1, R, ...] stays as it is."""
     shape = x.shape
     lead = len(shape) - norm_axes if shape is not None else 0
     if lead < 1 or y.name in outs or not all(isinstance(d, int) and d > 0 for d in shape) or \

@@ -69,10 +69,10 @@ def canonical(spec: GraphSpec, folder: Path) -> Path:
     return save_graph(graph, folder / "canonical.onnx")
 
 
-def calibrated_ranges(spec: GraphSpec, path: Path, names, folder: Path, *, levels: int = 255):
-    """Ranges of `names` from a real calibration: 8 random batches recorded, statistics collected in
-    onnxruntime, the MAX estimator (what a build with `--estimator max` does)."""
-    feeds = spec.inputs(8, seed=1)
+def calibrated_ranges(spec: GraphSpec, path: Path, names, folder: Path, *, levels: int = 255, also=()):
+    """Ranges of `names` from a real calibration: 8 random batches (and the feeds `also`) recorded,
+    statistics collected in onnxruntime, the MAX estimator (what a build with `--estimator max` does)."""
+    feeds = [*spec.inputs(8, seed=1), *also]
     arrays = {k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}
     recording = record_input_set(InputSet(arrays, None), folder / "recording", {})
     table = collect_stats(path, load_graph(path), recording, names=list(names), batch=spec.shape[0])
@@ -261,10 +261,10 @@ def _tflite_output_local(tflite: Path, qdq: Path, quantized: list, feed: dict[st
     """(interpreter output, onnxruntime output computed from the interpreter's int8 tensors) over
     `feed` in static-batch chunks: the output's own check, as `quantized_tensor_agreement`'s local
     one is for each int8 tensor (only the ops after the last int8 tensors are compared)."""
+    from qcompile.runtime import static_chunks
     from qcompile.targets.tflite.layout import invert
     from qcompile.targets.tflite.runner import read_metadata
     from qcompile.targets.tflite.validate import INJECTED, _Interpreted, _probe_session
-    from qcompile.runtime import static_chunks
 
     names = [q[0] for q in quantized]
     interpreter = _Interpreted(tflite, TFLITE_KEY, quantized)
@@ -282,19 +282,34 @@ def _tflite_output_local(tflite: Path, qdq: Path, quantized: list, feed: dict[st
 
 
 # --- property 3: the QNN Q/DQ graph on the HTP simulator against onnxruntime's CPU EP -------------
+# Largest local difference between HTP and the CPU EP, in steps of the tensor's own scale, by the
+# tensor's width. Measured over the nightly profile (200 graphs, the held-out inputs calibrated):
+# 8-bit tensors differ by 1 step (requantization rounding), norms and Softmax by 2; 16-bit tensors
+# (W8A16, and the outputs of W8A8 graphs) by a median 17 and at most 210 steps (HTP's activation x
+# activation MatMul and Softmax at 16 bits), i.e. under one step of the same range at 8 bits.
+QNN_LOCAL_LSB = {8: 3.0, 16: 256.0}
+
+
 @dataclass(frozen=True)
 class QnnOutcome:
     bits: int  # activation width
-    local_max_lsb: float  # worst activation, each computed by the CPU EP from HTP's own upstream values
-    local_worst: str  # 'op tensor' of that activation
-    max_activation_lsb: float  # the graph output end to end, in steps of the activation width
+    local_max_lsb: dict  # {tensor width: worst local difference in that tensor's steps}
+    local_worst: dict  # {tensor width: 'op tensor' where}
+    output_max_lsb: float  # the graph output end to end, in steps of its scale
     sqnr_db: float  # the graph output end to end, HTP against the CPU EP
     deterministic: bool
+    # Tensors zero throughout calibration: their scale is MIN_SCALE (1e-8), and a Conv/Gemm reading one
+    # needs an int32 bias at 1e-8 * s_w, which saturates (test_fuzz_found.py); the property skips them.
+    zero_range: tuple[str, ...] = ()
+
+    def within(self, tolerance: dict) -> bool:
+        return all(lsb <= tolerance[bits] for bits, lsb in self.local_max_lsb.items())
 
 
-def qnn_qdq_graph(spec: GraphSpec, caps, folder: Path) -> Path:
-    """The QNN target's Q/DQ graph for `spec`: canonicalized, every float tensor calibrated, through
-    the target's own pipeline (static shapes, HTP rewrites, integer-only Q/DQ, 16-bit outputs)."""
+def qnn_qdq_graph(spec: GraphSpec, caps, folder: Path, *, also=()) -> tuple[Path, list[str]]:
+    """The QNN target's Q/DQ graph for `spec`: canonicalized, every float tensor calibrated (on random
+    inputs and the feeds `also`), through the target's own pipeline (static shapes, HTP rewrites,
+    integer-only Q/DQ, 16-bit outputs); and the tensors that were zero throughout calibration."""
     from qcompile.targets.qnn.target import QnnW8A8Target, QnnW8A16Target
 
     target = QnnW8A8Target(batch=spec.shape[0]) if caps.activation_dtype.bits == 8 else \
@@ -302,10 +317,11 @@ def qnn_qdq_graph(spec: GraphSpec, caps, folder: Path) -> Path:
     canon = canonical(spec, folder)
     plan = plan_quantization(load_graph(canon), target.caps)
     levels = caps.activation_dtype.qmax - caps.activation_dtype.qmin
-    ranges = calibrated_ranges(spec, canon, plan.activations, folder, levels=levels)
+    ranges = calibrated_ranges(spec, canon, plan.activations, folder, levels=levels, also=also)
     graph = load_graph(canon)
     PassManager(target.pipeline(plan, ranges, timestep_input=None)).run(graph, PassContext())
-    return save_graph(graph, folder / "qdq.onnx")
+    zero = [n for n, r in ranges.items() if r.lo == 0.0 == r.hi]
+    return save_graph(graph, folder / "qdq.onnx"), zero
 
 
 def check_qnn(spec: GraphSpec, caps) -> QnnOutcome:
@@ -319,28 +335,28 @@ def check_qnn(spec: GraphSpec, caps) -> QnnOutcome:
 
     with tempfile.TemporaryDirectory(prefix="qcompile-fuzz-") as tmp:
         folder = Path(tmp)
-        qdq = qnn_qdq_graph(spec, caps, folder)
+        # The held-out inputs are in the calibration: no tensor leaves its calibrated range. Outside it
+        # HTP saturates less often than the Q/DQ graph says (a graph input read by a Concat, a Concat of
+        # a Concat: test_fuzz_found.py pins both), which is about ranges, not about what each op computes.
         feeds = spec.inputs(2, seed=2)
+        qdq, zero = qnn_qdq_graph(spec, caps, folder, also=feeds)
         want = np.concatenate(run_onnx(qdq, feeds))
         session = ep.htp_session(qdq, quiet=True)
         names = [i.name for i in session.get_inputs()]
         runs = [np.concatenate([session.run(None, {n: f[n] for n in names})[0] for f in feeds]) for _ in range(2)]
-        graph = load_graph(qdq)
-        scale = output_scale(graph)
+        scale = output_scale(load_graph(qdq))
         assert scale is not None, "the QNN graph output is not dequantized"
-        # One step of the activation width over the output's range: a 16-bit output of a W8A8 graph
-        # (wide_graph_outputs) has 257 steps per 8-bit step.
-        out_bits = np.iinfo(graph.outputs[0].inputs[0].inputs[2].values.dtype).bits
-        step = scale * (257 if out_bits > caps.activation_dtype.bits else 1)
         diff = float(np.abs(runs[0].astype(np.float64) - want).max(initial=0.0))
         local, worst = qnn_local_agreement(qdq, feeds, folder)
-        return QnnOutcome(caps.activation_dtype.bits, local, worst, diff / step,
-                          round(float(sqnr_db(want, runs[0])), 2), bool(np.array_equal(runs[0], runs[1])))
+        return QnnOutcome(caps.activation_dtype.bits, local, worst, diff / scale,
+                          round(float(sqnr_db(want, runs[0])), 2), bool(np.array_equal(runs[0], runs[1])),
+                          tuple(zero))
 
 
-def qnn_local_agreement(qdq: Path, feeds, folder: Path) -> tuple[float, str]:
-    """(largest difference, 'op tensor' where) in steps of each activation's own scale, between HTP's
-    value of every quantized activation and the CPU EP's value computed from HTP's upstream activations.
+def qnn_local_agreement(qdq: Path, feeds, folder: Path) -> tuple[dict, dict]:
+    """({width: largest difference}, {width: 'op tensor' where}) in steps of each activation's own
+    scale, by its width, between HTP's value of every quantized activation and the CPU EP's value
+    computed from HTP's upstream activations.
 
     Every activation's DequantizeLinear output is exposed (`validate.exposed_activations`) and HTP runs
     that graph; then the CPU EP runs it with each reader of an exposed tensor reading an extra input
@@ -354,6 +370,13 @@ def qnn_local_agreement(qdq: Path, feeds, folder: Path) -> tuple[float, str]:
     # A graph input's own pair is left out: exposed, HTP reports the float input there (its readers get
     # the quantized values: the next tensors agree), and no HTP op computes it.
     listed = [e for e in listed if e.op != "input"]
+    dequantizers = {n.outputs[0].name: n for n in load_graph(exposed).nodes if n.op == "DequantizeLinear"}
+    # (width, step) each activation is compared in: its own; for a Convert (an 8-bit tensor requantized
+    # to 16 bits exactly, before a 16-bit op) the 8-bit one it carries, so 8-bit rounding upstream is one step.
+    grid = {}
+    for e in listed:
+        source = dequantizers.get(e.tensor) or dequantizers[e.output]
+        grid[e.output] = (np.iinfo(source.inputs[2].values.dtype).bits, float(np.max(source.inputs[1].values)))
     model = onnx.load(str(exposed))
     wanted = {e.output for e in listed}
     for node in model.graph.node:
@@ -367,13 +390,15 @@ def qnn_local_agreement(qdq: Path, feeds, folder: Path) -> tuple[float, str]:
     htp = ep.htp_session(exposed, quiet=True)
     cpu = make_session(injected, optimize=False)
     inputs = [i.name for i in htp.get_inputs()]
-    worst, where = 0.0, ""
+    worst: dict[int, float] = {}
+    where: dict[int, str] = {}
     for feed in feeds:
         got = dict(zip(names, htp.run(names, {n: feed[n] for n in inputs}), strict=True))
         local = dict(zip(names, cpu.run(names, {**{n: feed[n] for n in inputs},
                                                 **{n + "/injected": got[n] for n in wanted}}), strict=True))
         for e in listed:
-            lsb = float(np.abs(local[e.output].astype(np.float64) - got[e.output]).max(initial=0.0)) / e.scale
-            if lsb > worst:
-                worst, where = lsb, f"{e.op} {e.tensor}"
+            bits, step = grid[e.output]
+            lsb = float(np.abs(local[e.output].astype(np.float64) - got[e.output]).max(initial=0.0)) / step
+            if lsb >= worst.get(bits, 0.0):
+                worst[bits], where[bits] = lsb, f"{e.op} {e.tensor}"
     return worst, where

@@ -462,7 +462,8 @@ def _apply(b: _Builder, block: Block, x: str, shape: tuple[int, ...]) -> str:
         normed = b.node("InstanceNormalization", [grouped, b.const("ones", np.ones(block.groups, np.float32)),
                                                   b.const("zeros", np.zeros(block.groups, np.float32))],
                         epsilon=1e-5)
-        target = b.node("Shape", [x]) if block.shape_from_input else b.const("shape", np.array(shape, np.int64))
+        target = b.node("Shape", [x]) if block.shape_from_input else \
+            b.const("shape", np.array([0, *shape[1:]], np.int64))  # 0: the batch, copied (it is symbolic)
         y = b.node("Reshape", [normed, target], "groupnorm_restored")
         if block.affine:
             gamma = (1.0 + b.normal((c, 1, 1), 0.3)).astype(np.float32)
@@ -530,7 +531,7 @@ def _apply(b: _Builder, block: Block, x: str, shape: tuple[int, ...]) -> str:
             head = b.node("Shape", [x], start=0, end=2)
             target = b.node("Concat", [head, b.const("minus_one", np.array([-1], np.int64))], axis=0)
         else:
-            target = b.const("flat_shape", np.array([n, c, h * w], np.int64))
+            target = b.const("flat_shape", np.array([0, c, h * w], np.int64))
         return b.node("Transpose", [b.node("Reshape", [x, target])], "to_tokens", perm=[0, 2, 1])
     if isinstance(block, ToImage):
         raise AssertionError("ToImage needs the grid: handled by build_model")
@@ -547,7 +548,7 @@ def _apply(b: _Builder, block: Block, x: str, shape: tuple[int, ...]) -> str:
         if block.bias:
             inputs.append(b.const("gemm_b", b.normal((block.out,), 0.3)))
         y = b.node("Gemm", inputs, transB=int(block.trans_b))
-        return b.node("Reshape", [y, b.const("unrows", np.array([*shape[:-1], block.out], np.int64))])
+        return b.node("Reshape", [y, b.const("unrows", np.array([-1, *shape[1:-1], block.out], np.int64))])
     if isinstance(block, Attention):
         scores = b.node("MatMul", [x, b.node("Transpose", [x], "keys", perm=[0, 2, 1])], "qk")
         scaled = b.node("Mul", [scores, b.const("attn_scale", np.float32(block.scale))])
@@ -568,8 +569,8 @@ def _nan_guard(b: _Builder, p: str) -> str:
 
 def build_model(spec: GraphSpec) -> onnx.ModelProto:
     """The spec as an opset-20 model: inputs `x` (and `z`) with a symbolic batch, one output `y`;
-    checked by onnx. Reshape targets hold the spec's batch, so it runs at that batch only (what
-    StaticShapes fixes it to)."""
+    checked by onnx. Reshape targets copy the batch (0) or infer it (-1), as exports with a dynamic
+    batch write them."""
     b = _Builder(spec.seed)
     x = "x"
     dims = ["N", *spec.shape[1:]]  # a symbolic batch, as exporters leave it
@@ -584,16 +585,15 @@ def build_model(spec: GraphSpec) -> onnx.ModelProto:
             x = b.node(spec.combine, ["x", "z"])
     for block in spec.blocks:
         if isinstance(block, ToImage):
-            n, _, d = shape
+            d = shape[2]
             t = b.node("Transpose", [x], perm=[0, 2, 1])
-            x = b.node("Reshape", [t, b.const("image_shape", np.array([n, d, *grid], np.int64))], "to_image")
+            x = b.node("Reshape", [t, b.const("image_shape", np.array([0, d, *grid], np.int64))], "to_image")
         elif isinstance(block, Unpatchify):
-            n = shape[0]
             p, (h, w), c = block.patch, grid, block.channels
             x = _apply(b, Linear(p * p * c), x, shape)
-            six = b.node("Reshape", [x, b.const("patch_shape", np.array([n, h, w, p, p, c], np.int64))])
+            six = b.node("Reshape", [x, b.const("patch_shape", np.array([0, h, w, p, p, c], np.int64))])
             t = b.node("Transpose", [six], perm=[0, 5, 1, 3, 2, 4])
-            x = b.node("Reshape", [t, b.const("image_shape", np.array([n, c, h * p, w * p], np.int64))], "unpatchify")
+            x = b.node("Reshape", [t, b.const("image_shape", np.array([0, c, h * p, w * p], np.int64))], "unpatchify")
         else:
             x = _apply(b, block, x, shape)
         shape, grid = _next_shape(block, shape, grid)
@@ -602,8 +602,8 @@ def build_model(spec: GraphSpec) -> onnx.ModelProto:
     else:  # the last op writes the graph output itself, as in an exported model
         producer = next(node for node in b.nodes if x in node.output)
         producer.output[list(producer.output).index(x)] = "y"
-    graph = helper.make_graph(b.nodes, "fuzz", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", *shape[1:]])],
-                              b.inits)
+    output = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", *shape[1:]])
+    graph = helper.make_graph(b.nodes, "fuzz", inputs, [output], b.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=10)
     onnx.checker.check_model(model, full_check=True)
     return model
@@ -641,3 +641,18 @@ def _next_shape(block: Block, shape: tuple[int, ...], grid):
     if isinstance(block, Linear | GemmRows):
         return (*shape[:-1], block.out), grid
     return shape, grid
+
+
+# --- fixed examples: every block and every rewrite in each profile, whatever hypothesis draws ---------
+IMAGE_EXAMPLE = GraphSpec(
+    (2, 4, 6, 6), None,
+    (Conv(8, 3, 1, (1, 1, 1, 1), 1, folded_weight=True), GroupNorm(2), Act("SiLU"), Act("Identity"),
+     Concat(1, "conv", 4, conv_after=8), Transpose((0, 1, 3, 2), einsum=True), Conv(8, 3, 2, (1, 1, 1, 1), 8),
+     InstanceNorm(), Resize(), Slice(3, 1, 6, 2), Softmax(1), ToTokens(shape_from_input=True),
+     LayerNorm(), Act("Gelu"), ToImage(), Binary("Mul", "channel"), Act("Tanh")),
+    seed=7, combine="Add")
+TOKEN_EXAMPLE = GraphSpec(
+    (2, 16, 12), (4, 4),
+    (Linear(16, folded_weight=True), RMSNorm(), Attention(0.25, nan_guard=True), Residual(), GemmRows(12, True),
+     LayerNorm(decomposed=True), Binary("Add", "last"), Act("Sigmoid"), Unpatchify(2, 3)),
+    seed=11, input_offset=0.5)

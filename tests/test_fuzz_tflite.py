@@ -11,8 +11,8 @@ Profiles (hypothesis, derandomized): `QCOMPILE_FUZZ_PROFILE=ci` (the default, 24
 
 import pytest
 from fuzz_checks import check_tflite, fuzz_settings
-from fuzz_graphs import OpSet, graph_specs
-from hypothesis import event, given
+from fuzz_graphs import IMAGE_EXAMPLE, TOKEN_EXAMPLE, OpSet, graph_specs
+from hypothesis import event, example, given
 from hypothesis import strategies as st
 
 pytest.importorskip("ai_edge_litert.interpreter", reason="ai-edge-litert is not installed")
@@ -26,6 +26,8 @@ TFLITE_OPS = OpSet(grouped_conv=False, excluded=frozenset({"GeluErf"}))
 
 @fuzz_settings(ci=24, nightly=300)
 @given(graph_specs(TFLITE_OPS, weighted=True), st.sampled_from(["int8", "int8-wide"]))
+@example(IMAGE_EXAMPLE, "int8")
+@example(TOKEN_EXAMPLE, "int8-wide")
 def test_tflite_agrees_with_onnxruntime_on_the_qdq_graph(spec, caps_name):
     from qcompile.targets.tflite.caps import TFLITE_INT8_CAPS, TFLITE_INT8_WIDE_CAPS
 
