@@ -127,11 +127,12 @@ class PassCase:
     passes: list[Pass]
     setup: tuple[Pass, ...] = ()
     opset: int | None = None
+    fixed_point: bool = False
 
 
 def check_pass(case: PassCase, source: Path, feeds, reference, folder: Path) -> PassOutcome:
     path, modified = apply_pass(source, case.passes, folder / f"{case.name}.onnx", opset=case.opset,
-                                fixed_point=case.name == "canonicalize", setup=case.setup)
+                                fixed_point=case.fixed_point, setup=case.setup)
     if not modified:
         return PassOutcome(case.name, False, 0.0)
     diffs = [assert_float_close(got, want, f"after pass {case.name}")
@@ -145,7 +146,8 @@ def raw_passes() -> list[PassCase]:
     from qcompile.passes.fold_constants import FoldConstants
 
     return [PassCase("fold-constants", [FoldConstants()]), PassCase("remove-identity", [RemoveIdentity()]),
-            PassCase("eliminate-dead-nodes", [EliminateDeadNodes()]), PassCase("canonicalize", canonicalize_passes())]
+            PassCase("eliminate-dead-nodes", [EliminateDeadNodes()]),
+            PassCase("canonicalize", canonicalize_passes(), fixed_point=True)]
 
 
 def canonical_passes(batch: int) -> list[PassCase]:

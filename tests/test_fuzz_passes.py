@@ -3,7 +3,7 @@ in onnxruntime on random small graphs (tests/fuzz_graphs.py): max |rewritten - o
 1e-5 * max |original| per output (tests/fuzz_checks.py says why the tolerance is per tensor).
 
 Profiles (hypothesis, derandomized: the same graphs on every run): `QCOMPILE_FUZZ_PROFILE=ci` (the
-default, 40 graphs) or `QCOMPILE_FUZZ_PROFILE=nightly` (400 graphs); two fixed graphs run first in
+default, 60 graphs) or `QCOMPILE_FUZZ_PROFILE=nightly` (400 graphs); two fixed graphs run first in
 both, so every pass rewrites something whatever is drawn. Run with `--hypothesis-show-statistics` to
 see which passes rewrote how many graphs.
 """
@@ -19,7 +19,7 @@ DECOMPOSED_EXAMPLE = dataclasses.replace(TOKEN_EXAMPLE, blocks=(*TOKEN_EXAMPLE.b
                                                                  TOKEN_EXAMPLE.blocks[-1]))
 
 
-@fuzz_settings(ci=40, nightly=400)
+@fuzz_settings(ci=60, nightly=400)
 @given(graph_specs())
 @example(IMAGE_EXAMPLE)
 @example(DECOMPOSED_EXAMPLE)

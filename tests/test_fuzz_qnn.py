@@ -23,7 +23,7 @@ Found and not fixed (pinned as a strict xfail in tests/test_fuzz_found.py, skipp
 is zero throughout calibration gets scale 1e-8, and the int32 bias of a Conv/Gemm reading it
 saturates (its scale is 1e-8 * s_w); HTP and the CPU EP then disagree by ~200 LSB.
 
-Profiles (hypothesis, derandomized): `QCOMPILE_FUZZ_PROFILE=ci` (the default, 16 graphs) or
+Profiles (hypothesis, derandomized): `QCOMPILE_FUZZ_PROFILE=ci` (the default, 24 graphs) or
 `nightly` (200 graphs).
 """
 
@@ -44,7 +44,7 @@ def _htp():
     require_htp()
 
 
-@fuzz_settings(ci=16, nightly=200)
+@fuzz_settings(ci=24, nightly=200)
 @given(graph_specs(QNN_OPS), st.sampled_from([8, 16]))
 @example(IMAGE_EXAMPLE, 8)
 @example(TOKEN_EXAMPLE, 16)

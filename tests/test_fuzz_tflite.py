@@ -5,7 +5,7 @@ Every int8 tensor of the .tflite is within 1 LSB of onnxruntime's when both comp
 interpreter's own upstream int8 tensors (what `TfliteInt8Target.device_checks` requires), and the
 float output, computed the same way, within 1 step of its own 8-bit range.
 
-Profiles (hypothesis, derandomized): `QCOMPILE_FUZZ_PROFILE=ci` (the default, 24 graphs) or
+Profiles (hypothesis, derandomized): `QCOMPILE_FUZZ_PROFILE=ci` (the default, 40 graphs) or
 `nightly` (300 graphs).
 """
 
@@ -24,7 +24,7 @@ pytest.importorskip("ai_edge_litert.interpreter", reason="ai-edge-litert is not 
 TFLITE_OPS = OpSet(grouped_conv=False, excluded=frozenset({"GeluErf"}))
 
 
-@fuzz_settings(ci=24, nightly=300)
+@fuzz_settings(ci=40, nightly=300)
 @given(graph_specs(TFLITE_OPS, weighted=True), st.sampled_from(["int8", "int8-wide"]))
 @example(IMAGE_EXAMPLE, "int8")
 @example(TOKEN_EXAMPLE, "int8-wide")
