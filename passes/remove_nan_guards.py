@@ -47,12 +47,25 @@ class RemoveNanGuardRule(NanGuardPattern, Rule[NanGuardMatch]):
     name = "remove-nan-guards"
 
     def check(self, match: NanGuardMatch, view: GraphView) -> str | None:
-        return "the guard writes a graph output (which keeps its name)" \
-            if match.where.outputs[0].name in view.outputs else None
+        """A guard writing a graph output goes too (HTP refuses the Where at either width; found by
+        tests/test_fuzz_qnn.py): x's producer then writes the output, which keeps its name, so x must
+        be read by nothing but the guard."""
+        if match.where.outputs[0].name not in view.outputs:
+            return None
+        x, isnan = match.x, producer(match.where.inputs[0])
+        if producer(x) is None or x.name in view.outputs or any(c is not match.where and c is not isnan
+                                                                 for c in x.outputs):
+            return "the guard writes a graph output and its input is read elsewhere"
+        return None
 
     def rewrite(self, match: NanGuardMatch, edit: Edit) -> None:
-        redirect_consumers(match.where.outputs[0], match.x)
+        y = match.where.outputs[0]
         match.where.outputs.clear()
+        if y.name in {t.name for t in edit.graph.outputs}:
+            source = producer(match.x)
+            source.outputs[source.outputs.index(match.x)] = y
+        else:
+            redirect_consumers(y, match.x)
 
 
 def nan_guards(graph: gs.Graph) -> list[tuple[gs.Node, gs.Tensor]]:

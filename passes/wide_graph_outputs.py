@@ -29,7 +29,7 @@ from qcompile.graph_io import constant_values, raise_opset, replace_input
 from qcompile.pass_manager import GraphProperty, Pass, PassContext, PassResult
 from qcompile.passes.insert_qdq import activation_qdq_pair, insert_qdq_pair
 from qcompile.passes.insert_qdq_integer import WIDE_QDQ_OPSET
-from qcompile.quant import grid_ratio, widen_qparams
+from qcompile.quant import grid_ratio, widen_full_range, widen_qparams
 from qcompile.rewrite import producer
 
 PASS_NAME = "wide-graph-outputs"
@@ -49,12 +49,13 @@ class WideGraphOutputs(Pass):
         if self.narrow.bits >= self.wide.bits:
             return PassResult(modified=False, detail=f"outputs stay {self.narrow.value}")
         widened: list[str] = []
+        fixed = {op for op, _, _ in self.caps.fixed_output_qparams}
         for out in graph.outputs:
             pairs, op = self._chain(out)
             if op is None or self._is_wide(pairs[0][0]):  # already wide (mixed precision widened it)
                 continue
             for q, dq in pairs:
-                self._set_params(q, dq)
+                self._set_params(q, dq, full_range=op.op in fixed)
             self._widen_inputs(graph, op)
             widened.append(op.name)
         if not widened:
@@ -88,10 +89,15 @@ class WideGraphOutputs(Pass):
     def _is_wide(self, q: gs.Node) -> bool:
         return np.dtype(constant_values(q.inputs[2]).dtype) == self.wide.numpy
 
-    def _set_params(self, q: gs.Node, dq: gs.Node) -> None:
+    def _set_params(self, q: gs.Node, dq: gs.Node, *, full_range: bool = False) -> None:
+        """`full_range`: the op's kernel fixes its output encoding (HTP's Sigmoid: [0, 1) over every code
+        of the width, 1/65536 at 16 bits); the wide grid then spans the same range in wide codes, not
+        the narrow grid split 257 ways (1/65792: HTP's 16-bit Sigmoid read with it was 0.4% low at the
+        top, 255 LSB; found by tests/test_fuzz_qnn.py)."""
         if self._is_wide(q):
             return
-        qp = widen_qparams(constant_values(q.inputs[1]), constant_values(q.inputs[2]), self.narrow, self.wide)
+        scale, zero = constant_values(q.inputs[1]), constant_values(q.inputs[2])
+        qp = (widen_full_range if full_range else widen_qparams)(scale, zero, self.narrow, self.wide)
         scale = gs.Constant(f"{q.inputs[0].name}_scale_{self.wide.value}", qp.scale)
         zero = gs.Constant(f"{q.inputs[0].name}_zero_point_{self.wide.value}", qp.zero_point)
         for node in (q, dq):

@@ -96,6 +96,14 @@ def widen_qparams(scale: np.ndarray, zero: np.ndarray, narrow: QuantDType, wide:
                    np.asarray(wide_zero, wide.numpy), wide)
 
 
+def widen_full_range(scale: np.ndarray, zero: np.ndarray, narrow: QuantDType, wide: QuantDType) -> QParams:
+    """A fixed output encoding (HTP's Sigmoid: [0, 1) over every code of the width) in the wide dtype: the
+    same range over every wide code (1/65536 at 16 bits from 1/256), not the narrow grid split 257 ways."""
+    levels = (wide.qmax - wide.qmin + 1) // (narrow.qmax - narrow.qmin + 1)
+    return QParams(np.asarray(np.asarray(scale, np.float64) / levels, np.float32),
+                   np.asarray((np.asarray(zero, np.int64) - narrow.qmin) * levels + wide.qmin, wide.numpy), wide)
+
+
 def weight_qparams(weight: np.ndarray, axis: int, dtype: QuantDType) -> QParams:
     """Symmetric per-channel parameters (zero point 0, the restricted range [-qmax, qmax])."""
     moved = np.moveaxis(np.asarray(weight, np.float32), axis, 0).reshape(weight.shape[axis], -1)

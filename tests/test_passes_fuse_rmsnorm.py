@@ -60,9 +60,11 @@ def _fuse(model: onnx.ModelProto, tmp_path):
 def test_every_spelling_fuses_to_the_same_values(tmp_path, square, divide, weight):
     src, graph, fused = _fuse(_rmsnorm(square, divide, weight), tmp_path)
     ops = [n.op for n in graph.nodes]
-    assert ops == ["Relu", "RMSNormalization", "Sigmoid"] and graph.opset == 23
-    norm = graph.nodes[1]
+    # [1, 2 * 4 * 6, 8] around the norm: HTP's 8-bit RMSNormalization is wrong on other leading shapes (the pass)
+    assert ops == ["Relu", "Reshape", "RMSNormalization", "Reshape", "Sigmoid"] and graph.opset == 23
+    norm = graph.nodes[2]
     assert norm.attrs["axis"] == -1 and norm.attrs["epsilon"] == pytest.approx(1e-6)
+    assert norm.inputs[0].shape == [1, 48, 8]
     assert norm.outputs[0].name == ("weighted" if weight else "normed")  # calibrated ranges still apply
     x = np.random.default_rng(1).standard_normal(SHAPE).astype(np.float32)
     np.testing.assert_allclose(make_session(fused).run(None, {"x": x})[0], make_session(src).run(None, {"x": x})[0],

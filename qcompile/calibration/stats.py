@@ -207,4 +207,5 @@ def _groups(names: list[str], sizes: list[int], budget: int) -> list[list[str]]:
             used = 0
         groups[-1].append(name)
         used += size
-    return groups
+    # No names, no group: onnxruntime's run([]) returns every output, not none.
+    return [g for g in groups if g]

@@ -213,12 +213,14 @@ class Lowering:
         v = t if isinstance(t, Value) else self.value(t)
         if v.quant is None:
             return v
+        # Cached per stored tensor, returned as `v`'s view of it: ONNX tensors that share storage (a
+        # Transpose is only a perm) each keep their own shape and perm (elementwise ops keep the layout).
         key = ("dequantize", v.tensor)
         if key not in self._cache:
             out = self.like(v, self.sg.spec(v.tensor).name + "/dequantized", dtype=FLOAT, quant=None)
             self.op("DEQUANTIZE", [v], [out])
             self._cache[key] = out
-        return self._cache[key]
+        return Value(self._cache[key].tensor, v.shape, v.perm, FLOAT)
 
     def requantize(self, v: Value, quant: Quant) -> Value:
         """`v` (float or int8) as int8 with `quant`: QUANTIZE, or nothing when it already is."""
@@ -229,23 +231,23 @@ class Lowering:
             out = self.like(v, self.sg.spec(v.tensor).name + "/requantized", dtype=np.int8, quant=quant)
             self.op("QUANTIZE", [v], [out])
             self._cache[key] = out
-        return self._cache[key]
+        return Value(self._cache[key].tensor, v.shape, v.perm, np.dtype(np.int8), quant)
 
     def to_layout(self, v: Value, perm: Perm) -> Value:
         """`v` stored with `perm`: a TRANSPOSE, or a RESHAPE when only unit axes move."""
         perm = tuple(perm)
         if v.perm == perm:
             return v
-        key = ("layout", v.tensor, perm)
+        tperm = relayout(v.perm, perm)
+        key = ("layout", v.tensor, tperm)  # the stored bytes moved by `tperm`, whichever view asks
         if key not in self._cache:
-            tperm = relayout(v.perm, perm)
             out = self.like(v, self.sg.spec(v.tensor).name + "/" + "".join(map(str, perm)), perm=perm)
             if moves_only_unit_dims(v.stored_shape, tperm):
                 self.op("RESHAPE", [v, self.int32(self.name("shape"), out.stored_shape)], [out])
             else:
                 self.op("TRANSPOSE", [v, self.int32(self.name("perm"), tperm)], [out])
             self._cache[key] = out
-        return self._cache[key]
+        return Value(self._cache[key].tensor, v.shape, perm, v.dtype, v.quant)
 
     def reshape(self, v: Value, shape: Sequence[int], perm: Perm, name: str) -> Value:
         out = self.like(v, name, shape=shape, perm=perm)

@@ -100,6 +100,8 @@ def quantized_tensor_agreement(tflite: Path, key: str, qdq_onnx: Path, quantized
     padded alike on both sides, and whole chunks are compared (some tensors lead with batch x heads);
     only running counts are kept, so memory stays at one chunk's tensors."""
     names = [q[0] for q in quantized]
+    if not names:  # nothing to compare (and onnxruntime's run([]) would return every output)
+        return []
     interpreter = _Interpreted(tflite, key, quantized)
     end_to_end = _probe_session(qdq_onnx, names, injected=False)
     local = _probe_session(qdq_onnx, names, injected=True)
