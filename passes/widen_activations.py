@@ -32,7 +32,7 @@ from qcompile.graph_io import constant_values, raise_opset, replace_input
 from qcompile.pass_manager import GraphProperty, Pass, PassContext, PassResult
 from qcompile.passes.insert_qdq import activation_qdq_pair, insert_qdq_pair
 from qcompile.passes.insert_qdq_integer import WIDE_QDQ_OPSET, unrenamed
-from qcompile.quant import QParams, grid_ratio, widen_qparams
+from qcompile.quant import QParams, grid_ratio, widen_full_range, widen_qparams
 
 PASS_NAME = "widen-activations"
 QDQ = frozenset({"QuantizeLinear", "DequantizeLinear"})
@@ -60,8 +60,10 @@ class WidenActivations(Pass):
         wide_ops = self._wide_ops(wide_tensors, pairs)
         stored = self._storage(graph, pairs, wide_tensors, wide_ops)
         narrow_qp = {name: _qparams(dq) for name, (_, dq) in pairs.items()}
+        fixed = {op for op, _, _ in self.caps.fixed_output_qparams}
         for name in stored:
-            self._set_wide(*pairs[name], narrow_qp[name])
+            producer = self._producer(pairs[name])
+            self._set_wide(*pairs[name], narrow_qp[name], full_range=producer is not None and producer.op in fixed)
         converts = 0
         for name, (_, dq) in pairs.items():
             converts += self._convert_readers(graph, dq, name in stored, narrow_qp[name], wide_ops, stored)
@@ -164,8 +166,11 @@ class WidenActivations(Pass):
         return stored
 
     # --- rewriting -----------------------------------------------------------------------------------
-    def _set_wide(self, q: gs.Node, dq: gs.Node, narrow: QParams) -> None:
-        qp = widen_qparams(narrow.scale, narrow.zero_point, self.narrow, self.wide)
+    def _set_wide(self, q: gs.Node, dq: gs.Node, narrow: QParams, *, full_range: bool) -> None:
+        """`full_range`: an op whose kernel fixes its output encoding (HTP's Sigmoid) writes the wide width's
+        own fixed encoding, not the narrow grid split 257 ways."""
+        qp = (widen_full_range if full_range else widen_qparams)(narrow.scale, narrow.zero_point, self.narrow,
+                                                                 self.wide)
         base = dq.outputs[0].name
         scale = gs.Constant(f"{base}_scale_{self.wide.value}", qp.scale)
         zero = gs.Constant(f"{base}_zero_point_{self.wide.value}", qp.zero_point)
