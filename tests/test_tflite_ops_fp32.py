@@ -11,8 +11,11 @@ from qcompile.errors import UserError
 from qcompile.graph_io import load_graph
 from qcompile.pass_manager import PassContext, PassManager
 from qcompile.passes.fuse_groupnorm import FuseGroupNorm
+from qcompile.passes.insert_qdq import QuantPlan
 from qcompile.runtime import make_session
+from qcompile.target import BucketJob, CompiledBucket
 from qcompile.targets.tflite.inspect import operators
+from qcompile.targets.tflite.options import TfliteOptions
 from qcompile.targets.tflite.runner import TfliteRunner
 from qcompile.targets.tflite.target import TfliteFp32Target
 
@@ -52,11 +55,12 @@ def lower_and_compare(model, tmp_path, feed=None, batch=2, without: type | None 
     onnx.save(model, str(path))
     feed = feed or {i.name: _arr(*[d.dim_value for d in i.type.tensor_type.shape.dim], scale=1.0)
                     for i in model.graph.input}
-    target = TfliteFp32Target(batch=batch)
+    target = TfliteFp32Target(TfliteOptions(batch=batch))
     graph = load_graph(path)
-    PassManager([p for p in target.pipeline(None, {}) if without is None or not isinstance(p, without)]).run(
+    job = BucketJob(0, QuantPlan((), (), (), ()), {}, None)
+    PassManager([p for p in target.passes(job) if without is None or not isinstance(p, without)]).run(
         graph, PassContext())
-    [[name]] = target.emit([graph], tmp_path)
+    [[name]] = target.emit([CompiledBucket(0, graph)], tmp_path).bucket_files
     got = TfliteRunner([tmp_path / name]).run(feed)
     ref = make_session(path).run(None, feed)[0]
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)

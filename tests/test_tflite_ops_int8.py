@@ -16,7 +16,9 @@ from qcompile.pass_manager import PassContext, PassManager
 from qcompile.passes.static_shapes import StaticShapes
 from qcompile.quant import QParams, QuantDType, TensorRange, activation_qparams, quantize, weight_qparams
 from qcompile.runtime import make_session
+from qcompile.target import CompiledBucket
 from qcompile.targets.tflite.inspect import operators
+from qcompile.targets.tflite.options import TfliteOptions
 from qcompile.targets.tflite.target import TfliteInt8Target
 from qcompile.targets.tflite.validate import lsb_agreement
 
@@ -95,7 +97,7 @@ def int8_case(build, tmp_path, fixed_out: QParams | None = None):
     ref = make_session(path).run(None, feed)[0]
     graph = load_graph(path)
     PassManager([StaticShapes(batch=2)]).run(graph, PassContext())
-    [[name]] = TfliteInt8Target(batch=2).emit([graph], tmp_path)
+    [[name]] = TfliteInt8Target(TfliteOptions(batch=2)).emit([CompiledBucket(0, graph)], tmp_path).bucket_files
     from qcompile.targets.tflite.runner import TfliteRunner
 
     got = TfliteRunner([tmp_path / name]).run(feed)
