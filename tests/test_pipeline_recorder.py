@@ -98,8 +98,9 @@ def test_held_back_prompts_validate_the_build_and_are_not_calibrated_on(pipeline
                         calib=CalibSpec.parse(f"prompts:{path}"), validate_count=6,
                         fidelity=FidelitySettings(sampler=SamplerSettings(steps=3)))
     adapter = resolve_model(str(pipeline_dir), "unet")
-    spec, inputs, held_out = calibration_plan(cfg, adapter)
-    assert inputs is None and held_out.count == 6
+    plan = calibration_plan(cfg, adapter)
+    spec, held_out = plan.spec, plan.held_out
+    assert plan.inputs is None and held_out.count == 6
     pipe = StableDiffusionPipeline.from_pretrained(str(pipeline_dir))
     with torch.no_grad():
         cond, uncond = pipe.encode_prompt(prompts[6:], "cpu", 1, do_classifier_free_guidance=True)
