@@ -72,11 +72,14 @@ def axis_range(axis: Mapping[str, Any], max_batch: int) -> tuple[int, int, int]:
 
 def profiles(inputs: Sequence[InputRecord], max_batch: int, extra: Mapping[str, Sequence[int]] = ()
              ) -> dict[str, dict[str, list[int]]]:
-    """One optimization profile: per input, min/opt/max shapes from the axes record (an input without
-    a record gets its example shape, with a dynamic batch when its first axis is the batch)."""
+    """One optimization profile: per input, min/opt/max shapes from the axes record. An input without a
+    record (older artifacts) gets its example shape with axis 0 as the batch, which qcompile's export
+    always leaves dynamic."""
     out: dict[str, dict[str, list[int]]] = {}
+    batch = {"name": "batch", "dynamic": True, "default": 1, "multiple": 1, "min": 1, "max": max_batch}
     for record in inputs:
-        ranges = [axis_range(a, max_batch) for a in record.axes] if record.axes else [(d, d, d) for d in record.shape]
+        axes = record.axes or [batch, *({"name": str(i), "default": d} for i, d in enumerate(record.shape[1:], 1))]
+        ranges = [axis_range(a, max_batch) for a in axes]
         out[record.name] = {key: [r[i] for r in ranges] for i, key in enumerate(("min", "opt", "max"))}
     for name, shape in dict(extra).items():
         out[name] = {key: list(shape) for key in ("min", "opt", "max")}
