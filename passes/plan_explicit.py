@@ -18,7 +18,9 @@ quantizes whole layers or nothing:
   them into the kernel itself);
 - the residual input of an Add fed by a quantized layer (directly, or through its bias Add or a
   scalar Mul/Div);
-- FP8 attention: Q, K, V and the softmax output, for units whose head size is a multiple of 16.
+- FP8 attention: Q, K, V and the softmax output, for units whose head size is a multiple of 16 and
+  whose head size and key count are both at least `min_width` (a cross-attention over 4 text tokens
+  stays float: its batched matmuls are 4 wide).
 Concat inputs are never quantized one by one, so no Concat sees inputs at different scales (the lint
 checks the rule on the emitted graph either way).
 """
@@ -86,6 +88,11 @@ def _float32(t: gs.Tensor) -> bool:
     return t.dtype is None or np.dtype(t.dtype) == np.float32
 
 
+def _last_dim(t: gs.Tensor) -> int | None:
+    d = t.shape[-1] if t.shape else None
+    return int(d) if isinstance(d, int | np.integer) else None
+
+
 def fed_by(t: gs.Tensor, layers: set[str]) -> bool:
     """Whether `t` is a quantized layer's output, possibly through its bias Add or a scalar Mul/Div."""
     for _ in range(EPILOGUE_DEPTH + 1):
@@ -151,8 +158,10 @@ def plan_explicit(graph: gs.Graph, caps: TargetCaps, patterns: Sequence[re.Patte
         nodes = {n.name: n for n in graph.nodes}
         for unit in find_attention(graph):
             qk, av = nodes[unit.qk_matmul], nodes[unit.av_matmul]
-            head = qk.inputs[0].shape[-1] if qk.inputs[0].shape else None
-            if not isinstance(head, int | np.integer) or head % rules.head_multiple:
+            head, keys = _last_dim(qk.inputs[0]), _last_dim(qk.inputs[1])
+            # Q.K^T reduces over the head and makes one column per key; P.V the reverse
+            if (head is None or keys is None or head % rules.head_multiple
+                    or min(head, keys, _last_dim(av.inputs[1]) or 0) < rules.min_width):
                 excluded.extend([unit.qk_matmul, unit.av_matmul])
                 continue
             if not all(_float32(t) for t in [*qk.inputs, *av.inputs]):

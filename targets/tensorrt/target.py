@@ -20,6 +20,7 @@ from pathlib import Path
 
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
+from onnx_graphsurgeon.logger.logger import G_LOGGER, LoggerSuppress
 
 from qcompile.atomic import write_json
 from qcompile.caps import ExplicitRules, QuantLevel, TargetCaps
@@ -52,6 +53,10 @@ BUCKETS_ONNX = f"{ENGINE_DIR}/model_buckets.onnx"
 BUILD_JSON = f"{ENGINE_DIR}/engine_build.json"
 ENGINE_FILE = f"{ENGINE_DIR}/model.engine"
 LAYER_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+
+
+def quiet_graphsurgeon() -> LoggerSuppress:
+    return LoggerSuppress(G_LOGGER, G_LOGGER.ERROR)
 
 
 def trt_caps(dtype: QuantDType, level: QuantLevel) -> TargetCaps:
@@ -88,7 +93,8 @@ class TrtTarget:
         if self.dtype.is_float and (graph.opset or 0) < FP8_OPSET:
             raise_opset(graph, FP8_OPSET)  # float8 QuantizeLinear/DequantizeLinear arrive in opset 19
         passes = [NameNodes(), InsertQDQ(job.plan, job.ranges, self.caps), InferShapes()]
-        PassManager(passes, name=f"{self.name.value}/bucket{job.index}").run(graph, ctx)
+        with quiet_graphsurgeon():  # its importer warns about every float8 tensor it keeps as ONNX type
+            PassManager(passes, name=f"{self.name.value}/bucket{job.index}").run(graph, ctx)
         check([(f"bucket {job.index}", graph)], self.lint_rules(job.plan.excluded))
         return CompiledBucket(job.index, graph)
 
