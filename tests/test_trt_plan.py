@@ -174,3 +174,36 @@ def test_fp8_emulation_matches_onnxruntime(tmp_path):
     wq = weight_qparams(w, 0, dtype)
     err = dequantize(quantize(w, wq, symmetric_range=True), wq) - w
     assert 10 * np.log10(np.sum(w ** 2) / np.sum(err ** 2)) > 25  # E4M3: 3 mantissa bits, ~31 dB
+
+
+def test_decomposed_gelu_fused_before_qdq(tmp_path):
+    """A legacy export's x*0.5*(1+erf(x/sqrt2)) between two linears becomes one Gelu; the planned
+    tensors (the second linear's input is the GELU's output) survive, and the numerics are kept."""
+    rng = np.random.default_rng(4)
+    x = gs.Variable("x", np.float32, (1, 64, 32))
+
+    def v(name, shape=(1, 64, 32)):
+        return gs.Variable(name, np.float32, shape)
+
+    h, d, e, p, m, g, y = v("h"), v("d"), v("e"), v("p"), v("m"), v("g"), v("y")
+    nodes = [gs.Node("MatMul", "ff0", {}, [x, gs.Constant("w0", rng.normal(0, 0.2, (32, 32)).astype(np.float32))], [h]),
+             gs.Node("Div", "div", {}, [h, gs.Constant("r2", np.array(np.sqrt(2), np.float32))], [d]),
+             gs.Node("Erf", "erf", {}, [d], [e]),
+             gs.Node("Add", "one", {}, [e, gs.Constant("c1", np.array(1, np.float32))], [p]),
+             gs.Node("Mul", "mx", {}, [h, p], [m]),
+             gs.Node("Mul", "half", {}, [m, gs.Constant("c5", np.array(0.5, np.float32))], [g]),
+             gs.Node("MatMul", "ff2", {}, [g, gs.Constant("w2", rng.normal(0, 0.2, (32, 32)).astype(np.float32))], [y])]
+    graph = gs.Graph(nodes=nodes, inputs=[x], outputs=[y], opset=20)
+    target = TrtInt8Target()
+    plan = plan_quantization(graph, target.caps)
+    assert set(plan.activations) == {"x", "g"}
+    xv = rng.normal(0, 1, (1, 64, 32)).astype(np.float32)
+    compiled = target.compile_bucket(copy_graph(graph), BucketJob(0, plan, calibrated(graph, plan.activations, xv,
+                                                                                       tmp_path), None),
+                                     PassContext()).graph
+    ops = [n.op for n in compiled.nodes]
+    assert "Gelu" in ops and "Erf" not in ops
+    assert lint(compiled, LintRules()) == []
+    ref = make_session(save_graph(graph, tmp_path / "f.onnx")).run(None, {"x": xv})[0]
+    got = make_session(save_graph(compiled, tmp_path / "q.onnx"), optimize=False).run(None, {"x": xv})[0]
+    assert 10 * np.log10(np.sum(ref ** 2) / np.sum((ref - got) ** 2)) > 30.0

@@ -30,6 +30,8 @@ from qcompile.graph_io import raise_opset, save_bucket_graphs, save_graph
 from qcompile.manifest import Manifest
 from qcompile.pass_manager import PassContext, PassManager
 from qcompile.passes.cleanup import NameNodes
+from qcompile.passes.fuse_gelu import FuseGelu
+from qcompile.passes.fuse_layernorm import FuseLayerNorm
 from qcompile.passes.infer_shapes import InferShapes
 from qcompile.passes.insert_qdq import InsertQDQ
 from qcompile.quant import QuantDType
@@ -92,7 +94,10 @@ class TrtTarget:
     def compile_bucket(self, graph: gs.Graph, job: BucketJob, ctx: PassContext) -> CompiledBucket:
         if self.dtype.is_float and (graph.opset or 0) < FP8_OPSET:
             raise_opset(graph, FP8_OPSET)  # float8 QuantizeLinear/DequantizeLinear arrive in opset 19
-        passes = [NameNodes(), InsertQDQ(job.plan, job.ranges, self.caps), InferShapes()]
+        # Decomposed LayerNorm / GELU (legacy exports) as the single ops TensorRT has kernels for; each keeps
+        # its output tensor, which is what the plan quantizes (dynamo exports have them already).
+        passes = [NameNodes(), InferShapes(), FuseLayerNorm(), FuseGelu(),
+                  InsertQDQ(job.plan, job.ranges, self.caps), InferShapes()]
         with quiet_graphsurgeon():  # its importer warns about every float8 tensor it keeps as ONNX type
             PassManager(passes, name=f"{self.name.value}/bucket{job.index}").run(graph, ctx)
         check([(f"bucket {job.index}", graph)], self.lint_rules(job.plan.excluded))
