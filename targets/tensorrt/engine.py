@@ -16,7 +16,6 @@ engine runner; `tools/trt_gpu_check.py` is what a GPU user runs to check them.
 from __future__ import annotations
 
 import json
-import platform
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -102,7 +101,7 @@ def build_engine(onnx_path: Path, engine_path: Path, shapes: Mapping[str, Mappin
                           load_timing_cache=cache if cache and Path(cache).is_file() else None)
     SaveEngine(EngineFromNetwork(network, config=config, save_timing_cache=cache), str(engine_path))()
     record = {**sidecar, "tensorrt": trt.__version__, "gpu": gpu_name(), "engine": engine_path.name,
-              "timing_cache": cache, "builder_optimization_level": opt_level, "host": platform.node()}
+              "timing_cache": cache, "builder_optimization_level": opt_level}
     write_json(engine_path.with_name(engine_path.name + ".json"), record)
     return record
 

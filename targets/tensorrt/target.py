@@ -34,6 +34,7 @@ from qcompile.passes.fuse_gelu import FuseGelu
 from qcompile.passes.fuse_layernorm import FuseLayerNorm
 from qcompile.passes.infer_shapes import InferShapes
 from qcompile.passes.insert_qdq import InsertQDQ
+from qcompile.passes.plan_explicit import LAYER_OPS
 from qcompile.quant import QuantDType
 from qcompile.runtime import OnnxRunner
 from qcompile.target import (
@@ -54,7 +55,6 @@ ENGINE_DIR = "trt"
 BUCKETS_ONNX = f"{ENGINE_DIR}/model_buckets.onnx"
 BUILD_JSON = f"{ENGINE_DIR}/engine_build.json"
 ENGINE_FILE = f"{ENGINE_DIR}/model.engine"
-LAYER_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
 
 def quiet_graphsurgeon() -> LoggerSuppress:
