@@ -18,7 +18,7 @@ from qcompile.runtime import make_session
 from qcompile.target import BucketJob
 from qcompile.targets.tensorrt.buckets import BUCKET_INPUT, activation_quantizers, one_engine_graph
 from qcompile.targets.tensorrt.lint import LintRules, lint
-from qcompile.targets.tensorrt.options import TrtOptions
+from qcompile.targets.tensorrt.options import RescaleAt, TrtOptions
 from qcompile.targets.tensorrt.target import TrtFp8Target, TrtInt8Target
 
 K = 3
@@ -116,3 +116,37 @@ def test_one_engine_graph_keeps_constant_scales():
     for q in activation_quantizers(merged):
         scale = float(q.inputs[1].values)
         assert isinstance(q.inputs[1], gs.Constant) and scale == 2.0 ** round(np.log2(scale))
+
+
+@pytest.mark.parametrize("target", [TrtInt8Target(), TrtFp8Target()], ids=["int8", "fp8"])
+def test_rescale_after_layers(tmp_path, target):
+    """RescaleAt.OUTPUT: every layer reads its DQ directly (the pattern TensorRT fuses) and the factor
+    comes back behind it, the bias after it. The quantized tensors of this graph stay bit-exact; the
+    output differs in the last bits (measured 139 dB), which in a deeper graph can flip a later
+    rounding at a tie."""
+    graphs = bucket_graphs(target, float_graph())
+    merged = one_engine_graph(graphs, RescaleAt.OUTPUT)
+    assert lint(merged, LintRules(rescale_before_layers=False)) == []
+    for layer in (n for n in merged.nodes if n.op in ("Conv", "MatMul")):
+        assert all(t.inputs[0].op == "DequantizeLinear" for t in layer.inputs[:2])
+        assert len(layer.inputs) == 2  # the bias moved behind the rescale
+    names = with_quantized_outputs(merged)
+    one = make_session(save_graph(merged, tmp_path / "one.onnx"), optimize=False)
+    x = inputs_on_ties([float(activation_quantizers(g)[0].inputs[1].values) for g in graphs])
+    for b, graph in enumerate(graphs):
+        assert with_quantized_outputs(graph) == names
+        expected = make_session(save_graph(graph, tmp_path / f"b{b}.onnx"), optimize=False).run(None, {"x": x})
+        got = one.run(None, {"x": x, BUCKET_INPUT: np.array([b], np.int64)})
+        for name, e, g in zip(names, expected[1:], got[1:], strict=True):
+            np.testing.assert_array_equal(e.view(np.uint8), g.view(np.uint8), err_msg=f"bucket {b}: {name}")
+        y, y1 = expected[0].astype(np.float64), got[0].astype(np.float64)
+        assert 10 * np.log10(np.sum(y ** 2) / np.sum((y - y1) ** 2)) > 100.0
+
+
+def test_lint_names_a_layer_reading_the_rescale_mul():
+    """In the INPUT form a layer reads DQ -> Mul(rescale): accepted by default (bit-exact form), named
+    as half-quantized when the lint is told layers must read their DQ directly."""
+    merged = one_engine_graph(bucket_graphs(TrtInt8Target(), float_graph()))
+    assert lint(merged, LintRules()) == []
+    found = {(v.node, v.rule.value) for v in lint(merged, LintRules(rescale_before_layers=False))}
+    assert found == {("conv", "both-inputs"), ("linear", "both-inputs")}

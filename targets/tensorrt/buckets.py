@@ -14,9 +14,20 @@ own graph; the dequantized values are too (q * s0 * r_b rounds once, like q * s_
 x * (s0 / s_b): the product rounds twice and flips ties of the rounding to integers.
 `tests/test_trt_buckets.py` proves the equality in onnxruntime.
 
-What is not verified here (no TensorRT): whether TensorRT fuses the run-time Div before a Q and the
-Mul after a DQ into its int8/FP8 kernels or runs them as extra pointwise layers; the README lists the
-alternatives for GPU users to measure (TensorRT >= 10.13 non-constant scales, a refit per bucket).
+Where the factor goes back (`RescaleAt`):
+- INPUT (the default): `DQ(q, s0) * r_b` before every reader. Bit-exact in onnxruntime, but a layer
+  then reads a Mul, not a DQ: TensorRT fuses Q/DQ only through ops that commute with quantization,
+  so it would likely run such a layer in float (unverified).
+- OUTPUT: a Conv/ConvTranspose/Gemm/MatMul reads `DQ(q, s0)` itself and its output is multiplied by
+  r_b (its bias moved after the Mul: layer(x * r) = layer_without_bias(x) * r + bias), so the layer keeps
+  its DQ -> layer pattern and the Mul sits in its epilogue. The quantized integers of the graph's first
+  quantization points are still bit-exact; after a rescaled layer the float values differ in the last
+  bits, which flips a later rounding at rare ties (measured in `tests/test_trt_buckets.py`).
+Other readers (a residual Add) get the INPUT form in both.
+
+What is not verified here (no TensorRT): which form TensorRT fuses into its int8/FP8 kernels; the
+README lists them and the alternatives for GPU users to measure (TensorRT >= 10.13 non-constant
+scales, a refit per bucket).
 """
 
 from __future__ import annotations
@@ -29,8 +40,10 @@ import onnx_graphsurgeon as gs
 from qcompile.graph_io import constant_values, copy_graph, redirect_consumers, tag_new_node
 from qcompile.rewrite import is_activation, producer
 from qcompile.targets.tensorrt.lint import RESCALE_PREFIX
+from qcompile.targets.tensorrt.options import RescaleAt
 
 BUCKET_INPUT = "qcompile_bucket"
+LAYER_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 PASS_NAME = "trt-one-engine-buckets"
 
 
@@ -43,7 +56,7 @@ def power_of_two(scales: np.ndarray) -> np.float32:
     return np.float32(2.0 ** np.round(np.mean(np.log2(np.asarray(scales, np.float64)))))
 
 
-def one_engine_graph(graphs: Sequence[gs.Graph]) -> gs.Graph:
+def one_engine_graph(graphs: Sequence[gs.Graph], at: RescaleAt = RescaleAt.INPUT) -> gs.Graph:
     """The K bucket graphs (same nodes, different activation scales) as one graph with a bucket input."""
     per_bucket = [{n.name: n for n in activation_quantizers(g)} for g in graphs]
     merged = copy_graph(graphs[0])
@@ -67,10 +80,42 @@ def one_engine_graph(graphs: Sequence[gs.Graph]) -> gs.Graph:
         q.inputs[1] = scale
         dq.inputs[1] = scale
         out = dq.outputs[0]
-        restored = gs.Variable(f"{out.name}_restored", dtype=np.float32, shape=out.shape)
         readers = list(out.outputs)
-        mul = gs.Node("Mul", f"{out.name}_rescale_Mul", {}, [out, rescale], [restored])
-        merged.nodes.append(tag_new_node(mul, PASS_NAME, like))
-        redirect_consumers(out, restored, readers)
+        if at is RescaleAt.OUTPUT:
+            readers = [n for n in readers if not _rescale_output(merged, n, out, rescale)]
+        if readers:
+            restored = gs.Variable(f"{out.name}_restored", dtype=np.float32, shape=out.shape)
+            mul = gs.Node("Mul", f"{out.name}_rescale_Mul", {}, [out, rescale], [restored])
+            merged.nodes.append(tag_new_node(mul, PASS_NAME, like))
+            redirect_consumers(out, restored, readers)
     merged.toposort()
     return merged
+
+
+def _rescale_output(graph: gs.Graph, layer: gs.Node, dequantized: gs.Tensor, rescale: gs.Tensor) -> bool:
+    """Move the factor behind a linear layer reading `dequantized` once: y = layer_without_bias(x) * r + b.
+    False when the layer is not one this applies to (it then keeps the Mul before it)."""
+    if layer.op not in LAYER_OPS or sum(t is dequantized for t in layer.inputs) != 1:
+        return False
+    if dequantized is not layer.inputs[0] and dequantized is not layer.inputs[1]:
+        return False  # a bias input
+    bias = layer.inputs[2] if len(layer.inputs) > 2 and layer.inputs[2].name else None
+    if bias is not None:
+        values = constant_values(bias)
+        if values is None or (layer.op == "Gemm" and float(layer.attrs.get("beta", 1.0)) != 1.0):
+            return False
+        if layer.op in ("Conv", "ConvTranspose"):  # [C] against [N, C, spatial...]
+            rank = len(layer.outputs[0].shape) if layer.outputs[0].shape else 4
+            values = values.reshape((-1,) + (1,) * (rank - 2))
+        bias = gs.Constant(f"{layer.name}_bias_after_rescale", np.asarray(values, np.float32))
+        layer.inputs.pop(2)
+    out = layer.outputs[0]
+    raw = gs.Variable(f"{out.name}_before_rescale", dtype=out.dtype, shape=out.shape)
+    layer.outputs[0] = raw
+    scaled = out if bias is None else gs.Variable(f"{out.name}_rescaled", dtype=out.dtype, shape=out.shape)
+    graph.nodes.append(tag_new_node(gs.Node("Mul", f"{layer.name}_{dequantized.name}_rescale_Mul", {},
+                                            [raw, rescale], [scaled]), PASS_NAME, layer))
+    if bias is not None:
+        graph.nodes.append(tag_new_node(gs.Node("Add", f"{layer.name}_bias_after_rescale_Add", {},
+                                                [scaled, bias], [out]), PASS_NAME, layer))
+    return True

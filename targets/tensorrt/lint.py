@@ -73,16 +73,19 @@ class LintRules:
     min_width: int = 16
     head_multiple: int = 16
     residual_adds: bool = True
+    # Accept DQ -> Mul(bucket rescale) -> layer as a quantized operand (the one-engine graph's INPUT form).
+    rescale_before_layers: bool = True
 
 
 def _quant_dtype_ok(dtype: np.dtype) -> bool:
     return dtype == np.dtype(np.int8) or dtype.name == "float8_e4m3fn"
 
 
-def dequantized_by(t: gs.Tensor) -> gs.Node | None:
+def dequantized_by(t: gs.Tensor, through_rescale: bool = True) -> gs.Node | None:
     """The DequantizeLinear `t` comes from: directly, or through the one-engine graph's rescale Mul."""
     node = producer(t)
-    if node is not None and node.op == "Mul" and any(i.name.startswith(RESCALE_PREFIX) for i in node.inputs):
+    if through_rescale and node is not None and node.op == "Mul" \
+            and any(i.name.startswith(RESCALE_PREFIX) for i in node.inputs):
         node = next((producer(i) for i in node.inputs if not i.name.startswith(RESCALE_PREFIX)), None)
     return node if node is not None and node.op == "DequantizeLinear" else None
 
@@ -150,7 +153,7 @@ def lint(graph: gs.Graph, rules: LintRules) -> list[Violation]:
     for node in graph.nodes:
         if node.op not in LAYER_OPS or len(node.inputs) < 2:
             continue
-        dqs = [dequantized_by(t) for t in node.inputs[:2]]
+        dqs = [dequantized_by(t, rules.rescale_before_layers) for t in node.inputs[:2]]
         if (dqs[0] is None) != (dqs[1] is None):
             half = "input" if dqs[0] is None else "weight"
             out.append(Violation(node.name, Rule.BOTH_INPUTS, f"only one operand quantized (the {half} is float)"))

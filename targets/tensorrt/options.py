@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,14 @@ from typing import Any
 from qcompile.caps import QuantLevel
 from qcompile.errors import UserError
 from qcompile.target import OptionSpec, integer
+
+
+class RescaleAt(enum.Enum):
+    """Where the one-engine bucket graph multiplies the bucket's factor back (targets/tensorrt/buckets.py)."""
+
+    INPUT = "input"  # DQ(q, s0) * r before every reader: bit-exact with the bucket's own graph
+    OUTPUT = "output"  # behind each linear layer reading the DQ: the layer keeps its DQ -> layer pattern
+
 
 # The demo's numbering of the same levels (TensorRT demo/Diffusion, ModelOpt's diffusers example).
 LEVEL_NUMBERS = {"1.0": QuantLevel.CONV, "2.0": QuantLevel.FFN, "2.5": QuantLevel.QKV, "3.0": QuantLevel.LINEAR,
@@ -32,6 +41,17 @@ TRT_MAX_BATCH = OptionSpec("max_batch", "--trt-max-batch", integer, "N",
                            "trt-*: largest batch of the engine's optimization profile (default 8)")
 TRT_OPT_LEVEL = OptionSpec("opt_level", "--trt-opt-level", integer, "L",
                            "trt-*: TensorRT builder optimization level 0-5 (default 3)")
+def rescale_at(text: str) -> RescaleAt:
+    try:
+        return RescaleAt(text)
+    except ValueError:
+        raise UserError(f"--trt-bucket-rescale {text}: choose input or output") from None
+
+
+TRT_BUCKET_RESCALE = OptionSpec("bucket_rescale", "--trt-bucket-rescale", rescale_at, "WHERE",
+                                "trt-* with --buckets K: where the one-engine graph undoes the bucket's rescale: input "
+                                "(before each reader of a DQ: bit-exact, the default) or output (after each layer, so "
+                                "layers read their DQ directly)")
 TRT_TIMING_CACHE = OptionSpec("timing_cache", "--trt-timing-cache", Path, "FILE",
                               "trt-*: TensorRT timing cache, read when it exists and written back")
 
@@ -42,6 +62,7 @@ class TrtOptions:
     max_batch: int = 8
     opt_level: int = 3
     timing_cache: Path | None = None
+    bucket_rescale: RescaleAt = RescaleAt.INPUT
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -51,7 +72,7 @@ class TrtOptions:
 
     @classmethod
     def cli(cls) -> tuple[OptionSpec, ...]:
-        return (TRT_LEVEL, TRT_MAX_BATCH, TRT_OPT_LEVEL, TRT_TIMING_CACHE)
+        return (TRT_LEVEL, TRT_MAX_BATCH, TRT_OPT_LEVEL, TRT_TIMING_CACHE, TRT_BUCKET_RESCALE)
 
     @classmethod
     def from_cli(cls, values: Mapping[str, Any]) -> TrtOptions:

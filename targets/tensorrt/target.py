@@ -48,7 +48,7 @@ from qcompile.target import (
 from qcompile.targets.tensorrt import engine
 from qcompile.targets.tensorrt.buckets import BUCKET_INPUT, one_engine_graph
 from qcompile.targets.tensorrt.lint import LintRules, Rule, check
-from qcompile.targets.tensorrt.options import TRT_LEVEL, TrtOptions
+from qcompile.targets.tensorrt.options import TRT_LEVEL, RescaleAt, TrtOptions
 
 FP8_OPSET = 19
 ENGINE_DIR = "trt"
@@ -86,10 +86,11 @@ class TrtTarget:
     def runtime_version(self) -> str:
         return ort.__version__
 
-    def lint_rules(self, float_layers: Sequence[str] = ()) -> LintRules:
+    def lint_rules(self, float_layers: Sequence[str] = (), rescale_before_layers: bool = False) -> LintRules:
         rules = self.caps.explicit
         return LintRules(float_layers=frozenset(float_layers), min_width=rules.min_width,
-                         head_multiple=rules.head_multiple, residual_adds=rules.residual_adds)
+                         head_multiple=rules.head_multiple, residual_adds=rules.residual_adds,
+                         rescale_before_layers=rescale_before_layers)
 
     def compile_bucket(self, graph: gs.Graph, job: BucketJob, ctx: PassContext) -> CompiledBucket:
         if self.dtype.is_float and (graph.opset or 0) < FP8_OPSET:
@@ -115,14 +116,16 @@ class TrtTarget:
         sdk: tuple[str, ...] = ()
         engine_onnx = files[0][0]
         if len(buckets) > 1:
-            merged = one_engine_graph([b.graph for b in buckets])
+            at = self.options.bucket_rescale
+            merged = one_engine_graph([b.graph for b in buckets], at)
             graphs.append(("one-engine graph", merged))
-            check([graphs[-1]], self.lint_rules())
+            check([graphs[-1]], self.lint_rules(rescale_before_layers=at is RescaleAt.INPUT))
             save_graph(merged, out_dir / BUCKETS_ONNX)
             sdk = (BUCKETS_ONNX, BUCKETS_ONNX + ".data")
             engine_onnx = BUCKETS_ONNX
         nodes = sum(len(g.nodes) for _, g in graphs)
         device = {"engine_onnx": engine_onnx, "bucket_input": BUCKET_INPUT if len(buckets) > 1 else None,
+                  "bucket_rescale": self.options.bucket_rescale.value if len(buckets) > 1 else None,
                   "level": self.level.value, "max_batch": self.options.max_batch, "opt_level": self.options.opt_level,
                   "timing_cache": None if self.options.timing_cache is None else str(self.options.timing_cache),
                   "lint": {"graphs": len(graphs), "nodes": nodes, "violations": 0, "rules": [r.value for r in Rule]},
