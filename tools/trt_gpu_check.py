@@ -7,7 +7,8 @@
 For one diffusers UNet it builds, from one calibration cache and one export:
   fp32/fp16  an engine of the float ONNX (fp16: TensorRT 10's FP16 flag on a weakly typed network;
              TensorRT 11 has no precision flags, so there the row is the float graph strongly typed);
-  trt-int8 and trt-fp8 with 1 bucket and with --buckets K (one engine, a bucket input);
+  trt-int8 and trt-fp8 with 1 bucket and with --buckets K (one engine, a bucket input), the bucket
+             rescale both before the layers (bit-exact form) and after them (the form TensorRT can fuse);
 and prints, per engine: latency per call (median of --iters at the profile's optimum shape, after a
 warm-up), and fidelity against the FP16 engine and against onnxruntime's FP32 on the same inputs
 (SQNR dB), plus the engine's agreement with qcompile's onnxruntime emulation of the same Q/DQ graph.
@@ -33,7 +34,7 @@ from qcompile.config import CalibSpec, CompileConfig, TargetName, Thresholds
 from qcompile.manifest import Manifest
 from qcompile.runtime import make_session
 from qcompile.targets.tensorrt import engine
-from qcompile.targets.tensorrt.options import TrtOptions
+from qcompile.targets.tensorrt.options import RescaleAt, TrtOptions
 
 TARGETS = (TargetName.TRT_INT8, TargetName.TRT_FP8)
 
@@ -98,16 +99,20 @@ def main() -> None:
     if why is not None:
         raise SystemExit(f"trt_gpu_check: {why}; this check needs TensorRT >= 10 and an NVIDIA GPU")
     cache, export_from, artifacts = args.out / "calib-cache", None, {}
+    variants = [(1, RescaleAt.INPUT)] + ([(args.buckets, RescaleAt.INPUT), (args.buckets, RescaleAt.OUTPUT)]
+                                         if args.buckets > 1 else [])
     for target in TARGETS:
-        for k in sorted({1, args.buckets}):
+        for k, at in variants:
+            name = f"{target.value} K={k}" + (f" rescale at {at.value}" if k > 1 else "")
             cfg = CompileConfig(model=args.model, component=args.component, target=target,
-                                out_dir=args.out / f"{target.value}-k{k}", calib_cache=cache, export_from=export_from,
-                                calib=CalibSpec.parse(args.calib) if args.calib else None, buckets=k,
-                                target_options=TrtOptions(timing_cache=args.out / "timing.cache"),
+                                out_dir=args.out / name.replace(" ", "-").replace("=", ""), calib_cache=cache,
+                                export_from=export_from, calib=CalibSpec.parse(args.calib) if args.calib else None,
+                                buckets=k, target_options=TrtOptions(timing_cache=args.out / "timing.cache",
+                                                                     bucket_rescale=at),
                                 thresholds=Thresholds(eps_sqnr_db_mean=None, sample_psnr_db=None))
             result = build(cfg)
             export_from = export_from or result.out_dir
-            artifacts[f"{target.value} K={k}"] = (result.out_dir, result.report)
+            artifacts[name] = (result.out_dir, result.report)
     first_dir = next(iter(artifacts.values()))[0]
     manifest = Manifest.read(first_dir)
     shapes = engine.profiles(manifest.model.inputs, 8)
