@@ -333,6 +333,8 @@ def precision_of(target: Target) -> str:
     caps = target.caps
     if not caps.weighted_ops and not caps.int8_ops:
         return "fp32"  # a float baseline of a quantizing emitter (tflite-fp32)
+    if caps.activation_dtype.is_float:
+        return "fp8"  # float8 E4M3 weights and activations (trt-fp8)
     return f"w{caps.weight_dtype.bits}a{caps.activation_dtype.bits}"
 
 

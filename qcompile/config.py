@@ -20,6 +20,8 @@ class TargetName(enum.Enum):
     TFLITE_FP32 = "tflite-fp32"
     QNN_W8A8 = "qnn-w8a8"
     QNN_W8A16 = "qnn-w8a16"
+    TRT_INT8 = "trt-int8"
+    TRT_FP8 = "trt-fp8"
 
     @classmethod
     def parse(cls, text: str) -> TargetName:

@@ -211,6 +211,10 @@ TARGETS: dict[TargetName, TargetEntry] = {
                                      "qcompile.targets.qnn.options:QnnOptions"),
     TargetName.QNN_W8A16: TargetEntry("qcompile.targets.qnn.target:QnnW8A16Target",
                                       "qcompile.targets.qnn.options:QnnOptions"),
+    TargetName.TRT_INT8: TargetEntry("qcompile.targets.tensorrt.target:TrtInt8Target",
+                                     "qcompile.targets.tensorrt.options:TrtOptions"),
+    TargetName.TRT_FP8: TargetEntry("qcompile.targets.tensorrt.target:TrtFp8Target",
+                                    "qcompile.targets.tensorrt.options:TrtOptions"),
 }
 
 
