@@ -2,15 +2,18 @@
 statistics of replaying the whole model once per group of exposed tensors (the earlier pass)."""
 
 import math
+from collections import Counter
 
 import numpy as np
 import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 from qcompile.build import export_canonical
 from qcompile.calibration.cache import CalibrationCache
-from qcompile.calibration.recorder import record_sampling
-from qcompile.calibration.segments import node_reads, plan_segments, segmented
+from qcompile.calibration.inputs import InputSet
+from qcompile.calibration.recorder import record_input_set, record_sampling
+from qcompile.calibration.segments import FOLDED_INTO_MATMUL, node_reads, plan_segments, segmented
 from qcompile.calibration.stats import (
     EXPOSED_BYTES_BUDGET,
     StatsTable,
@@ -125,8 +128,10 @@ def test_segments_cover_every_node_once_within_the_budget_and_carry_only_what_is
     budget = sum(sizes.values()) // 10
     segments = plan_segments(model.graph, names, sizes.get, budget)
     assert len(segments) >= 10
-    placed = [n.name for s in segments for n in s.nodes if n.op_type != "Constant"]
-    assert sorted(placed) == sorted(n.name for n in model.graph.node if n.op_type != "Constant")
+    placed = Counter(n.name for s in segments for n in s.nodes if n.op_type != "Constant")
+    assert set(placed) == {n.name for n in model.graph.node if n.op_type != "Constant"}
+    ops = {n.name: n.op_type for n in model.graph.node}
+    assert {ops[n] for n, times in placed.items() if times > 1} <= FOLDED_INTO_MATMUL  # recomputed: cheap
     observed = [n for s in segments for n in s.observed]
     assert sorted(observed) == sorted(names)  # every name once
     for s in segments:
@@ -135,11 +140,13 @@ def test_segments_cover_every_node_once_within_the_budget_and_carry_only_what_is
     # What crosses each cut is exactly what a later segment reads.
     fixed = {i.name for i in model.graph.initializer}
     alive = {i.name for i in model.graph.input}
+    made = set(alive)
     for k, s in enumerate(segments):
         assert set(s.inputs) <= alive
         alive = (alive - set(s.release)) | set(s.carried)
-        later = {r for t in segments[k + 1:] for n in t.nodes for r in node_reads(n)} - fixed
-        later -= {o for t in segments[k + 1:] for n in t.nodes for o in n.output}
+        made |= {o for n in s.nodes for o in n.output}
+        later = set().union(*[{r for n in t.nodes for r in node_reads(n)} - {o for n in t.nodes for o in n.output}
+                              for t in segments[k + 1:]]) & made - fixed
         assert alive == later, k
     assert not alive
 
@@ -165,3 +172,37 @@ def test_segment_models_share_the_weight_file(reference):
                 assert init.data_location == onnx.TensorProto.EXTERNAL and not init.raw_data
                 seen.add(init.name)
     assert seen == external
+
+
+def scaled_attention(path, dim=40):
+    """Attention scores as exporters write scaled_dot_product_attention: q and k^T each scaled by
+    dim**-0.25 before their MatMul. onnxruntime folds both scales into the MatMul (FusedMatMul alpha),
+    which rounds differently from scaling first; a cut between a scale and its MatMul must not undo that."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((dim, dim)).astype(np.float32), n) for n in ("wq", "wk")]
+    inits.append(numpy_helper.from_array(np.array(dim ** -0.25, np.float32), "s"))
+    nodes = [helper.make_node("MatMul", ["q", "wq"], ["qp"]), helper.make_node("MatMul", ["k", "wk"], ["kp"]),
+             helper.make_node("Transpose", ["kp"], ["kt"], perm=[0, 2, 1]),
+             helper.make_node("Mul", ["qp", "s"], ["qs"]), helper.make_node("Mul", ["kt", "s"], ["ks"]),
+             helper.make_node("MatMul", ["qs", "ks"], ["scores"]), helper.make_node("Softmax", ["scores"], ["p"]),
+             helper.make_node("MatMul", ["p", "kp"], ["y"])]
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["b", 16, dim]) for n in ("q", "k", "y")]
+    graph = helper.make_graph(nodes, "attention", io[:2], io[2:], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
+    onnx.save(onnx.shape_inference.infer_shapes(model), str(path))
+    return path
+
+
+@pytest.mark.parametrize("budget", [1, 16 * 40 * 4 * BATCH * 3])
+def test_a_cut_between_a_scale_and_its_matmul_changes_no_statistic(tmp_path, budget):
+    path = scaled_attention(tmp_path / "attention.onnx")
+    rng = np.random.default_rng(1)
+    inputs = InputSet({n: rng.standard_normal((6, 16, 40)).astype(np.float32) for n in ("q", "k")}, None)
+    recording = record_input_set(inputs, tmp_path / "rec", {})
+    graph = load_graph(path)
+    names = quantizable_tensors(graph)
+    whole, _ = grouped_replay(path, graph, recording, names, 1 << 40)
+    assert len(names) == 10
+    cut = plan_segments(onnx.load(str(path)).graph, names, lambda n: 16 * 40 * 4 * BATCH, budget)
+    assert len(cut) >= 3
+    assert_same_tables(whole, collect_stats(path, graph, recording, batch=BATCH, budget_bytes=budget))

@@ -59,8 +59,13 @@ def node_reads(node: onnx.NodeProto) -> set[str]:
 def plan_segments(graph: onnx.GraphProto, observed: Sequence[str], cost: Callable[[str], int],
                   budget: int) -> list[Segment]:
     """Cut `graph`'s nodes (in their topological order) so that the `cost` of the observed tensors each
-    segment computes stays within `budget` (a segment holds at least one node). Constant nodes are not
-    cut: each segment that reads one gets its own copy, so onnxruntime still sees the constant."""
+    segment computes stays within `budget` (a segment holds at least one node).
+
+    A cut must not change what onnxruntime computes. Two things would: a constant turned into an input
+    (it could no longer be folded), and a scale or transpose feeding a MatMul in another segment
+    (onnxruntime folds those into the MatMul, `FusedMatMul(alpha, transB)`, which rounds differently
+    from multiplying first). So each segment gets its own copy of the Constant nodes it reads, and
+    recomputes such a producer (cheap, weightless) from the producer's own input."""
     wanted = set(observed)
     constants = {o: n for n in graph.node if n.op_type == "Constant" for o in n.output}
     nodes = [n for n in graph.node if n.op_type != "Constant"]
@@ -75,25 +80,58 @@ def plan_segments(graph: onnx.GraphProto, observed: Sequence[str], cost: Callabl
         used += size
     chunks = [c for c in chunks if c]
     fixed = {i.name for i in graph.initializer} | set(constants)
+    producer = {o: n for n in nodes for o in n.output if o}
+    position = {id(n): i for i, n in enumerate(nodes)}
+    copies = [_refolded(chunk, producer, fixed, position) for chunk in chunks]
     # Last segment reading each tensor; graph outputs are never read, observed ones leave where made.
     last_read: dict[str, int] = {}
+    reads_of, made_of = [], []
     for k, chunk in enumerate(chunks):
-        for node in chunk:
-            for name in node_reads(node) - fixed:
-                last_read[name] = k
+        made = {o for node in [*copies[k], *chunk] for o in node.output if o}
+        reads = {r for node in [*copies[k], *chunk] for r in node_reads(node)}
+        reads_of.append(reads)
+        made_of.append([o for node in chunk for o in node.output if o])
+        for name in reads - made - fixed:
+            last_read[name] = k
     feed_observed = [i.name for i in graph.input if i.name in wanted]
     segments, alive = [], {i.name for i in graph.input if i.name not in fixed}
     for k, chunk in enumerate(chunks):
-        made = [o for node in chunk for o in node.output if o]
-        reads = {r for node in chunk for r in node_reads(node)}
-        inputs = tuple(sorted(reads - set(made) - fixed))
-        own = [constants[r] for r in sorted(reads & set(constants)) if r not in made]
+        made, reads = made_of[k], reads_of[k]
+        local = set(made) | {o for node in copies[k] for o in node.output}
+        inputs = tuple(sorted(reads - local - fixed))
+        own = [constants[r] for r in sorted(reads & set(constants))]
         observed_here = [o for o in made if o in wanted] + (feed_observed if k == 0 else [])
         carried = [o for o in made if last_read.get(o, -1) > k]
         release = tuple(sorted(n for n in alive if last_read.get(n, -1) <= k))
         alive = (alive - set(release)) | set(carried)
-        segments.append(Segment(tuple(own) + tuple(chunk), inputs, tuple(observed_here), tuple(carried), release))
+        segments.append(Segment(tuple(own) + tuple(copies[k]) + tuple(chunk), inputs, tuple(observed_here),
+                                tuple(carried), release))
     return segments
+
+
+# Producers onnxruntime folds into a MatMul/Gemm that reads them (MatMulScaleFusion, MatMulTransposeFusion).
+FOLDED_INTO_MATMUL = frozenset({"Mul", "Div", "Transpose"})
+
+
+def _refolded(chunk: list[onnx.NodeProto], producer: dict[str, onnx.NodeProto], fixed: set[str],
+              position: dict[int, int]) -> list[onnx.NodeProto]:
+    """Copies of the producers, outside `chunk`, of what its MatMul/Gemm nodes read that onnxruntime
+    would fold into them (followed through chains of such producers), in topological order."""
+    local = {o for node in chunk for o in node.output}
+    found: dict[str, onnx.NodeProto] = {}
+    todo = [(r, 0) for node in chunk if node.op_type in ("MatMul", "Gemm") for r in node.input if r]
+    while todo:
+        name, depth = todo.pop()
+        node = producer.get(name)
+        if name in local or name in found or node is None or node.op_type not in FOLDED_INTO_MATMUL or depth > 3:
+            continue
+        live = [i for i in node.input if i and i not in fixed]
+        if len(live) != 1:
+            continue
+        found[name] = node
+        todo.append((live[0], depth + 1))
+    unique = {id(n): n for n in found.values()}
+    return sorted(unique.values(), key=lambda n: position[id(n)])
 
 
 def segment_model(model: onnx.ModelProto, segment: Segment, value_info: dict[str, onnx.ValueInfoProto],
