@@ -406,6 +406,7 @@ def build(cfg: CompileConfig) -> BuildResult:
         calibrated = calibrate_stage(cfg, adapter, exported, calib, cfg.calib_cache or scratch / "calibration")
         decisions = decide_stage(cfg, target, adapter, exported, calibrated, scratch)
         compiled = quantize_stage(cfg, target, decisions, names, ctx)
+        _stage(f"writing the {target.name.value} artifact")
         emitted = target.emit(compiled, work)
         manifest = make_manifest(cfg, adapter, target, exported, calibrated, decisions, emitted, ctx)
         manifest.write(work)

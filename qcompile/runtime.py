@@ -9,9 +9,12 @@ import numpy as np
 import onnxruntime as ort
 
 
-def make_session(path: Path, *, threads: int = 0, optimize: bool = True) -> ort.InferenceSession:
+def make_session(path: Path, *, threads: int = 0, optimize: bool = True, arena: bool = True) -> ort.InferenceSession:
+    """`arena=False` returns intermediate buffers to the system after each run (many sessions kept open
+    at once would otherwise each hold their largest run's memory)."""
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    opts.enable_cpu_mem_arena = arena
     if threads:
         opts.intra_op_num_threads = threads
     if not optimize:
