@@ -43,7 +43,7 @@ from qcompile.manifest import BucketRecord, Manifest
 from qcompile.models.source import resolve_model
 from qcompile.passes.insert_qdq import is_excluded
 
-COLUMNS = ("method", "float_layers", "quantized_activations", "calibration_rows", "eps_cos_mean",
+COLUMNS = ("method", "float_nodes", "quantized_activations", "calibration_rows", "eps_cos_mean",
            "eps_sqnr_db_mean", "eps_sqnr_db_min", "sample_psnr_db", "sample_ssim", "accuracy_q", "frechet_q",
            "size_bytes", "seconds")
 NPZ = "calibration.npz"
@@ -71,6 +71,8 @@ def float_nodes(artifact: Path) -> list[str]:
     matched on node name or module path as qcompile matches them): the list a peer's exclusion option
     needs to keep the same layers float."""
     manifest = Manifest.read(artifact)
+    if manifest.quantization is None:  # a float artifact (tflite-fp32): nothing was quantized
+        return []
     patterns = [re.compile(p) for p in manifest.quantization.exclusion_patterns]
     return [n.name for n in load_graph(manifest.fp32_path(artifact)).nodes if is_excluded(n, patterns)]
 
@@ -180,9 +182,11 @@ def judge(folder: Path, adapter, manifest: Manifest, per_class: int, validate: i
 
 
 def qcompile_rows(model: str, out: Path, cache: Path, *, calib: str | None, extras: Sequence[str], per_class: int,
-                  target: str = "ort-int8", more: Sequence[str] = ()) -> tuple[list[dict], list[Path]]:
-    """Build one qcompile artifact per entry of `extras` on one cache and one export; their rows."""
-    rows, folders, export = [], [], None
+                  target: str = "ort-int8", more: Sequence[str] = (),
+                  export: Path | None = None) -> tuple[list[dict], list[Path]]:
+    """Build one qcompile artifact per entry of `extras` on one cache and one export (`export`, else
+    the first build's); their rows."""
+    rows, folders = [], []
     for i, extra in enumerate(extras):
         t0 = time.perf_counter()
         folder = out / f"qcompile-{target}-{i}"
@@ -195,10 +199,10 @@ def qcompile_rows(model: str, out: Path, cache: Path, *, calib: str | None, extr
             raise SystemExit(f"qcompile build {extra!r} exited {code}")
         manifest = Manifest.read(folder)
         summary = json.loads((folder / "report.json").read_text())["summary"]
-        rows.append({"method": f"qcompile {target} {extra}".strip(), "float_layers": len(float_nodes(folder)),
+        rows.append({**summary, "method": f"qcompile {target} {extra}".strip(), "float_nodes": len(float_nodes(folder)),
                      "quantized_activations": quantized_activations(manifest.bucket_files(folder)[0])
                      if target == "ort-int8" else None,
-                     "calibration_rows": manifest.calibration.rows, **summary,
+                     "calibration_rows": manifest.calibration.rows if manifest.calibration else None,
                      "seconds": round(time.perf_counter() - t0, 1)})
         folders.append(folder)
         export = export or folder
@@ -235,7 +239,7 @@ def run(args) -> dict:
             work = args.out / f"peer-{key}-{'like' if like else 'shipped'}"
             shutil.rmtree(work, ignore_errors=True)
             (work / "raw").mkdir(parents=True)
-            base = {"method": label, "like_for_like": like, "float_layers": len(exclude) if like else 0,
+            base = {"method": label, "like_for_like": like, "float_nodes": len(exclude) if like else 0,
                     "calibration_rows": data.count}
             try:
                 quantize(manifest.fp32_path(ours), work / "raw" / "model.onnx", data, exclude if like else None)
@@ -248,7 +252,7 @@ def run(args) -> dict:
                 continue
             wrap_as_artifact(ours, work / "raw" / "model.onnx", work / "artifact")
             summary = judge(work / "artifact", adapter, manifest, args.per_class, args.validate)
-            rows.append({**base, "quantized_activations": quantized_activations(work / "raw" / "model.onnx"), **summary,
+            rows.append({**summary, **base, "quantized_activations": quantized_activations(work / "raw" / "model.onnx"),
                          "seconds": round(time.perf_counter() - t0, 1)})
     metric = "sample_psnr_db" if any(r.get("sample_psnr_db") is not None for r in rows) else "eps_sqnr_db_mean"
     result = {"model": args.model, "rows": rows, "calibration_rows": data.count, "float_nodes": exclude,

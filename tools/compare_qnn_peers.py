@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"[qnn-peers] {name} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
                 rows.append({**base, "method": f"{name} (failed: {type(exc).__name__})"})
                 continue
-            rows.append({**base, **run_isolated(name, {**spec, "model": str(path)}, t0)})
+            rows.append({**run_isolated(name, {**spec, "model": str(path)}, t0), **base})
         same = [r for r in rows if precision in r["method"]]
         headlines.append(headline(same, ours, "eps_sqnr_db_mean"))
         write_table(args.out, rows, COLUMNS)  # after each precision: a long run keeps what it measured
