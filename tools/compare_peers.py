@@ -199,10 +199,12 @@ def qcompile_rows(model: str, out: Path, cache: Path, *, calib: str | None, extr
             raise SystemExit(f"qcompile build {extra!r} exited {code}")
         manifest = Manifest.read(folder)
         summary = json.loads((folder / "report.json").read_text())["summary"]
-        rows.append({**summary, "method": f"qcompile {target} {extra}".strip(), "float_nodes": len(float_nodes(folder)),
+        quantized = manifest.precision != "fp32"
+        rows.append({**summary, "method": f"qcompile {target} {extra}".strip(),
+                     "float_nodes": len(float_nodes(folder)) if quantized else None,
                      "quantized_activations": quantized_activations(manifest.bucket_files(folder)[0])
                      if target == "ort-int8" else None,
-                     "calibration_rows": manifest.calibration.rows if manifest.calibration else None,
+                     "calibration_rows": manifest.calibration.rows if quantized and manifest.calibration else None,
                      "seconds": round(time.perf_counter() - t0, 1)})
         folders.append(folder)
         export = export or folder

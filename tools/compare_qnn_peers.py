@@ -58,7 +58,8 @@ from qcompile.passes.host_time_embedding import (
 from qcompile.passes.static_shapes import StaticShapes
 from qcompile.runtime import BucketRunner, OnnxRunner, static_chunks
 from qcompile.targets.qnn import ep
-from qcompile.targets.qnn.target import DEFAULT_BATCH, QnnW8A8Target
+from qcompile.targets.qnn.options import DEFAULT_BATCH
+from qcompile.targets.qnn.target import QnnW8A8Target
 from qcompile.targets.qnn.validate import _FewLabels
 
 COLUMNS = ("method", "float_nodes", "calibration_rows", "on_htp", "eps_sqnr_db_mean", "eps_sqnr_db_min",
