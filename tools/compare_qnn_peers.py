@@ -14,9 +14,9 @@ Peers: onnxruntime `get_qnn_qdq_config` + `quantize` (what its QNN EP docs presc
 and per-channel, each as shipped and like for like: qcompile's QNN targets compute the timestep
 embedding (every node fed by the timestep, labels and per-sample scalars alone) in float on the host,
 and the like-for-like peer gets the same nodes through its `nodes_to_exclude` (left float, HTP may
-take them in its own float precision or refuse them: the `on_htp` column says which). AIMET QuantSim (aimet-onnx, HTP v73 config, exported as Q/DQ)
-when importable, as shipped (it has no per-node exclusion). Each evaluation runs in its own process:
-the simulator can crash. Writes peers.md and peers.json.
+take them in its own float precision or refuse them: the `on_htp` column says which). AIMET
+QuantSim (aimet-onnx, HTP v73 config, exported as Q/DQ) when importable, as shipped (this tool gives
+it no exclusions). Each evaluation runs in its own process: the simulator can crash. Writes peers.md and peers.json.
 """
 
 from __future__ import annotations
