@@ -100,3 +100,24 @@ def test_diffusers_dtypes_are_cast_and_build(capsys, tmp_path):
         and "encoder_hidden_states float64->float32" in casts[0], casts
     report = json.loads((out / "report.json").read_text())
     assert report["summary"]["eps_sqnr_db_mean"] > 15.0  # tiny random UNet, 6 calibration rows
+
+
+def test_model_folders_load_safetensors_first_and_never_the_hub(tmp_path, caplog):
+    import torch
+
+    from qcompile.models.common import safe_loading
+    from qcompile.models.source import resolve_model
+
+    module = BUILTINS["tiny-unet2d"].build().module
+    safe, pickled = tmp_path / "safe", tmp_path / "pickled"
+    module.save_pretrained(safe)
+    module.save_pretrained(pickled, safe_serialization=False)
+    assert safe_loading(safe) == {"local_files_only": True, "use_safetensors": True}
+    assert safe_loading(pickled) == {"local_files_only": True, "use_safetensors": False}
+    with caplog.at_level("WARNING", logger="qcompile.models"):
+        loaded = resolve_model(str(pickled)).module
+    assert "no .safetensors weights" in caplog.text
+    for folder in (safe, loaded):
+        got = resolve_model(str(safe)).module if folder is safe else loaded
+        for (name, a), b in zip(module.state_dict().items(), got.state_dict().values(), strict=True):
+            assert torch.equal(a, b), name
