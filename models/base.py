@@ -102,6 +102,11 @@ def spatial_axes(h: int, w: int, multiple: int, why: str, max_size: int | None =
                  for name, size in (("height", h), ("width", w)))
 
 
+def tokens_axis(default: int, max_tokens: int | None = None) -> Axis:
+    """A prompt length (text embeddings feed cross- or joint attention: any length works)."""
+    return Axis("tokens", default, dynamic=True, max=max_tokens, why="attention over the prompt's tokens")
+
+
 @dataclass(frozen=True)
 class InputSpec:
     """One ONNX input. `shape` is the shape of a batch-1 example; axis 0 is the (dynamic) batch."""

@@ -77,6 +77,11 @@ class ClipTextAdapter(ModelAdapter):
         length = self.module.config.max_position_embeddings
         return (InputSpec("input_ids", (1, length), "int64", InputRole.INDEX),)
 
+    def fixed_reason(self, name: str, dim: int) -> str:
+        if dim == 1:
+            return "diffusers pipelines pad every prompt to max_position_embeddings tokens"
+        return super().fixed_reason(name, dim)
+
     def export_module(self) -> torch.nn.Module:
         return _Export(self.module, self._projected)
 
