@@ -61,3 +61,6 @@ class TargetCaps:
     output_dtype: QuantDType | None = None
     fallback: PrecisionFallback = PrecisionFallback.FLOAT
     wide_dtype: QuantDType | None = None  # the activation dtype of layers a WIDE fallback takes out
+    # The runtime needs every shape fixed when the file is built (TFLite tensors, QNN graphs): the build
+    # pins the graph's dynamic axes (`--shape`, else the calibration data's shapes).
+    static_shapes: bool = False

@@ -121,7 +121,8 @@ def load_npz(path: Path, specs: Sequence, axes: Mapping[str, Sequence], timestep
     return InputSet(arrays, ts, unbatched)
 
 
-def _expected(spec, axes: Sequence) -> str:
+def expected_shape(axes: Sequence) -> str:
+    """The shape an input takes, for one-line errors: "(N, 4, height, width) with height: ..."."""
     dims = ["N" if a.name == "batch" else (a.name if a.dynamic else str(a.default)) for a in axes]
     limits = [a.describe() for a in axes if a.dynamic and a.name != "batch"]
     return f"({', '.join(dims)})" + (f" with {'; '.join(limits)}" if limits else "")
@@ -131,11 +132,11 @@ def _check_shape(where: str, spec, a: np.ndarray, axes: Sequence) -> None:
     """The array's shape must be one the exported graph accepts (N >= 1 samples)."""
     key = f"{where}: key '{spec.name}'"
     if a.size == 0:
-        raise UserError(f"{key} is empty (shape {a.shape}); expected {_expected(spec, axes)}")
+        raise UserError(f"{key} is empty (shape {a.shape}); expected {expected_shape(axes)}")
     if a.dtype.kind not in "biuf":
         raise UserError(f"{key} holds {a.dtype} values; expected numbers ({spec.dtype})")
     if a.ndim != len(axes) or not all(ax.name == "batch" or ax.accepts(n) for n, ax in zip(a.shape, axes, strict=True)):
-        raise UserError(f"{key} has shape {tuple(a.shape)}; expected {_expected(spec, axes)}")
+        raise UserError(f"{key} has shape {tuple(a.shape)}; expected {expected_shape(axes)}")
 
 
 def _cast(where: str, spec, a: np.ndarray) -> np.ndarray:
