@@ -98,3 +98,6 @@ class TargetCaps:
     # Explicit-quantization placement (TensorRT): `plan_quantization` follows these rules instead of the
     # weighted-op ones above; None for the other targets.
     explicit: ExplicitRules | None = None
+    # The runtime needs every shape fixed when the file is built (TFLite tensors, QNN graphs): the build
+    # pins the graph's dynamic axes (`--shape`, else the calibration data's shapes).
+    static_shapes: bool = False

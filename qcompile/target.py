@@ -177,6 +177,10 @@ class Target(Protocol):
 
     def runtime_version(self) -> str: ...
 
+    # The batch the files are built for; read only when `caps.static_shapes` (dynamic targets need none).
+    @property
+    def static_batch(self) -> int: ...
+
     def compile_bucket(self, graph: gs.Graph, job: BucketJob, ctx: PassContext) -> CompiledBucket:
         """Turn `graph` (a copy of the canonical float graph, rewritten in place) into this target's
         Q/DQ graph for one bucket, by an explicit list of passes."""
