@@ -219,13 +219,13 @@ def _config(args: argparse.Namespace, *, with_quant: bool):
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "build":
-        from qcompile.build import build
+        from qcompile.stages import build
 
         result = build(_config(args, with_quant=True))
         print(f"[qcompile] artifact: {result.out_dir}")
         return EXIT_OK if result.passed else EXIT_THRESHOLD
     if args.command == "export":
-        from qcompile.build import export_only
+        from qcompile.stages import export_only
 
         export_only(_config(args, with_quant=False))
         return EXIT_OK
@@ -240,9 +240,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from qcompile.build import write_calibration_cache
     from qcompile.config import CalibSpec
     from qcompile.errors import UserError
+    from qcompile.stages import write_calibration_cache
 
     if args.calib_cache is None:
         raise UserError("qcompile calibrate needs --calib-cache DIR (where the statistics go)")

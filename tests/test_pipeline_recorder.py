@@ -85,10 +85,10 @@ def test_held_back_prompts_validate_the_build_and_are_not_calibrated_on(pipeline
     calls for them (real text-encoder states, not synthetic ones) and calibrates on the rest only."""
     from diffusers import StableDiffusionPipeline
 
-    from qcompile.build import calibration_plan
     from qcompile.calibration.calibrate import record
     from qcompile.calibration.pipeline_recorder import split_prompts
     from qcompile.config import CompileConfig, FidelitySettings, SamplerSettings
+    from qcompile.stages import calibration_plan
 
     prompts = ["a cat", "a dog", "red fox", "blue sky", "old tree", "green leaf", "wet rock", "hot sun"]
     assert split_prompts(prompts) == (prompts[:6], prompts[6:]) and split_prompts(prompts[:3]) == (prompts[:3], [])

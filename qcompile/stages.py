@@ -53,7 +53,7 @@ from qcompile.passes.split_shortcut_concat import SplitShortcutConcat
 from qcompile.sensitivity import MixedPrecision, exact, mixed_precision
 from qcompile.target import BucketJob, CompiledBucket, EmitResult, Target, load_target
 
-log = logging.getLogger("qcompile.build")
+log = logging.getLogger("qcompile.stages")
 FP32_DIR = "fp32"
 
 
