@@ -77,14 +77,14 @@ def build(model: PathLike, out: PathLike, *, component: str | None = None, targe
 
 def calibrate(model: PathLike, cache: PathLike, *, component: str | None = None, calib: str | CalibSpec | None = None,
               sampler: SamplerSettings | None = None, seed: int = 0, opset: int = 20,
-              from_export: PathLike | None = None) -> CalibrationCache:
+              export_from: PathLike | None = None) -> CalibrationCache:
     """Record inputs and write a calibration cache into the new folder `cache` (`qcompile calibrate`):
     any number of builds reuse it (`build(..., calib_cache=cache)`) without running the model again."""
     from qcompile.stages import write_calibration_cache
 
     return write_calibration_cache(str(model), component, seed=seed, opset=opset, spec=_PARSE["calib"](calib),
                                    cache_dir=Path(cache), sampler=sampler or SamplerSettings(),
-                                   export_from=_PARSE["export_from"](from_export))
+                                   export_from=_PARSE["export_from"](export_from))
 
 
 def export(model: PathLike, out: PathLike, *, component: str | None = None, seed: int = 0, opset: int = 20) -> Path:

@@ -25,9 +25,10 @@ STEPS, GUIDANCE = 8, 4.0
 CALIBRATION_PROMPTS = ["a red fox", "a blue sky", "an old tree", "a wet rock", "a hot sun", "a green leaf",
                        "a cat", "a dog"]  # the last quarter validates the build
 PROMPTS = ["a red fox in snow", "a boat"]  # the images compared
-# Measured (8 steps, guidance 4, two buckets): ort-int8 31.7 dB, tflite-int8 31.7 dB; the float model
-# behind the stand-in 135 dB. Tolerances leave margin for other CPUs' float rounding.
-MIN_PSNR_DB = {"ort-int8": 27.0, "tflite-int8": 27.0}
+# Measured (8 steps, guidance 4, two buckets; the builds are deterministic): ort-int8 34.45 / 37.17 dB,
+# tflite-int8 34.50 / 37.12 dB; the float model behind the stand-in 135.6 / 137.9 dB. The tolerances
+# leave margin for other CPUs' float rounding reaching the calibration ranges.
+MIN_PSNR_DB = {"ort-int8": 30.0, "tflite-int8": 30.0}
 FLOAT_PSNR_DB = 90.0
 
 
@@ -73,6 +74,8 @@ def artifacts(pipeline_dir, tmp_path_factory):
               "validate_count": 4, "fidelity": FidelitySettings(sampler=sampler)}
     ort = qcompile.build(pipeline_dir, tmp / "ort", target="ort-int8", **common)
     assert ort.passed
+    print(f"\nort-int8 build: {ort.report['summary']['build_seconds']} s, "
+          f"calibration {ort.report['summary']['calibration_seconds']} s")
     out = {"ort-int8": ort.out_dir}
     try:
         import ai_edge_litert.interpreter  # noqa: F401
