@@ -124,24 +124,26 @@ class CompiledComponent(torch.nn.Module):
         bound.apply_defaults()
         given = dict(bound.arguments)
         given.update(given.get("added_cond_kwargs") or {})
-        model = self.manifest.model
-        sample = given[model.sample_input]
-        feed = self._feed(given, len(sample))
+        feed = self._feed(given)
         self._warn_ignored(given, bound.signature)
         out = torch.from_numpy(np.ascontiguousarray(self.runner.run(feed)))
-        out = out.to(device=sample.device, dtype=sample.dtype)
-        return self._output(out) if given.get("return_dict", True) else (out,)
+        sample = given[self.manifest.model.sample_input]
+        out = out.to(device=sample.device, dtype=sample.dtype) if isinstance(sample, torch.Tensor) else out
+        return self._output(out) if given["return_dict"] else (out,)
 
-    def _feed(self, given: Mapping[str, Any], batch: int) -> dict[str, np.ndarray]:
-        """The graph's inputs by name: cast to its dtypes, a scalar (or single) timestep broadcast."""
+    def _feed(self, given: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """The graph's inputs by name, cast to its dtypes; a 0-d (or one-element) timestep is broadcast
+        to the sample's batch."""
+        model = self.manifest.model
+        missing = [r.name for r in model.inputs if given.get(r.name) is None]
+        if missing:
+            raise TypeError(f"{self.manifest.source.class_name} artifact in {self.folder}: the call has no "
+                            f"{', '.join(repr(n) for n in missing)}, which the compiled graph takes")
+        batch = len(given[model.sample_input])
         feed = {}
-        for record in self.manifest.model.inputs:
-            value = given.get(record.name)
-            if value is None:
-                raise TypeError(f"{self.manifest.source.class_name} artifact in {self.folder}: the call has no "
-                                f"'{record.name}', which the compiled graph takes")
-            array = _numpy(value).astype(record.dtype, copy=False)
-            if array.ndim == 0 or (record.name == self.manifest.model.timestep_input and array.size == 1):
+        for record in model.inputs:
+            array = _numpy(given[record.name]).astype(record.dtype, copy=False)
+            if array.ndim == 0 or (record.name == model.timestep_input and array.size == 1):
                 array = np.full((batch,), array.reshape(()), record.dtype)
             feed[record.name] = array
         return feed

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -30,6 +31,7 @@ PROMPTS = ["a red fox in snow", "a boat"]  # the images compared
 # leave margin for other CPUs' float rounding reaching the calibration ranges.
 MIN_PSNR_DB = {"ort-int8": 30.0, "tflite-int8": 30.0}
 FLOAT_PSNR_DB = 90.0
+MIN_VAE_PSNR_DB = 44.0  # measured 48.76 / 49.75 dB (calibrated on the pipeline's own final latents)
 
 
 def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
@@ -97,7 +99,10 @@ def test_a_compiled_unet_generates_in_the_diffusers_pipeline(target, pipeline_di
     swap = StableDiffusionPipeline.from_pretrained(str(pipeline_dir), local_files_only=True)
     swap.set_progress_bar_config(disable=True)
     swap.unet = unet
-    images = generate(swap)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        images = generate(swap)
+    assert not [w for w in caught if "qcompile" in str(w.message)]  # the pipeline passes nothing the graph lacks
     assert images.shape == float_images.shape
     per_image = [psnr_db(a, b) for a, b in zip(images, float_images, strict=True)]
     print(f"\n{target}: image PSNR vs the float pipeline {', '.join(f'{p:.2f}' for p in per_image)} dB")
@@ -126,6 +131,8 @@ def test_the_stand_in_adds_nothing_to_the_images(pipeline_dir, float_images, art
 
 def test_the_stand_in_reads_and_calls_like_the_unet(pipe, artifacts):
     from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+    from qcompile.dropin import CompiledComponent
 
     folder = artifacts["ort-int8"]
     unet = qcompile.load(folder)
@@ -157,6 +164,10 @@ def test_the_stand_in_reads_and_calls_like_the_unet(pipe, artifacts):
     rounded = {**feed, "sample": sample.half().float().numpy(), "encoder_hidden_states": text.half().float().numpy()}
     np.testing.assert_array_equal(half[0].numpy(), unet.runner.run(rounded).astype(np.float16))
     unet.to(torch.float32)
+    # SDXL pipelines check their time ids against the added embedding's input width
+    sdxl = CompiledComponent(folder, unet.manifest, unet.runner, {**unet.config, "addition_embed_type": "text_time",
+                                                                  "projection_class_embeddings_input_dim": 80})
+    assert sdxl.add_embedding.linear_1.in_features == 80 and "add_embedding" not in dir(unet)
     with pytest.warns(UserWarning, match="ignores 'cross_attention_kwargs'"):
         unet(sample, t, text, cross_attention_kwargs={"scale": 0.5})
     with pytest.raises(TypeError, match="encoder_hidden_states"):
@@ -184,3 +195,27 @@ def test_import_qcompile_stays_light():
             "sys.modules]; assert not heavy, heavy; from qcompile import build, calibrate, load; "
             "import qcompile.stages; assert qcompile.build is build and callable(build)")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_compiled_vae_decoder_decodes_in_the_pipeline(pipeline_dir, pipe, float_images, tmp_path):
+    """`pipe.vae = qcompile.load(...)`: the pipeline calls `vae.decode(latents, return_dict=False)`."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.models.autoencoders.vae import DecoderOutput
+
+    # calibrated on what the pipeline decodes: its final latents on other prompts, unscaled as it unscales them
+    with torch.no_grad():
+        latents = pipe(CALIBRATION_PROMPTS, num_inference_steps=STEPS, guidance_scale=GUIDANCE, output_type="latent",
+                       generator=torch.Generator().manual_seed(1)).images
+    np.savez(tmp_path / "latents.npz", z=(latents / pipe.vae.config.scaling_factor).numpy())
+    built = qcompile.build(pipeline_dir, tmp_path / "vae", component="vae", calib=str(tmp_path / "latents.npz"))
+    assert built.passed
+    vae = qcompile.load(built.out_dir)
+    assert vae.config.scaling_factor == pipe.vae.config.scaling_factor
+    assert vae.config.block_out_channels == list(pipe.vae.config.block_out_channels)
+    assert isinstance(vae.decode(torch.zeros(1, 4, 8, 8)), DecoderOutput)
+    swap = StableDiffusionPipeline.from_pretrained(str(pipeline_dir), local_files_only=True)
+    swap.set_progress_bar_config(disable=True)
+    swap.vae = vae
+    per_image = [psnr_db(a, b) for a, b in zip(generate(swap), float_images, strict=True)]
+    print(f"\nort-int8 VAE decoder: image PSNR vs the float pipeline {', '.join(f'{p:.2f}' for p in per_image)} dB")
+    assert min(per_image) >= MIN_VAE_PSNR_DB, per_image
