@@ -11,9 +11,11 @@ from pathlib import Path
 import numpy as np
 
 import qcompile
+from qcompile.atomic import write_text
 
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
+MODEL_CONFIG = "model_config.json"
 TOOLS = ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnx-graphsurgeon", "numpy")
 
 
@@ -50,3 +52,15 @@ def arrays_fingerprint(arrays: Mapping[str, np.ndarray]) -> str:
 
 def files_size(folder: Path, names: Iterable[str]) -> int:
     return sum((folder / n).stat().st_size for n in set(names))
+
+
+def write_model_config(module, folder: Path) -> str:
+    """Write the component's own config into the artifact (diffusers' config.json: `_class_name` and
+    every field), so `qcompile.load` can stand the artifact in for the component with nothing else at
+    hand; returns its name relative to `folder`."""
+    from diffusers.configuration_utils import ConfigMixin
+
+    # diffusers models carry their config themselves; transformers models (text encoders) in `.config`
+    text = module.to_json_string() if isinstance(module, ConfigMixin) else module.config.to_json_string()
+    write_text(Path(folder) / MODEL_CONFIG, text)
+    return MODEL_CONFIG

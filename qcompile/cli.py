@@ -197,41 +197,34 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config(args: argparse.Namespace, *, with_quant: bool):
-    from qcompile.config import BucketMethod, CalibSpec, CompileConfig, Estimator, TargetName, parse_shape
+def _build_settings(args: argparse.Namespace) -> dict:
+    """`qcompile.api.build`'s keyword arguments from the command line (the API parses the option text)."""
+    from qcompile.config import TargetName
     from qcompile.target import cli_options, options_from_cli
 
-    common = {"model": args.model, "component": args.component, "out_dir": args.out, "seed": args.seed,
-              "opset": args.opset}
-    if not with_quant:
-        return CompileConfig(**common)
     fidelity, thresholds = _fidelity(args)
-    calib = CalibSpec.parse(args.calib) if args.calib is not None else None
     target = TargetName.parse(args.target)
     given = {flag: getattr(args, _dest(flag)) for flag in cli_options()}
     options = options_from_cli(target, {k: (tuple(v) if isinstance(v, list) else v) for k, v in given.items()})
-    return CompileConfig(**common, target=target, target_options=options, calib=calib, calib_cache=args.calib_cache,
-                         export_from=args.from_export,
-                         estimator=Estimator.parse(args.estimator), buckets=args.buckets,
-                         bucket_method=BucketMethod.parse(args.bucket_method),
-                         exclude=tuple(args.exclude), full_integer=args.full_integer,
-                         mixed_precision_sqnr_db=args.mixed_precision, max_float_layers=args.max_float_layers,
-                         split_shortcut=args.split_shortcut, smoothquant_alpha=args.smoothquant,
-                         shapes=tuple(parse_shape(s) for s in args.shape),
-                         validate_count=args.validate, thresholds=thresholds, fidelity=fidelity)
+    return {"component": args.component, "seed": args.seed, "opset": args.opset, "target": target,
+            "target_options": options, "calib": args.calib, "calib_cache": args.calib_cache,
+            "export_from": args.from_export, "estimator": args.estimator, "buckets": args.buckets,
+            "bucket_method": args.bucket_method, "exclude": args.exclude, "full_integer": args.full_integer,
+            "mixed_precision_sqnr_db": args.mixed_precision, "max_float_layers": args.max_float_layers,
+            "split_shortcut": args.split_shortcut, "smoothquant_alpha": args.smoothquant,
+            "shapes": args.shape, "validate_count": args.validate, "thresholds": thresholds,
+            "fidelity": fidelity}
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.command == "build":
-        from qcompile.build import build
+    from qcompile import api
 
-        result = build(_config(args, with_quant=True))
+    if args.command == "build":
+        result = api.build(args.model, args.out, **_build_settings(args))
         print(f"[qcompile] artifact: {result.out_dir}")
         return EXIT_OK if result.passed else EXIT_THRESHOLD
     if args.command == "export":
-        from qcompile.build import export_only
-
-        export_only(_config(args, with_quant=False))
+        api.export(args.model, args.out, component=args.component, seed=args.seed, opset=args.opset)
         return EXIT_OK
     if args.command == "eval":
         return _eval(args)
@@ -244,17 +237,14 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from qcompile.build import write_calibration_cache
-    from qcompile.config import CalibSpec
+    from qcompile import api
     from qcompile.errors import UserError
 
     if args.calib_cache is None:
         raise UserError("qcompile calibrate needs --calib-cache DIR (where the statistics go)")
     fidelity, _ = _fidelity(args)
-    cache = write_calibration_cache(args.model, args.component, seed=args.seed, opset=args.opset,
-                                    spec=CalibSpec.parse(args.calib) if args.calib else None,
-                                    cache_dir=args.calib_cache, sampler=fidelity.sampler,
-                                    export_from=args.from_export)
+    cache = api.calibrate(args.model, args.calib_cache, component=args.component, calib=args.calib,
+                          sampler=fidelity.sampler, seed=args.seed, opset=args.opset, export_from=args.from_export)
     print(cache.summary())
     return EXIT_OK
 

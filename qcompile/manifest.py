@@ -31,6 +31,9 @@ class SourceRecord:
     class_name: str  # the diffusers (or transformers) class
     fp32_model: str  # the canonical float model, relative to the artifact folder
     fingerprint: str | None = None  # sha256 of the canonical float model's files
+    # The component's own config (diffusers' config.json), relative to the artifact folder: what
+    # `qcompile.load` reports as `.config` when the artifact stands in for the component in a pipeline.
+    model_config: str | None = None
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,9 @@ interpreter check (tflite-int8: every int8 tensor within 1 LSB of onnxruntime) c
 import numpy as np
 import pytest
 
-from qcompile.build import build
 from qcompile.config import BucketMethod, CalibSpec, CompileConfig, TargetName
 from qcompile.models.source import resolve_model
+from qcompile.stages import build
 
 pytest.importorskip("ai_edge_litert.interpreter", reason="ai-edge-litert is not installed")
 

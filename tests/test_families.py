@@ -6,8 +6,8 @@ placement (measured values are in the README's results table, about 0.998-1.0 co
 
 import pytest
 
-from qcompile.build import build
 from qcompile.config import CalibSpec, CompileConfig
+from qcompile.stages import build
 
 FAMILIES = ["builtin:tiny-unet2d", "builtin:tiny-sd-unet", "builtin:tiny-sdxl-unet", "builtin:tiny-dit",
             "builtin:tiny-pixart", "builtin:tiny-sd3", "builtin:tiny-flux", "builtin:tiny-vae-decoder",

@@ -1,11 +1,10 @@
 """`--calib prompts:FILE`: a real diffusers pipeline folder (tokenizer, text encoder, scheduler, VAE,
 UNet) run on a prompts file, every UNet call recorded by timestep value with CFG halves labelled."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
+from tiny_pipeline import save_tiny_sd_pipeline
 
 from qcompile.calibration.pipeline_recorder import read_prompts, record_pipeline
 from qcompile.calibration.recorder import CFG_COND, CFG_UNCOND
@@ -13,36 +12,11 @@ from qcompile.config import CalibKind, CalibSpec
 from qcompile.errors import UserError
 from qcompile.models.source import resolve_model
 
-TOKENS = 77  # the sequence length the UNet adapter exports (Stable Diffusion's tokenizer length)
-
 
 @pytest.fixture(scope="module")
 def pipeline_dir(tmp_path_factory):
     """A tiny StableDiffusionPipeline saved with save_pretrained, tokenizer included (a letter vocabulary)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    tmp = tmp_path_factory.mktemp("pipe")
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in "abcdefghijklmnopqrstuvwxyz":
-        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
-    (tmp / "vocab.json").write_text(json.dumps(vocab))
-    (tmp / "merges.txt").write_text("#version: 0.2\n")
-    torch.manual_seed(0)
-    pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-                          up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, sample_size=16),
-        text_encoder=CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            max_position_embeddings=TOKENS, bos_token_id=0, eos_token_id=1, pad_token_id=1)),
-        tokenizer=CLIPTokenizer(str(tmp / "vocab.json"), str(tmp / "merges.txt"), model_max_length=TOKENS),
-        unet=UNet2DConditionModel(
-            sample_size=8, layers_per_block=1, block_out_channels=(32, 64), cross_attention_dim=32,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=8, norm_num_groups=8),
-        scheduler=DDIMScheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(tmp / "sd")
-    return tmp / "sd"
+    return save_tiny_sd_pipeline(tmp_path_factory.mktemp("pipe"))
 
 
 def test_every_unet_call_is_recorded_by_timestep_with_cfg_halves(pipeline_dir, tmp_path):
@@ -85,10 +59,10 @@ def test_held_back_prompts_validate_the_build_and_are_not_calibrated_on(pipeline
     calls for them (real text-encoder states, not synthetic ones) and calibrates on the rest only."""
     from diffusers import StableDiffusionPipeline
 
-    from qcompile.build import calibration_plan
     from qcompile.calibration.calibrate import record
     from qcompile.calibration.pipeline_recorder import split_prompts
     from qcompile.config import CompileConfig, FidelitySettings, SamplerSettings
+    from qcompile.stages import calibration_plan
 
     prompts = ["a cat", "a dog", "red fox", "blue sky", "old tree", "green leaf", "wet rock", "hot sun"]
     assert split_prompts(prompts) == (prompts[:6], prompts[6:]) and split_prompts(prompts[:3]) == (prompts[:3], [])

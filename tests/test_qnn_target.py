@@ -13,9 +13,9 @@ import pytest
 from graphs import groupnorm_skip_model, observed_ranges, save_with_external_data
 from qnn_helpers import quantize_float_model, require_htp
 
-from qcompile.build import build
 from qcompile.config import CalibSpec, CompileConfig, TargetName
 from qcompile.graph_io import constant_values, load_graph
+from qcompile.stages import build
 from qcompile.targets.qnn.context import write_contexts
 from qcompile.targets.qnn.options import QnnOptions
 

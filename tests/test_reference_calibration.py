@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 
-from qcompile.build import export_canonical
 from qcompile.calibration.recorder import CFG_COND, CFG_UNCOND, record_sampling
 from qcompile.calibration.stats import collect_stats
 from qcompile.config import SamplerSettings, SchedulerKind
@@ -11,6 +10,7 @@ from qcompile.evaluation.sampling import make_scheduler
 from qcompile.graph_io import load_graph
 from qcompile.pass_manager import PassContext
 from qcompile.runtime import OnnxRunner
+from qcompile.stages import export_canonical
 
 pytest.importorskip("qcompile.models.reference_model")
 

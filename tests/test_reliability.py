@@ -90,12 +90,12 @@ def test_a_killed_build_leaves_nothing_a_rebuild_does_not_remove(tmp_path, sig):
 
 
 def test_an_internal_error_is_one_line_with_its_own_exit_code(tmp_path, capsys, monkeypatch):
-    import qcompile.build
+    import qcompile.stages
 
     def broken(*args, **kwargs):
         raise ZeroDivisionError("division by zero")
 
-    monkeypatch.setattr(qcompile.build, "calibrate_stage", broken)
+    monkeypatch.setattr(qcompile.stages, "calibrate_stage", broken)
     assert main(["build", TINY, "--out", str(tmp_path / "x"), *FAST]) == 3
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["qcompile: internal error: ZeroDivisionError: division by zero (a bug in qcompile; -v shows the "

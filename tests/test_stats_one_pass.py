@@ -9,7 +9,6 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from qcompile.build import export_canonical
 from qcompile.calibration.cache import CalibrationCache
 from qcompile.calibration.inputs import InputSet
 from qcompile.calibration.recorder import record_input_set, record_sampling
@@ -30,6 +29,7 @@ from qcompile.config import SamplerSettings, SchedulerKind
 from qcompile.graph_io import load_graph
 from qcompile.pass_manager import PassContext
 from qcompile.runtime import OnnxRunner, make_session
+from qcompile.stages import export_canonical
 
 pytest.importorskip("qcompile.models.reference_model")
 BATCH = 16

@@ -1,12 +1,12 @@
-"""The tiny diffusers UNet built for tflite-int8 by `qcompile.build.build`: exported, calibrated,
+"""The tiny diffusers UNet built for tflite-int8 by `qcompile.stages.build`: exported, calibrated,
 quantized, lowered to a .tflite with two timestep buckets as signatures, run in LiteRT, reported."""
 
 import json
 
 import pytest
 
-from qcompile.build import build
 from qcompile.config import CalibSpec, CompileConfig, TargetName
+from qcompile.stages import build
 from qcompile.targets.tflite.inspect import operators
 from qcompile.targets.tflite.runner import read_metadata
 

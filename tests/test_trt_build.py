@@ -8,11 +8,11 @@ import json
 
 import pytest
 
-from qcompile.build import build
 from qcompile.caps import QuantLevel
 from qcompile.config import CalibSpec, CompileConfig, TargetName
 from qcompile.errors import UserError
 from qcompile.graph_io import constant_values, load_graph
+from qcompile.stages import build
 from qcompile.target import options_from_cli
 from qcompile.targets.tensorrt import engine
 from qcompile.targets.tensorrt.lint import LintRules, lint

@@ -14,8 +14,8 @@ import json
 import time
 from pathlib import Path
 
-from qcompile.build import build
 from qcompile.config import BucketMethod, CalibSpec, CompileConfig, Estimator, TargetName, Thresholds
+from qcompile.stages import build
 
 COLUMNS = ("full_integer", "buckets", "estimator", "eps_sqnr_db_min", "eps_sqnr_db_mean", "sample_psnr_db",
            "sample_ssim", "frechet_q", "accuracy_q", "size_bytes", "build_seconds")

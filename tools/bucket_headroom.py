@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 
-from qcompile.build import FP32_DIR, exclusions, resolve
 from qcompile.calibration.buckets import choose_buckets
 from qcompile.calibration.cache import CalibrationCache
 from qcompile.calibration.calibrate import graph_fingerprint
@@ -36,6 +35,7 @@ from qcompile.graph_io import load_graph
 from qcompile.pass_manager import PassContext, PassManager
 from qcompile.passes.insert_qdq import plan_quantization
 from qcompile.runtime import OnnxRunner
+from qcompile.stages import FP32_DIR, exclusions, resolve
 from qcompile.target import load_target
 
 BATCH = 64

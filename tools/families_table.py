@@ -12,8 +12,8 @@ import json
 import time
 from pathlib import Path
 
-from qcompile.build import build
 from qcompile.config import CalibSpec, CompileConfig, TargetName, Thresholds
+from qcompile.stages import build
 
 FAMILIES = (
     "builtin:tiny-unet2d", "builtin:tiny-sd-unet", "builtin:tiny-sdxl-unet", "builtin:tiny-dit",

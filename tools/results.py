@@ -34,9 +34,9 @@ from compare_peers import describe_headline, fmt, markdown_table
 from interleave import speedup
 
 from qcompile.artifact import tool_versions
-from qcompile.build import build
 from qcompile.config import CalibSpec, CompileConfig, FidelitySettings, TargetName, Thresholds
 from qcompile.manifest import Manifest
+from qcompile.stages import build
 
 SECTIONS = ("families", "reference", "peers", "buckets", "speed")
 VERSIONS = ("ai-edge-litert", "onnxruntime-qnn", "nvidia-modelopt", "ai-edge-quantizer", "litert-torch")

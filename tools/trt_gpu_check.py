@@ -29,10 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-from qcompile.build import build
 from qcompile.config import CalibSpec, CompileConfig, TargetName, Thresholds
 from qcompile.manifest import Manifest
 from qcompile.runtime import make_session
+from qcompile.stages import build
 from qcompile.targets.tensorrt import engine
 from qcompile.targets.tensorrt.options import RescaleAt, TrtOptions
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qcompile.artifact import tool_versions
+from qcompile.artifact import tool_versions, write_model_config
 from qcompile.atomic import StagedFolder
 from qcompile.calibration.buckets import Bucket, choose_buckets
 from qcompile.calibration.cache import CalibrationCache
@@ -54,7 +54,7 @@ from qcompile.sensitivity import MixedPrecision, exact, mixed_precision
 from qcompile.static_inputs import PinnedShapes, accepted_shapes, pin_graph, pin_shapes
 from qcompile.target import BucketJob, CompiledBucket, EmitResult, Target, load_target
 
-log = logging.getLogger("qcompile.build")
+log = logging.getLogger("qcompile.stages")
 FP32_DIR = "fp32"
 
 
@@ -351,13 +351,15 @@ def model_record(adapter) -> ModelRecord:
                        float(adapter.timestep_scale))
 
 
-def source_record(cfg: CompileConfig, adapter, fp32_rel: str, fingerprint: str | None) -> SourceRecord:
+def source_record(cfg: CompileConfig, adapter, fp32_rel: str, fingerprint: str | None,
+                  model_config: str | None = None) -> SourceRecord:
     return SourceRecord(model=cfg.model, component=cfg.component, seed=cfg.seed, family=adapter.family.value,
-                        class_name=type(adapter.module).__name__, fp32_model=fp32_rel, fingerprint=fingerprint)
+                        class_name=type(adapter.module).__name__, fp32_model=fp32_rel, fingerprint=fingerprint,
+                        model_config=model_config)
 
 
 def make_manifest(cfg: CompileConfig, adapter, target: Target, exported: Exported, calibrated: Calibrated,
-                  decisions: Decisions, emitted: EmitResult, ctx: PassContext,
+                  decisions: Decisions, emitted: EmitResult, ctx: PassContext, model_config: str,
                   input_shapes: dict[str, tuple[int, ...]] | None = None) -> Manifest:
     caps, plan, cache = target.caps, decisions.plan, calibrated.cache
     table = decisions.table
@@ -390,7 +392,8 @@ def make_manifest(cfg: CompileConfig, adapter, target: Target, exported: Exporte
         timesteps=tuple(t for t in cache.meta["timesteps"] if t is not None) or None)
     return Manifest(
         target=target.name.value, precision=precision_of(target), qcompile_version=tool_versions()["qcompile"],
-        source=source_record(cfg, adapter, f"{FP32_DIR}/{exported.path.name}", cache.graph_fingerprint),
+        source=source_record(cfg, adapter, f"{FP32_DIR}/{exported.path.name}", cache.graph_fingerprint,
+                             model_config),
         model=model_record(adapter), export=exported.record, calibration=calibration, quantization=quantization,
         buckets=buckets, sdk_files=tuple(emitted.sdk_files), device=dict(emitted.device),
         pass_log=tuple(e.as_dict(timing=False) for e in ctx.log), tools=tool_versions(),
@@ -420,7 +423,9 @@ def build(cfg: CompileConfig) -> BuildResult:
                   + ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in shapes.items()), flush=True)
         _stage(f"writing the {target.name.value} artifact")
         emitted = target.emit(compiled, work)
-        manifest = make_manifest(cfg, adapter, target, exported, calibrated, decisions, emitted, ctx, shapes)
+        model_config = write_model_config(adapter.module, work)
+        manifest = make_manifest(cfg, adapter, target, exported, calibrated, decisions, emitted, ctx, model_config,
+                                 shapes)
         manifest.write(work)
 
         _stage("evaluating the artifact against the float model")
@@ -477,8 +482,10 @@ def export_only(cfg: CompileConfig) -> Path:
     with StagedFolder(cfg.out_dir) as stage:
         ctx = PassContext()
         exported = export_canonical(adapter, stage.path, opset=cfg.opset, ctx=ctx)
+        model_config = write_model_config(adapter.module, stage.path)
         Manifest(target=FP32_TARGET, precision="fp32", qcompile_version=tool_versions()["qcompile"],
-                 source=source_record(cfg, adapter, exported.path.name, None), model=model_record(adapter),
+                 source=source_record(cfg, adapter, exported.path.name, None, model_config),
+                 model=model_record(adapter),
                  export=exported.record, pass_log=tuple(e.as_dict(timing=False) for e in ctx.log),
                  tools=tool_versions()).write(stage.path)
         out = stage.commit()
