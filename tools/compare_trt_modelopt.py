@@ -28,6 +28,8 @@ from qcompile.evaluation.evaluate import evaluate_artifact, held_out_inputs
 from qcompile.graph_io import load_graph
 from qcompile.manifest import Manifest
 from qcompile.models.source import resolve_model
+from qcompile.pass_manager import PassContext
+from qcompile.passes.infer_shapes import InferShapes
 from qcompile.targets.tensorrt.lint import LintRules, lint
 from qcompile.targets.tensorrt.target import quiet_graphsurgeon
 
@@ -90,6 +92,7 @@ def main() -> None:
             report = json.loads((folder / "report.json").read_text())
         with quiet_graphsurgeon():  # float8 constants: graphsurgeon warns on every access
             graph = load_graph(manifest.bucket_files(folder)[0])
+            InferShapes().run(graph, PassContext())  # ModelOpt's output carries no intermediate shapes
             found = lint(graph, LintRules(float_layers=frozenset(float_layers)))
         by_rule = Counter(v.rule.value for v in found)
         rows.append({"method": name, **{k: report["summary"].get(k) for k in METRICS},
