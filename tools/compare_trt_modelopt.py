@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -44,7 +45,7 @@ def modelopt_qdq(fp32: Path, out: Path, mode: str, cache: Path, rows: int, exclu
     out.parent.mkdir(parents=True, exist_ok=True)
     quantize(onnx_path=str(fp32), quantize_mode=mode, calibration_data=calib, calibration_method="max",
              output_path=str(out), calibration_eps=["cpu"], high_precision_dtype="fp32", use_external_data_format=True,
-             nodes_to_exclude=exclude or None)
+             nodes_to_exclude=[f"^{re.escape(name)}$" for name in exclude] or None)  # it reads regexes
     return out
 
 
