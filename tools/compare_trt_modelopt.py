@@ -72,7 +72,8 @@ def main() -> None:
     ap.add_argument("--calib-cache", type=Path, required=True)
     ap.add_argument("--out", type=Path, default=Path("out/trt-modelopt"))
     ap.add_argument("--rows", type=int, default=256)
-    ap.add_argument("--validate", type=int, default=16)
+    ap.add_argument("--validate", type=int, default=8,
+                    help="held-out inputs (models without a sampler): the build's --validate")
     args = ap.parse_args()
     ours = Manifest.read(args.artifact)
     mode = "fp8" if ours.target == "trt-fp8" else "int8"
