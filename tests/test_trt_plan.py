@@ -207,3 +207,17 @@ def test_decomposed_gelu_fused_before_qdq(tmp_path):
     ref = make_session(save_graph(graph, tmp_path / "f.onnx")).run(None, {"x": xv})[0]
     got = make_session(save_graph(compiled, tmp_path / "q.onnx"), optimize=False).run(None, {"x": xv})[0]
     assert 10 * np.log10(np.sum(ref ** 2) / np.sum((ref - got) ** 2)) > 30.0
+
+
+def test_float_residuals_option():
+    """--trt-residuals float: no skip-Add residual gets Q/DQ (the residual stream stays float), the
+    layers are the same, and the lint's residual-add rule is what is given up."""
+    quantized = plan_quantization(block(), TrtInt8Target().caps)
+    kept = plan_quantization(block(), TrtInt8Target(TrtOptions(residual_adds=False)).caps)
+    assert weighted(kept) == weighted(quantized)
+    assert not {n for n, _ in kept.consumers} & {"attn_residual", "ff_residual"}
+    graph = TrtInt8Target(TrtOptions(residual_adds=False)).compile_bucket(
+        copy_graph(block()), BucketJob(0, kept, {n: TensorRange(-3, 3) for n in kept.activations}, None),
+        PassContext()).graph
+    assert {v.rule.value for v in lint(graph, LintRules())} == {"residual-add"}
+    assert lint(graph, LintRules(residual_adds=False)) == []

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -28,6 +29,8 @@ from qcompile.evaluation.evaluate import evaluate_artifact, held_out_inputs
 from qcompile.graph_io import load_graph
 from qcompile.manifest import Manifest
 from qcompile.models.source import resolve_model
+from qcompile.pass_manager import PassContext
+from qcompile.passes.infer_shapes import InferShapes
 from qcompile.targets.tensorrt.lint import LintRules, lint
 from qcompile.targets.tensorrt.target import quiet_graphsurgeon
 
@@ -42,7 +45,7 @@ def modelopt_qdq(fp32: Path, out: Path, mode: str, cache: Path, rows: int, exclu
     out.parent.mkdir(parents=True, exist_ok=True)
     quantize(onnx_path=str(fp32), quantize_mode=mode, calibration_data=calib, calibration_method="max",
              output_path=str(out), calibration_eps=["cpu"], high_precision_dtype="fp32", use_external_data_format=True,
-             nodes_to_exclude=exclude or None)
+             nodes_to_exclude=[f"^{re.escape(name)}$" for name in exclude] or None)  # it reads regexes
     return out
 
 
@@ -69,7 +72,8 @@ def main() -> None:
     ap.add_argument("--calib-cache", type=Path, required=True)
     ap.add_argument("--out", type=Path, default=Path("out/trt-modelopt"))
     ap.add_argument("--rows", type=int, default=256)
-    ap.add_argument("--validate", type=int, default=16)
+    ap.add_argument("--validate", type=int, default=8,
+                    help="held-out inputs (models without a sampler): the build's --validate")
     args = ap.parse_args()
     ours = Manifest.read(args.artifact)
     mode = "fp8" if ours.target == "trt-fp8" else "int8"
@@ -90,6 +94,7 @@ def main() -> None:
             report = json.loads((folder / "report.json").read_text())
         with quiet_graphsurgeon():  # float8 constants: graphsurgeon warns on every access
             graph = load_graph(manifest.bucket_files(folder)[0])
+            InferShapes().run(graph, PassContext())  # ModelOpt's output carries no intermediate shapes
             found = lint(graph, LintRules(float_layers=frozenset(float_layers)))
         by_rule = Counter(v.rule.value for v in found)
         rows.append({"method": name, **{k: report["summary"].get(k) for k in METRICS},

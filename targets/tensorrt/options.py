@@ -52,6 +52,16 @@ TRT_BUCKET_RESCALE = OptionSpec("bucket_rescale", "--trt-bucket-rescale", rescal
                                 "trt-* with --buckets K: where the one-engine graph undoes the bucket's rescale: input "
                                 "(before each reader of a DQ: bit-exact, the default) or output (after each layer, so "
                                 "layers read their DQ directly)")
+def residuals(text: str) -> bool:
+    if text not in ("quantized", "float"):
+        raise UserError(f"--trt-residuals {text}: choose quantized or float")
+    return text == "quantized"
+
+
+TRT_RESIDUALS = OptionSpec("residual_adds", "--trt-residuals", residuals, "quantized|float",
+                           "trt-*: the residual input of a skip Add fed by a quantized layer: quantized (default; "
+                           "TensorRT fuses the Add into the layer) or float (transformers' residual stream keeps "
+                           "full precision; the lint's residual-add rule is then off)")
 TRT_TIMING_CACHE = OptionSpec("timing_cache", "--trt-timing-cache", Path, "FILE",
                               "trt-*: TensorRT timing cache, read when it exists and written back")
 
@@ -63,6 +73,7 @@ class TrtOptions:
     opt_level: int = 3
     timing_cache: Path | None = None
     bucket_rescale: RescaleAt = RescaleAt.INPUT
+    residual_adds: bool = True
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -72,7 +83,7 @@ class TrtOptions:
 
     @classmethod
     def cli(cls) -> tuple[OptionSpec, ...]:
-        return (TRT_LEVEL, TRT_MAX_BATCH, TRT_OPT_LEVEL, TRT_TIMING_CACHE, TRT_BUCKET_RESCALE)
+        return (TRT_LEVEL, TRT_MAX_BATCH, TRT_OPT_LEVEL, TRT_TIMING_CACHE, TRT_BUCKET_RESCALE, TRT_RESIDUALS)
 
     @classmethod
     def from_cli(cls, values: Mapping[str, Any]) -> TrtOptions:

@@ -61,9 +61,9 @@ def quiet_graphsurgeon() -> LoggerSuppress:
     return LoggerSuppress(G_LOGGER, G_LOGGER.ERROR)
 
 
-def trt_caps(dtype: QuantDType, level: QuantLevel) -> TargetCaps:
+def trt_caps(dtype: QuantDType, level: QuantLevel, residual_adds: bool = True) -> TargetCaps:
     return TargetCaps(weight_dtype=dtype, activation_dtype=dtype, activation_symmetric=True, weighted_ops=LAYER_OPS,
-                      quantize_bias=False, explicit=ExplicitRules(level))
+                      quantize_bias=False, explicit=ExplicitRules(level, residual_adds=residual_adds))
 
 
 class TrtTarget:
@@ -81,7 +81,7 @@ class TrtTarget:
             raise UserError(f"{TRT_LEVEL.flag} attention: {self.name.value} has no quantized attention (TensorRT fuses "
                             "FP8 attention; choose trt-fp8, or a lower level)")
         self.level = level
-        self.caps = trt_caps(self.dtype, level)
+        self.caps = trt_caps(self.dtype, level, self.options.residual_adds)
 
     def runtime_version(self) -> str:
         return ort.__version__
@@ -124,11 +124,13 @@ class TrtTarget:
             sdk = (BUCKETS_ONNX, BUCKETS_ONNX + ".data")
             engine_onnx = BUCKETS_ONNX
         nodes = sum(len(g.nodes) for _, g in graphs)
+        rules = [r.value for r in Rule if r is not Rule.RESIDUAL_ADD or self.options.residual_adds]
         device = {"engine_onnx": engine_onnx, "bucket_input": BUCKET_INPUT if len(buckets) > 1 else None,
                   "bucket_rescale": self.options.bucket_rescale.value if len(buckets) > 1 else None,
-                  "level": self.level.value, "max_batch": self.options.max_batch, "opt_level": self.options.opt_level,
+                  "level": self.level.value, "residual_adds": self.options.residual_adds,
+                  "max_batch": self.options.max_batch, "opt_level": self.options.opt_level,
                   "timing_cache": None if self.options.timing_cache is None else str(self.options.timing_cache),
-                  "lint": {"graphs": len(graphs), "nodes": nodes, "violations": 0, "rules": [r.value for r in Rule]},
+                  "lint": {"graphs": len(graphs), "nodes": nodes, "violations": 0, "rules": rules},
                   "numerics": f"{self.dtype.value} Q/DQ emulated in onnxruntime CPU"}
         return EmitResult(files, sdk, device)
 
