@@ -158,6 +158,8 @@ def modelopt_row(model: Path, artifact: Path, fp32: Path, work: Path, feed, args
     """ModelOpt's ONNX int8 (max calibration) on the build's float model and calibration rows, judged on
     the build's held-out rows (the same synthetic seeds) by eps cosine and SQNR against fp32."""
     python, method = args.modelopt_python, "nvidia-modelopt int8"
+    if args.skip_modelopt:
+        return {"method": method, "note": f"not run: {args.skip_modelopt}"}
     if subprocess.run([python, "-c", "import modelopt.onnx.quantization"], capture_output=True).returncode:
         return {"method": method, "note": f"not run: modelopt is not importable by {python} "
                 "(pip install 'qcompile[peers]', or --modelopt-python naming an interpreter that has it)"}
@@ -209,6 +211,8 @@ def main() -> None:
     ap.add_argument("--modelopt-python", default=sys.executable,
                     help="interpreter that runs ModelOpt (its [onnx] extra pins its own onnxruntime, so it may "
                          "live in another virtual environment)")
+    ap.add_argument("--skip-modelopt", metavar="REASON", default="",
+                    help="leave ModelOpt out, saying why in the table (e.g. it would not fit in memory)")
     ap.add_argument("--build-args", default="", help="extra qcompile build options (one string)")
     args = ap.parse_args()
     config = "quick" if args.quick else args.config
