@@ -107,7 +107,11 @@ def run_measured(cmd: list[str], log: Path) -> list[dict]:
                 word = line[len("[qcompile] "):].split(" ", 1)[0]
                 name = next((s for w, s in STAGES if w == word), None)
                 if name is not None:
+                    prev = stages[-1]
                     stages.append({"stage": name, "start": time.perf_counter(), "peak": tree_rss(proc.pid)})
+                    # A stage's numbers as soon as it ends: a benchmark stopped early still has them.
+                    out.write(f"[bench] {prev['stage']}: {stages[-1]['start'] - prev['start']:.1f} s, "
+                              f"peak {gib(prev['peak'])}\n")
         rc = proc.wait()
         done.set()
         sampler.join()
