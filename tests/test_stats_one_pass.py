@@ -174,7 +174,7 @@ def test_segment_models_share_the_weight_file(reference):
     assert seen == external
 
 
-def scaled_attention(path, dim=40):
+def scaled_attention(path, dim=40, infer=True):
     """Attention scores as exporters write scaled_dot_product_attention: q and k^T each scaled by
     dim**-0.25 before their MatMul. onnxruntime folds both scales into the MatMul (FusedMatMul alpha),
     which rounds differently from scaling first; a cut between a scale and its MatMul must not undo that."""
@@ -189,7 +189,7 @@ def scaled_attention(path, dim=40):
     io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["b", 16, dim]) for n in ("q", "k", "y")]
     graph = helper.make_graph(nodes, "attention", io[:2], io[2:], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
-    onnx.save(onnx.shape_inference.infer_shapes(model), str(path))
+    onnx.save(onnx.shape_inference.infer_shapes(model) if infer else model, str(path))
     return path
 
 
@@ -206,3 +206,14 @@ def test_a_cut_between_a_scale_and_its_matmul_changes_no_statistic(tmp_path, bud
     cut = plan_segments(onnx.load(str(path)).graph, names, lambda n: 16 * 40 * 4 * BATCH, budget)
     assert len(cut) >= 3
     assert_same_tables(whole, collect_stats(path, graph, recording, batch=BATCH, budget_bytes=budget))
+
+
+def test_a_graph_without_value_info_is_cut_with_inferred_types(tmp_path):
+    path = scaled_attention(tmp_path / "attention.onnx", infer=False)
+    rng = np.random.default_rng(2)
+    inputs = InputSet({n: rng.standard_normal((3, 16, 40)).astype(np.float32) for n in ("q", "k")}, None)
+    recording = record_input_set(inputs, tmp_path / "rec", {})
+    graph = load_graph(path)
+    names = ["qp", "kp", "scores", "p", "y"]
+    whole, _ = grouped_replay(path, graph, recording, names, 1 << 40)
+    assert_same_tables(whole, collect_stats(path, graph, recording, names=names, budget_bytes=1))

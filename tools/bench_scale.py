@@ -9,14 +9,14 @@ ort-int8 --calib CALIB` as a subprocess and records, per build stage (from the b
 from /proc). Then from the artifact: output cosine and SQNR against fp32 on held-back rows
 (report.json), artifact size, and int8 against fp32 latency in onnxruntime CPU (interleaved runs,
 median). NVIDIA ModelOpt's ONNX int8 is measured on the same float model and calibration rows when
-`modelopt` is importable (optional extra `peers`); otherwise the table says it was not run.
+`modelopt` is importable (optional extra `peers`, or `--modelopt-python` naming another environment's
+interpreter); otherwise the table says it was not run.
 Writes OUT/scale.json and OUT/scale.md (one table per config; docs/scale.md collects them).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -107,7 +107,11 @@ def run_measured(cmd: list[str], log: Path) -> list[dict]:
                 word = line[len("[qcompile] "):].split(" ", 1)[0]
                 name = next((s for w, s in STAGES if w == word), None)
                 if name is not None:
+                    prev = stages[-1]
                     stages.append({"stage": name, "start": time.perf_counter(), "peak": tree_rss(proc.pid)})
+                    # A stage's numbers as soon as it ends: a benchmark stopped early still has them.
+                    out.write(f"[bench] {prev['stage']}: {stages[-1]['start'] - prev['start']:.1f} s, "
+                              f"peak {gib(prev['peak'])}\n")
         rc = proc.wait()
         done.set()
         sampler.join()
@@ -154,26 +158,48 @@ def files_bytes(folder: Path, names) -> int:
     return sum((folder / n).stat().st_size for n in dict.fromkeys(names))
 
 
-def modelopt_row(artifact: Path, fp32: Path, work: Path, rows: int, feed, threads: int, runs: int) -> dict:
-    """ModelOpt's ONNX int8 (max calibration) on the build's float model and calibration rows."""
-    if importlib.util.find_spec("modelopt") is None:
-        return {"method": "nvidia-modelopt int8", "note": "not run: modelopt is not importable here "
-                "(pip install 'qcompile[peers]')"}
+def modelopt_row(model: Path, artifact: Path, fp32: Path, work: Path, feed, args) -> dict:
+    """ModelOpt's ONNX int8 (max calibration) on the build's float model and calibration rows, judged on
+    the build's held-out rows (the same synthetic seeds) by eps cosine and SQNR against fp32."""
+    python, method = args.modelopt_python, "nvidia-modelopt int8"
+    if args.skip_modelopt:
+        return {"method": method, "note": f"not run: {args.skip_modelopt}"}
+    if subprocess.run([python, "-c", "import modelopt.onnx.quantization"], capture_output=True).returncode:
+        return {"method": method, "note": f"not run: modelopt is not importable by {python} "
+                "(pip install 'qcompile[peers]', or --modelopt-python naming an interpreter that has it)"}
     from qcompile.calibration.cache import CalibrationCache
+    from qcompile.evaluation.evaluate import held_out_inputs
+    from qcompile.evaluation.metrics import cosine, sqnr_db
+    from qcompile.models.source import resolve_model
+    from qcompile.runtime import make_session
 
-    data = CalibrationCache.open(artifact.parent / "calib-cache").recording().spread_rows(rows)
+    data = CalibrationCache.open(artifact.parent / "calib-cache").recording().spread_rows(8)
     work.mkdir(parents=True, exist_ok=True)
     out = work / "model.onnx"
-    cmd = [sys.executable, "-c", "import sys, numpy as np; from modelopt.onnx.quantization import quantize; "
+    np.savez(work / "calib.npz", **data.arrays)
+    cmd = [python, "-c", "import sys, numpy as np; from modelopt.onnx.quantization import quantize; "
            "d = dict(np.load(sys.argv[2])); quantize(onnx_path=sys.argv[1], quantize_mode='int8', "
            "calibration_data=d, calibration_method='max', output_path=sys.argv[3], calibration_eps=['cpu'], "
            "high_precision_dtype='fp32', use_external_data_format=True)", str(fp32), str(work / "calib.npz"),
            str(out)]
-    np.savez(work / "calib.npz", **data.arrays)
     stages = run_measured(cmd, work / "modelopt.log")
-    t32, t8 = latency(fp32, out, feed, threads, runs)
-    return {"method": "nvidia-modelopt int8", "seconds": sum(s["seconds"] for s in stages),
-            "peak_rss": max(s["peak"] for s in stages), "fp32_s": t32, "int8_s": t8}
+    adapter = resolve_model(str(model), seed=args.seed)
+    adapter.module.to("meta")  # only its input signature is needed
+    held = held_out_inputs(adapter, 8, args.seed)
+    ref, test = make_session(fp32), make_session(out)
+    cos, sqnr = [], []
+    for i in range(held.count):
+        row = held.take(slice(i, i + 1))
+        a, b = ref.run(None, row)[0], test.run(None, row)[0]
+        cos.append(cosine(a, b))
+        sqnr.append(sqnr_db(a, b))
+    del ref, test
+    t32, t8 = latency(fp32, out, feed, args.threads, args.runs)
+    return {"method": method, "seconds": sum(s["seconds"] for s in stages), "peak_rss": max(s["peak"] for s in stages),
+            "eps_cos_mean": float(np.mean(cos)), "eps_sqnr_db_mean": float(np.mean(sqnr)),
+            "eps_sqnr_db_min": float(np.min(sqnr)), "int8_bytes": files_bytes(work, [p.name for p in work.iterdir()
+                                                                                   if p.name.startswith("model")]),
+            "fp32_s": t32, "int8_s": t8}
 
 
 def main() -> None:
@@ -186,6 +212,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--modelopt-python", default=sys.executable,
+                    help="interpreter that runs ModelOpt (its [onnx] extra pins its own onnxruntime, so it may "
+                         "live in another virtual environment)")
+    ap.add_argument("--skip-modelopt", metavar="REASON", default="",
+                    help="leave ModelOpt out, saying why in the table (e.g. it would not fit in memory)")
     ap.add_argument("--build-args", default="", help="extra qcompile build options (one string)")
     args = ap.parse_args()
     config = "quick" if args.quick else args.config
@@ -218,7 +249,7 @@ def main() -> None:
            "fp32_bytes": files_bytes(fp32.parent, [fp32.name, fp32.name + ".data"]),
            "int8_bytes": files_bytes(artifact, manifest["buckets"][0]["files"]),
            "batch": args.batch, "threads": args.threads, "fp32_s": t32, "int8_s": t8,
-           "peers": [modelopt_row(artifact, fp32, work / "modelopt", 8, feed, args.threads, args.runs)]}
+           "peers": [modelopt_row(model, artifact, fp32, work / "modelopt", feed, args)]}
     (work / "scale.json").write_text(json.dumps(row, indent=2))
     text = table(row)
     (work / "scale.md").write_text(text)
@@ -245,8 +276,10 @@ def table(r: dict) -> str:
         if "note" in p:
             lines.append(f"| {p['method']} | {p['note']} | | | | | |")
         else:
-            lines.append(f"| {p['method']} ({p['seconds']:.0f} s, peak {gib(p['peak_rss'])}) | | | | "
-                         f"{p['fp32_s']:.3f} | {p['int8_s']:.3f} | {p['fp32_s'] / p['int8_s']:.2f}x |")
+            lines.append(f"| {p['method']} ({p['seconds']:.0f} s, peak {gib(p['peak_rss'])}) | "
+                         f"{p['eps_cos_mean']:.4f} | {p['eps_sqnr_db_mean']:.2f} / {p['eps_sqnr_db_min']:.2f} | "
+                         f"{p['int8_bytes'] / r['fp32_bytes']:.3f} | {p['fp32_s']:.3f} | {p['int8_s']:.3f} | "
+                         f"{p['fp32_s'] / p['int8_s']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 

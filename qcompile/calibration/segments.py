@@ -152,6 +152,12 @@ def segment_model(model: onnx.ModelProto, segment: Segment, value_info: dict[str
     return out
 
 
+def _typed(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
+    """Value infos that carry an element type, by tensor name."""
+    infos = [*model.graph.value_info, *model.graph.input, *model.graph.output]
+    return {v.name: v for v in infos if v.type.tensor_type.elem_type}
+
+
 def _info(name: str, value_info: dict[str, onnx.ValueInfoProto]) -> onnx.ValueInfoProto:
     if name in value_info:
         return value_info[name]
@@ -193,8 +199,13 @@ def segmented(onnx_path: Path, observed: Sequence[str], cost: Callable[[str], in
     beside the model only while their sessions are made."""
     onnx_path = Path(onnx_path)
     model = onnx.load(str(onnx_path), load_external_data=False)
-    value_info = {v.name: v for v in [*model.graph.value_info, *model.graph.input, *model.graph.output]}
     segments = plan_segments(model.graph, observed, cost, budget)
+    value_info = _typed(model)
+    if any(n not in value_info for s in segments for n in s.inputs):
+        # A segment input needs a type; a graph saved without value_info gets it from shape inference
+        # (on the protobuf alone: the weights are not read).
+        model = onnx.shape_inference.infer_shapes(model)
+        value_info = _typed(model)
     feed_observed = [i.name for i in model.graph.input if i.name in set(observed)]
     sessions = []
     for k, seg in enumerate(segments):
