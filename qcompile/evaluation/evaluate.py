@@ -46,7 +46,13 @@ def cover_buckets(held_out: InputSet, manifest: Manifest, adapter, seed: int) ->
         return held_out
     ts = np.array([b.calibration_timesteps[len(b.calibration_timesteps) // 2] if b.calibration_timesteps
                    else (b.timestep_range[0] + b.timestep_range[1]) / 2 for b in missing], np.float32)
-    extra = InputSet(adapter.synthetic_inputs(ts, seed=seed + HELD_OUT_SEED_OFFSET + 1), ts, held_out.unbatched)
+    arrays = adapter.synthetic_inputs(ts, seed=seed + HELD_OUT_SEED_OFFSET + 1)
+    sizes = adapter.sizes_of(held_out.arrays)
+    if sizes != adapter.sizes_of(arrays):  # held-out rows at other sizes than the defaults: random rows at theirs
+        arrays = adapter.dummy_inputs(batch=len(ts), seed=seed + HELD_OUT_SEED_OFFSET + 1, sizes=sizes)
+        if manifest.model.timestep_input is not None:
+            arrays[manifest.model.timestep_input] = ts.astype(arrays[manifest.model.timestep_input].dtype)
+    extra = InputSet(arrays, ts, held_out.unbatched)
     print(f"[qcompile] held-out inputs reach no timestep of bucket(s) {', '.join(str(b.index) for b in missing)}: "
           f"adding a synthetic input at t = {', '.join(f'{t:g}' for t in ts)} for each", flush=True)
     return held_out.concat(extra)
