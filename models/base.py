@@ -189,6 +189,12 @@ class ModelAdapter(abc.ABC):
         """`input_axes`, JSON-able, for the manifest."""
         return {name: [a.as_dict() for a in axes] for name, axes in self.input_axes().items()}
 
+    def sizes_of(self, shapes: dict[str, Sequence[int]]) -> dict[str, int]:
+        """The values of the named dynamic axes (not the batch) that inputs of these shapes use."""
+        axes = self.input_axes()
+        return {a.name: int(n) for name, shape in shapes.items() if name in axes
+                for n, a in zip(shape, axes[name], strict=False) if a.dynamic and a.name != "batch"}
+
     def example_shape(self, spec: InputSpec, batch: int, sizes: dict[str, int] | None = None) -> tuple[int, ...]:
         """The shape of `spec` at `batch` with the named dynamic axes at `sizes` (defaults elsewhere)."""
         axes = self.input_axes()[spec.name]

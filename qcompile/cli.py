@@ -259,7 +259,8 @@ def _eval(args: argparse.Namespace) -> int:
     src = manifest.source
     adapter = resolve_model(src.model, src.component, seed=src.seed)
     fidelity, thresholds = _fidelity(args)
-    report = evaluate_artifact(args.artifact, adapter, held_out=held_out_inputs(adapter, args.validate, src.seed),
+    held_out = held_out_inputs(adapter, args.validate, src.seed, manifest)
+    report = evaluate_artifact(args.artifact, adapter, held_out=held_out,
                                thresholds=thresholds, fidelity=fidelity, manifest=manifest)
     print(format_table(report))
     return EXIT_OK if report["passed"] else EXIT_THRESHOLD

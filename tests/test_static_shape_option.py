@@ -62,6 +62,11 @@ def test_tflite_pins_the_calibration_shapes_and_ort_stays_dynamic(capsys, tmp_pa
     assert manifest["input_shapes"] == {"sample": [1, 4, 24, 20], "timestep": [1], "encoder_hidden_states": [1, 12, 32]}
     report = json.loads((tfl / "report.json").read_text())
     assert report["passed"] and report["summary"]["eps_sqnr_db_mean"] > 15.0
+    # `qcompile eval` later: its synthetic inputs exist at the defaults only; random ones at the pinned sizes
+    assert main(["eval", str(tfl), "--validate", "3"]) in (0, 1)
+    captured = capsys.readouterr()
+    assert "validating on random inputs at those sizes" in captured.out and "error" not in captured.err, captured.err
+    assert len(json.loads((tfl / "report.json").read_text())["per_step"]) == 3
     assert main(["build", TINY, "--calib", str(npz), "--out", str(ort)]) == 0
     manifest = json.loads((ort / "manifest.json").read_text())
     assert manifest["input_shapes"] == {}

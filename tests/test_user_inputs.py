@@ -89,17 +89,26 @@ def test_not_numbers(capsys, tmp_path):
 
 
 def test_diffusers_dtypes_are_cast_and_build(capsys, tmp_path):
+    """Scheduler-ordered int64 timesteps at another latent size and prompt length than the defaults; with
+    two buckets the held-out rows (the last, low timesteps) reach one, and the other is covered by a row at
+    the file's sizes."""
+    adapter = BUILTINS["tiny-sd-unet"].build()
+    arrays = adapter.dummy_inputs(batch=8, seed=1, sizes={"height": 24, "width": 20, "tokens": 12})
+    arrays["timestep"] = np.linspace(999, 0, 8).astype(np.int64)
+    arrays["sample"] = arrays["sample"].astype(np.float16)
+    arrays["encoder_hidden_states"] = arrays["encoder_hidden_states"].astype(np.float64)
     npz = tmp_path / "calib.npz"
-    np.savez(npz, **_arrays(count=8))
+    np.savez(npz, **arrays)
     out = tmp_path / "out"
-    code = main(["build", TINY, "--out", str(out), "--calib", str(npz), "--validate", "4"])
+    code = main(["build", TINY, "--out", str(out), "--calib", str(npz), "--buckets", "2"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     casts = [line for line in captured.out.splitlines() if "cast to the graph's input dtypes" in line]
     assert len(casts) == 1 and "timestep int64->float32" in casts[0] and "sample float16->float32" in casts[0] \
         and "encoder_hidden_states float64->float32" in casts[0], casts
+    assert "adding a synthetic input" in captured.out
     report = json.loads((out / "report.json").read_text())
-    assert report["summary"]["eps_sqnr_db_mean"] > 15.0  # tiny random UNet, 6 calibration rows
+    assert len(report["per_step"]) == 3 and report["summary"]["eps_sqnr_db_mean"] > 15.0
 
 
 def test_model_folders_load_safetensors_first_and_never_the_hub(tmp_path, caplog):

@@ -29,9 +29,20 @@ from qcompile.target import DeviceEvidence, load_target
 HELD_OUT_SEED_OFFSET = 10_007
 
 
-def held_out_inputs(adapter, count: int, seed: int) -> InputSet:
-    """Synthetic inputs from seeds calibration never uses."""
-    return synthetic_inputs(adapter, count, seed=seed + HELD_OUT_SEED_OFFSET)
+def held_out_inputs(adapter, count: int, seed: int, manifest: Manifest | None = None) -> InputSet:
+    """Synthetic inputs from seeds calibration never uses. A static artifact built for other sizes than
+    the model's defaults (`manifest.input_shapes`) gets random inputs at its sizes instead (said once)."""
+    held = synthetic_inputs(adapter, count, seed=seed + HELD_OUT_SEED_OFFSET)
+    sizes = adapter.sizes_of(dict(manifest.input_shapes)) if manifest is not None else {}
+    if not sizes or sizes == adapter.sizes_of({k: v.shape for k, v in held.arrays.items()}):
+        return held
+    print(f"[qcompile] the artifact is built for {sizes}: validating on random inputs at those sizes "
+          "(synthetic ones exist at the model's defaults only)", flush=True)
+    arrays = adapter.dummy_inputs(batch=count, seed=seed + HELD_OUT_SEED_OFFSET, sizes=sizes)
+    name = manifest.model.timestep_input
+    if name is not None and held.timesteps is not None:
+        arrays[name] = held.timesteps.astype(arrays[name].dtype)
+    return InputSet(arrays, held.timesteps, held.unbatched)
 
 
 def cover_buckets(held_out: InputSet, manifest: Manifest, adapter, seed: int) -> InputSet:
@@ -46,7 +57,14 @@ def cover_buckets(held_out: InputSet, manifest: Manifest, adapter, seed: int) ->
         return held_out
     ts = np.array([b.calibration_timesteps[len(b.calibration_timesteps) // 2] if b.calibration_timesteps
                    else (b.timestep_range[0] + b.timestep_range[1]) / 2 for b in missing], np.float32)
-    extra = InputSet(adapter.synthetic_inputs(ts, seed=seed + HELD_OUT_SEED_OFFSET + 1), ts, held_out.unbatched)
+    arrays = adapter.synthetic_inputs(ts, seed=seed + HELD_OUT_SEED_OFFSET + 1)
+    sizes = adapter.sizes_of({k: v.shape for k, v in held_out.arrays.items()})
+    # held-out rows at other sizes than the defaults: random rows at theirs
+    if sizes != adapter.sizes_of({k: v.shape for k, v in arrays.items()}):
+        arrays = adapter.dummy_inputs(batch=len(ts), seed=seed + HELD_OUT_SEED_OFFSET + 1, sizes=sizes)
+        if manifest.model.timestep_input is not None:
+            arrays[manifest.model.timestep_input] = ts.astype(arrays[manifest.model.timestep_input].dtype)
+    extra = InputSet(arrays, ts, held_out.unbatched)
     print(f"[qcompile] held-out inputs reach no timestep of bucket(s) {', '.join(str(b.index) for b in missing)}: "
           f"adding a synthetic input at t = {', '.join(f'{t:g}' for t in ts)} for each", flush=True)
     return held_out.concat(extra)
