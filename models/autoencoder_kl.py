@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from .base import InputRole, InputSpec, ModelAdapter, ModelFamily, NoiseSchedule
+from .base import Axis, InputRole, InputSpec, ModelAdapter, ModelFamily, NoiseSchedule, spatial_axes
 from .common import DiffusersLoading, as_timesteps, hw, smooth_latent
 
 
@@ -86,6 +86,11 @@ class VaeDecoderAdapter(_AutoencoderKLAdapter):
     def export_module(self) -> torch.nn.Module:
         return _Decode(self.module)
 
+    def dynamic_axes(self) -> dict[str, dict[int, Axis]]:
+        """Any latent size: the decoder only upsamples."""
+        height, width = spatial_axes(*self.latent_hw, 1, "the decoder only upsamples: any latent size")
+        return {"z": {2: height, 3: width}}
+
     def default_float_scopes(self) -> tuple[str, ...]:
         return (r"^post_quant_conv$", r"^decoder\.(conv_in|conv_out|conv_norm_out)$")
 
@@ -107,6 +112,12 @@ class VaeEncoderAdapter(_AutoencoderKLAdapter):
 
     def export_module(self) -> torch.nn.Module:
         return _EncodeMean(self.module)
+
+    def dynamic_axes(self) -> dict[str, dict[int, Axis]]:
+        """Image H/W: multiples of 2^(levels - 1), the latent's pixel size."""
+        factor = 2 ** (len(self.module.config.block_out_channels) - 1)
+        height, width = spatial_axes(*self.image_hw, factor, f"{factor} = 2^(levels - 1) pixels per latent pixel")
+        return {"sample": {2: height, 3: width}}
 
     def default_float_scopes(self) -> tuple[str, ...]:
         return (r"^quant_conv$", r"^encoder\.(conv_in|conv_out|conv_norm_out)$")

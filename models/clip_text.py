@@ -17,7 +17,7 @@ import torch
 from qcompile.errors import UserError
 
 from .base import InputRole, InputSpec, ModelAdapter, ModelFamily, NoiseSchedule
-from .common import as_timesteps, read_config, seeded_build
+from .common import as_timesteps, read_config, safe_loading, seeded_build
 
 
 class _Export(torch.nn.Module):
@@ -50,8 +50,7 @@ class ClipTextAdapter(ModelAdapter):
     def from_pretrained(cls, folder: Path) -> ModelAdapter:
         read_config(Path(folder))  # a clear error when config.json is missing
         try:
-            module = cls._model_class().from_pretrained(str(folder), local_files_only=True,
-                                                        dtype=torch.float32)
+            module = cls._model_class().from_pretrained(str(folder), dtype=torch.float32, **safe_loading(folder))
         except (OSError, ValueError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise UserError(f"{folder}: could not load {cls._model_class().__name__}: {first}") from exc
@@ -77,6 +76,11 @@ class ClipTextAdapter(ModelAdapter):
     def input_specs(self) -> tuple[InputSpec, ...]:
         length = self.module.config.max_position_embeddings
         return (InputSpec("input_ids", (1, length), "int64", InputRole.INDEX),)
+
+    def fixed_reason(self, name: str, dim: int) -> str:
+        if dim == 1:
+            return "diffusers pipelines pad every prompt to max_position_embeddings tokens"
+        return super().fixed_reason(name, dim)
 
     def export_module(self) -> torch.nn.Module:
         return _Export(self.module, self._projected)

@@ -5,6 +5,7 @@ Kept apart from base.py so the contract stays a short read; nothing here is fami
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,8 @@ import numpy as np
 import torch
 
 from qcompile.errors import UserError
+
+log = logging.getLogger("qcompile.models")
 
 # SD-style "scaled_linear" schedule (SD 1.x/2.x/XL) and the plain "linear" one (DDPM, DiT, PixArt).
 SCALED_LINEAR = ("scaled_linear", 0.00085, 0.012)
@@ -94,10 +97,19 @@ def strip_class_name(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
+def safe_loading(folder: Path) -> dict[str, Any]:
+    """`from_pretrained` options for a local folder: never the hub, and safetensors whenever the folder
+    has them (a pickled `.bin` can run code; it is read only when nothing else is there, and said so)."""
+    has_safetensors = any(Path(folder).rglob("*.safetensors"))
+    if not has_safetensors and any(Path(folder).rglob("*.bin")):
+        log.warning("%s: no .safetensors weights; loading the pickled .bin files", folder)
+    return {"local_files_only": True, "use_safetensors": has_safetensors}
+
+
 def load_diffusers(cls, folder: Path) -> torch.nn.Module:
     """`cls.from_pretrained(folder)` from local files only, as float32, errors as one-line UserErrors."""
     try:
-        return cls.from_pretrained(str(folder), local_files_only=True, torch_dtype=torch.float32).eval()
+        return cls.from_pretrained(str(folder), torch_dtype=torch.float32, **safe_loading(folder)).eval()
     except (OSError, ValueError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{folder}: could not load {cls.__name__} weights: {first}") from exc

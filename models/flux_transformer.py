@@ -80,6 +80,12 @@ class FluxTransformerAdapter(DiffusersLoading, ModelAdapter):
     def latent_channels(self) -> int:
         return self.module.config.in_channels // 4
 
+    def fixed_reason(self, name: str, dim: int) -> str:
+        if (name, dim) in (("hidden_states", 1), ("encoder_hidden_states", 1), ("img_ids", 0), ("txt_ids", 0)):
+            return ("token counts are fixed: the positional ids (img_ids, txt_ids) have no batch axis and carry "
+                    "the token grid; export at the latent size and prompt length you run")
+        return super().fixed_reason(name, dim)
+
     def input_specs(self) -> tuple[InputSpec, ...]:
         cfg = self.module.config
         tokens = (self.latent_size // 2) ** 2

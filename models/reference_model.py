@@ -179,7 +179,8 @@ def load_reference_unet():
     """The trained UNet (EMA weights), fp32, eval mode."""
     from diffusers import UNet2DConditionModel
 
-    unet = UNet2DConditionModel.from_pretrained(reference_dir() / "unet", torch_dtype=torch.float32)
+    unet = UNet2DConditionModel.from_pretrained(reference_dir() / "unet", torch_dtype=torch.float32,
+                                                local_files_only=True, use_safetensors=True)
     return unet.eval()
 
 

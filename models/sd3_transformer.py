@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from .base import InputRole, InputSpec, ModelAdapter, ModelFamily, NoiseSchedule
+from .base import Axis, InputRole, InputSpec, ModelAdapter, ModelFamily, NoiseSchedule, spatial_axes, tokens_axis
 from .common import DiffusersLoading, as_timesteps, hw, noise_flow, smooth_latent
 
 CLIP_TOKENS, T5_TOKENS = 77, 256  # the pipeline concatenates CLIP-L/G (77) and T5 (256 by default)
@@ -68,6 +68,20 @@ class SD3TransformerAdapter(DiffusersLoading, ModelAdapter):
 
     def export_module(self) -> torch.nn.Module:
         return _Export(self.module)
+
+    def dynamic_axes(self) -> dict[str, dict[int, Axis]]:
+        """Latent H/W: an even number of patches, up to pos_embed_max_size patches (the positional table
+        is cropped, never extended); the joint prompt length: any.
+
+        Even: the dynamo export of the table's centre crop, (max - n) // 2, is exact for even patch
+        counts only (an odd count gets one row too many: measured, onnxscript 0.7 / torch 2.9)."""
+        cfg = self.module.config
+        limit = cfg.pos_embed_max_size * cfg.patch_size if cfg.pos_embed_max_size else None
+        why = (f"an even number of {cfg.patch_size}-pixel patches (the exported crop of the positional table is "
+               "exact for even counts)" + (f"; at most pos_embed_max_size {cfg.pos_embed_max_size} patches"
+                                           if limit else ""))
+        height, width = spatial_axes(*hw(cfg.sample_size), 2 * cfg.patch_size, why, limit)
+        return {"hidden_states": {2: height, 3: width}, "encoder_hidden_states": {1: tokens_axis(self.text_len)}}
 
     def default_float_scopes(self) -> tuple[str, ...]:
         return (r"^(pos_embed|time_text_embed|context_embedder|norm_out|proj_out)(\.|$)",)

@@ -17,7 +17,7 @@ import torch
 
 from qcompile.errors import UserError
 
-from .base import InputRole, InputSpec, ModelAdapter, ModelFamily, NoiseSchedule
+from .base import Axis, InputRole, InputSpec, ModelAdapter, ModelFamily, NoiseSchedule, tokens_axis
 from .common import LINEAR, DiffusersLoading, as_timesteps, hw, noise_ddpm, smooth_latent
 
 VAE_SCALE = 8
@@ -110,6 +110,16 @@ class Transformer2DAdapter(DiffusersLoading, ModelAdapter):
 
     def export_module(self) -> torch.nn.Module:
         return _DiTExport(self.module) if self.kind == "dit" else _PixArtExport(self.module)
+
+    def dynamic_axes(self) -> dict[str, dict[int, Axis]]:
+        """PixArt's caption length: any (cross-attention keys). Latent H/W stay fixed (fixed_reason)."""
+        return {} if self.kind == "dit" else {"encoder_hidden_states": {1: tokens_axis(self.text_len)}}
+
+    def fixed_reason(self, name: str, dim: int) -> str:
+        if name == "hidden_states" and dim >= 2:
+            return ("PatchEmbed keeps a sin-cos table for the config's sample_size and recomputes it in a Python "
+                    "branch for other sizes, which the exported graph cannot keep: export at the size you run")
+        return super().fixed_reason(name, dim)
 
     def default_float_scopes(self) -> tuple[str, ...]:
         if self.kind == "dit":  # DiT's timestep/label embedding sits in every block's norm1.emb

@@ -10,7 +10,7 @@ import torch
 
 from qcompile.errors import UserError
 
-from .base import InputRole, InputSpec, ModelAdapter, ModelFamily, NoiseSchedule
+from .base import Axis, InputRole, InputSpec, ModelAdapter, ModelFamily, NoiseSchedule, spatial_axes
 from .common import LINEAR, DiffusersLoading, as_timesteps, hw, noise_ddpm, smooth_latent
 
 
@@ -67,6 +67,13 @@ class UNet2DAdapter(DiffusersLoading, ModelAdapter):
 
     def export_module(self) -> torch.nn.Module:
         return _Export(self.module)
+
+    def dynamic_axes(self) -> dict[str, dict[int, Axis]]:
+        """H/W: multiples of 2^(levels - 1), so every skip connection meets its upsampled twin."""
+        h, w = hw(self.module.config.sample_size)
+        factor = 2 ** (len(self.module.config.block_out_channels) - 1)
+        height, width = spatial_axes(h, w, factor, f"{factor} = 2^(levels - 1): each level halves the image")
+        return {"sample": {2: height, 3: width}}
 
     def default_float_scopes(self) -> tuple[str, ...]:
         return (r"^(time_proj|time_embedding|class_embedding)(\.|$)",

@@ -15,7 +15,7 @@ import torch
 
 from qcompile.errors import UserError
 
-from .base import InputRole, InputSpec, ModelAdapter, ModelFamily, NoiseSchedule
+from .base import Axis, InputRole, InputSpec, ModelAdapter, ModelFamily, NoiseSchedule, spatial_axes, tokens_axis
 from .common import SCALED_LINEAR, DiffusersLoading, as_timesteps, hw, noise_ddpm, smooth_latent
 
 VAE_SCALE = 8  # pixels per latent pixel in every SD-family pipeline (for SDXL time_ids)
@@ -112,6 +112,14 @@ class UNet2DConditionAdapter(DiffusersLoading, ModelAdapter):
 
     def export_module(self) -> torch.nn.Module:
         return _Export(self.module, tuple(s.name for s in self.input_specs()))
+
+    def dynamic_axes(self) -> dict[str, dict[int, Axis]]:
+        """Latent H/W: multiples of 2^(levels - 1), so every skip connection meets its upsampled twin
+        without diffusers' interpolation fallback; the prompt length: any (cross-attention keys)."""
+        h, w = hw(self.module.config.sample_size)
+        factor = 2 ** (len(self.module.config.block_out_channels) - 1)
+        height, width = spatial_axes(h, w, factor, f"{factor} = 2^(levels - 1): each level halves the latent")
+        return {"sample": {2: height, 3: width}, "encoder_hidden_states": {1: tokens_axis(self.text_len)}}
 
     def default_float_scopes(self) -> tuple[str, ...]:
         return (r"^(time_proj|time_embedding|add_time_proj|add_embedding|class_embedding)(\.|$)",

@@ -69,6 +69,10 @@ def plan_quantization(graph: gs.Graph, caps: TargetCaps, exclude: Sequence[str] 
         from qcompile.passes.insert_qdq_integer import plan_integer
 
         return plan_integer(graph, caps, patterns)
+    if caps.explicit is not None:  # TensorRT's placement rules: whole layers, residual Adds, attention
+        from qcompile.passes.plan_explicit import plan_explicit
+
+        return plan_explicit(graph, caps, patterns)
     activations: dict[str, None] = {}
     weights: list[WeightSlot] = []
     biases: list[tuple[str, int]] = []

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qcompile.config import BucketMethod, CalibSpec, CompileConfig, Estimator, SamplerSettings, TargetName
+from qcompile.config import BucketMethod, CalibSpec, CompileConfig, Estimator, SamplerSettings, TargetName, parse_shape
 
 if TYPE_CHECKING:
     from qcompile.calibration.cache import CalibrationCache
@@ -46,6 +46,7 @@ _PARSE: dict[str, Callable[[Any], Any]] = {
     "calib_cache": lambda v: None if v is None else Path(v),
     "export_from": lambda v: None if v is None else Path(v),
     "exclude": tuple,
+    "shapes": lambda v: tuple(parse_shape(s) if isinstance(s, str) else s for s in v),
 }
 
 

@@ -18,6 +18,40 @@ class PrecisionFallback(enum.Enum):
     NONE = "none"  # nothing to fall back to: activations are already at the widest width
 
 
+class QuantLevel(enum.Enum):
+    """Which layers an explicit-quantization target quantizes, cumulative, as TensorRT's demo/Diffusion
+    and ModelOpt's diffusers example number them (`--quant-level` 1.0 / 2.0 / 2.5 / 3.0 / 4.0)."""
+
+    CONV = "conv"  # 1.0: convolutions only
+    FFN = "ffn"  # 2.0: + the feed-forward linears (module path `ff.net`)
+    QKV = "qkv"  # 2.5: + the attention projections to_q / to_k / to_v (and the joint blocks' add_*_proj)
+    LINEAR = "linear"  # 3.0: + every other linear layer
+    ATTENTION = "attention"  # 4.0: + the attention batched matmuls (FP8: Q, K, V and the softmax output)
+
+    @property
+    def rank(self) -> int:
+        return list(QuantLevel).index(self)
+
+    def includes(self, other: QuantLevel) -> bool:
+        return self.rank >= other.rank
+
+
+@dataclass(frozen=True)
+class ExplicitRules:
+    """Q/DQ placement for a runtime that reads precision from explicit Q/DQ and fuses around it
+    (TensorRT): symmetric, per-channel weights, per-tensor activations, both operands of a quantized
+    layer quantized, skip-Add residuals quantized, narrow layers left float (`passes/plan_explicit.py`)."""
+
+    level: QuantLevel
+    # Layers whose reduction (K) or output (N) width is below this stay float: low-precision kernels pad
+    # them and run slower than the float kernel.
+    min_width: int = 16
+    # Quantize the other input of an Add fed by a quantized layer, so the Add fuses into its epilogue.
+    residual_adds: bool = True
+    # Attention batched matmuls are quantized only when the head size is a multiple of this.
+    head_multiple: int = 16
+
+
 @dataclass(frozen=True)
 class TargetCaps:
     weight_dtype: QuantDType  # always symmetric per output channel
@@ -61,3 +95,9 @@ class TargetCaps:
     output_dtype: QuantDType | None = None
     fallback: PrecisionFallback = PrecisionFallback.FLOAT
     wide_dtype: QuantDType | None = None  # the activation dtype of layers a WIDE fallback takes out
+    # Explicit-quantization placement (TensorRT): `plan_quantization` follows these rules instead of the
+    # weighted-op ones above; None for the other targets.
+    explicit: ExplicitRules | None = None
+    # The runtime needs every shape fixed when the file is built (TFLite tensors, QNN graphs): the build
+    # pins the graph's dynamic axes (`--shape`, else the calibration data's shapes).
+    static_shapes: bool = False

@@ -84,6 +84,9 @@ def _quant_args(p: argparse.ArgumentParser) -> None:
                    help="SmoothQuant the quantized MatMul/Gemm layers with this alpha (0..1; 0.5 splits evenly)")
     g.add_argument("--mixed-precision", type=float, default=None, metavar="SQNR_DB",
                    help="keep the most sensitive layers float until the output SQNR on recorded inputs reaches this")
+    g.add_argument("--shape", action="append", default=[], metavar="NAME=D0xD1x...",
+                   help="static-shape targets (tflite-*, qnn-*): the shape input NAME is built for, batch first "
+                        "(repeatable); default: the calibration data's shapes. ort-int8 artifacts stay dynamic")
     g.add_argument("--max-float-layers", type=int, default=None, metavar="N",
                    help="at most N layers kept float by --mixed-precision (alone: exactly the N most sensitive)")
 
@@ -209,7 +212,8 @@ def _build_settings(args: argparse.Namespace) -> dict:
             "bucket_method": args.bucket_method, "exclude": args.exclude, "full_integer": args.full_integer,
             "mixed_precision_sqnr_db": args.mixed_precision, "max_float_layers": args.max_float_layers,
             "split_shortcut": args.split_shortcut, "smoothquant_alpha": args.smoothquant,
-            "validate_count": args.validate, "thresholds": thresholds, "fidelity": fidelity}
+            "shapes": args.shape, "validate_count": args.validate, "thresholds": thresholds,
+            "fidelity": fidelity}
 
 
 def _run(args: argparse.Namespace) -> int:

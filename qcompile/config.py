@@ -20,6 +20,8 @@ class TargetName(enum.Enum):
     TFLITE_FP32 = "tflite-fp32"
     QNN_W8A8 = "qnn-w8a8"
     QNN_W8A16 = "qnn-w8a16"
+    TRT_INT8 = "trt-int8"
+    TRT_FP8 = "trt-fp8"
 
     @classmethod
     def parse(cls, text: str) -> TargetName:
@@ -165,6 +167,9 @@ class CompileConfig:
     smoothquant_alpha: float | None = None
     max_float_layers: int | None = None
     validate_count: int = 8  # held-back inputs for the report
+    # Static-shape targets (tflite-*, qnn-*): the full shape each named input is built for (`--shape`);
+    # inputs not named take the calibration data's shapes.
+    shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
     # The target's own options (a frozen dataclass the target declares, e.g. QnnOptions); None: its defaults.
     target_options: Any = None
     seed: int = 0
@@ -181,6 +186,18 @@ class CompileConfig:
             raise UserError(f"--validate {self.validate_count}: needs at least one input")
         if self.opset < 18:
             raise UserError(f"--opset {self.opset}: qcompile needs opset 18 or newer")
+
+
+def parse_shape(text: str) -> tuple[str, tuple[int, ...]]:
+    """`--shape NAME=D0xD1x...` (D0 is the batch for batched inputs) as (NAME, dims)."""
+    name, sep, dims = text.partition("=")
+    try:
+        shape = tuple(int(d) for d in dims.lower().split("x"))
+    except ValueError:
+        shape = ()
+    if not sep or not name or not shape or min(shape) < 1:
+        raise UserError(f"--shape {text}: expected NAME=D0xD1x... with positive integers, e.g. sample=1x4x64x64")
+    return name, shape
 
 
 def _parse_enum(cls: type[enum.Enum], text: str, option: str):

@@ -5,8 +5,10 @@ Why the steps are what they are:
   exporter is the fallback when dynamo fails or disagrees with torch beyond `tolerance`.
 - weights always go to one external `<stem>.data` file, so models over 2 GB take the same path as
   tiny ones and the .onnx protobuf stays small enough to load quickly in passes.
-- the batch axis is dynamic (classifier-free guidance doubles the batch) and the check runs the
-  exported graph at batch 1 and 2 in onnxruntime.
+- the axes the adapter names dynamic (`input_axes`: batch, latent height/width, prompt length) stay
+  symbolic, one symbol per axis name, with their valid multiples and limits as torch.export Dims;
+  the check runs the exported graph in onnxruntime at batch 1 with the default sizes and at batch 2
+  with another valid value of every dynamic axis, so a size baked into the graph is caught.
 - every node gets `qcompile.module` metadata (the torch module path it came from) so passes can
   keep layers in float by module-path regex, and a unique non-empty name.
 - files are written in a temporary folder and renamed into place, the .onnx last: a killed export
@@ -47,7 +49,7 @@ class ExportResult:
     onnx_path: Path
     exporter: str  # "dynamo" | "legacy"
     opset: int
-    max_abs_diff: float  # ONNX (onnxruntime CPU) vs torch on the dummy inputs, batch 1 and 2
+    max_abs_diff: float  # ONNX (onnxruntime CPU) vs torch on the dummy inputs, at two shapes
     seconds: float
     notes: tuple[str, ...] = ()
 
@@ -110,6 +112,34 @@ def _example_args(adapter, batch: int) -> tuple[torch.Tensor, ...]:
     return tuple(torch.from_numpy(feeds[s.name]) for s in adapter.input_specs())
 
 
+def _dynamic(adapter, dynamic_batch: bool) -> dict[str, dict[int, object]]:
+    """Per input, {dim: Axis} of the axes exported symbolic (the batch only when `dynamic_batch`)."""
+    return {name: {d: a for d, a in enumerate(axes) if a.dynamic and (dynamic_batch or a.name != "batch")}
+            for name, axes in adapter.input_axes().items()}
+
+
+def _dims(dynamic: dict[str, dict[int, object]]) -> dict[str, dict[int, object]]:
+    """torch.export Dims: one per axis name (shared across inputs); a multiple m is m * Dim."""
+    made: dict[str, object] = {}
+    out: dict[str, dict[int, object]] = {}
+    for name, axes in dynamic.items():
+        for d, a in axes.items():
+            if a.name not in made:
+                m = a.multiple
+                top = None if a.max is None else a.max // m
+                base = torch.export.Dim(a.name if m == 1 else f"{a.name}_over_{m}", min=max(1, -(-a.min // m)),
+                                        **({} if top is None else {"max": top}))
+                made[a.name] = base if m == 1 else m * base
+            out.setdefault(name, {})[d] = made[a.name]
+    return out
+
+
+def _check_sizes(adapter) -> dict[str, int]:
+    """Another valid value of every dynamic non-batch axis: the second shape the export is checked at."""
+    return {a.name: a.alternative() for axes in adapter.input_axes().values() for a in axes
+            if a.dynamic and a.name != "batch"}
+
+
 @contextlib.contextmanager
 def _quiet_exporters() -> Iterator[None]:
     """torch.export and torch.onnx print deprecation and registry warnings on every export; they
@@ -139,19 +169,19 @@ def _export_loud(adapter, module: torch.nn.Module, exporter: str, opset: int, dy
     names = [s.name for s in specs]
     outputs = list(adapter.output_names)
     args = _example_args(adapter, 2)  # batch 2: torch.export specialises size-1 axes
+    dynamic = _dynamic(adapter, dynamic_batch)
     with torch.no_grad():
         if exporter == "dynamo":
-            batch = torch.export.Dim("batch", min=1, max=4096)
-            shapes = tuple({0: batch} if (dynamic_batch and s.batched) else None for s in specs)
+            dims = _dims(dynamic)
+            shapes = tuple(dims.get(s.name) or None for s in specs)
             if _takes_varargs(module):  # forward(self, *inputs): torch.export nests the shapes once
                 shapes = (shapes,)
             program = torch.onnx.export(module, args, dynamo=True, opset_version=opset, input_names=names,
                                         output_names=outputs, dynamic_shapes=shapes, verbose=False,
                                         custom_translation_table=_translation_fixes())
             return program.model
-        axes = {}
+        axes = {name: {d: a.name for d, a in given.items()} for name, given in dynamic.items() if given}
         if dynamic_batch:
-            axes = {s.name: {0: "batch"} for s in specs if s.batched}
             axes.update({o: {0: "batch"} for o in outputs})
         path = tmp / "legacy" / "model.onnx"
         path.parent.mkdir()
@@ -265,15 +295,17 @@ def _save(model: ir.Model, path: Path) -> None:
 
 
 def _verify(adapter, module: torch.nn.Module, path: Path, dynamic_batch: bool) -> float:
-    """Max abs difference between onnxruntime (CPU EP) and torch over all outputs at batch 1 and 2."""
+    """Max abs difference between onnxruntime (CPU EP) and torch over all outputs, at batch 1 with the
+    default sizes and at batch 2 with another valid value of every dynamic axis."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     worst = 0.0
-    for batch in (1, 2) if dynamic_batch else (2,):
-        feeds = adapter.dummy_inputs(batch=batch, seed=batch)
+    shapes = [(1, None), (2, _check_sizes(adapter))] if dynamic_batch else [(2, None)]
+    for batch, sizes in shapes:
+        feeds = adapter.dummy_inputs(batch=batch, seed=batch, sizes=sizes)
         got = session.run(list(adapter.output_names), feeds)
         with torch.no_grad():
             want = module(*(torch.from_numpy(feeds[s.name]) for s in adapter.input_specs()))
@@ -282,7 +314,7 @@ def _verify(adapter, module: torch.nn.Module, path: Path, dynamic_batch: bool) -
             w = w.detach().float().numpy()
             if g.shape != w.shape:
                 raise ExportError(f"output {name} has shape {g.shape} in onnxruntime, {w.shape} in torch "
-                                  f"(batch {batch})")
+                                  f"(batch {batch}, sizes {sizes or 'default'})")
             worst = max(worst, float(np.max(np.abs(g.astype(np.float64) - w))))
     return worst
 

@@ -119,6 +119,9 @@ class Manifest:
     device: Mapping[str, Any] = field(default_factory=dict)
     pass_log: tuple[Mapping[str, Any], ...] = ()
     tools: Mapping[str, str] = field(default_factory=dict)
+    # Static-shape artifacts (tflite-*, qnn-*): the one shape each input is built for, batch included.
+    # Empty for dynamic artifacts: `model.inputs[].axes` says what they accept.
+    input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     format: int = MANIFEST_FORMAT
 
     # --- what runners read ----------------------------------------------------------------------
@@ -155,6 +158,7 @@ class Manifest:
             "buckets": [_plain(b) for b in self.buckets],
             "sdk_files": list(self.sdk_files),
             "device": dict(self.device),
+            "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
             "pass_log": [dict(e) for e in self.pass_log],
             "tools": dict(self.tools),
         }
@@ -176,6 +180,7 @@ class Manifest:
             buckets=tuple(_build(BucketRecord, b) for b in m.get("buckets", ())),
             sdk_files=tuple(m.get("sdk_files", ())), device=dict(m.get("device") or {}),
             pass_log=tuple(m.get("pass_log", ())), tools=dict(m.get("tools", {})),
+            input_shapes={str(k): tuple(int(d) for d in v) for k, v in (m.get("input_shapes") or {}).items()},
         )
 
     def write(self, folder: Path) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
 import onnx
 
@@ -15,21 +16,34 @@ class QuantDType(enum.Enum):
     INT16 = "int16"
     UINT16 = "uint16"
     INT32 = "int32"
+    # FP8 E4M3 without infinities (ONNX FLOAT8E4M3FN, opset 19+): TensorRT's FP8; largest value 448.
+    FLOAT8E4M3FN = "float8e4m3fn"
+
+    @property
+    def is_float(self) -> bool:
+        """A floating-point quantized type: values are rounded to its grid, not to integers."""
+        return self is QuantDType.FLOAT8E4M3FN
 
     @property
     def numpy(self) -> np.dtype:
-        return np.dtype(self.value)
+        return np.dtype(ml_dtypes.float8_e4m3fn) if self.is_float else np.dtype(self.value)
 
     @property
     def onnx(self) -> int:
+        if self.is_float:
+            return onnx.TensorProto.FLOAT8E4M3FN
         return onnx.helper.np_dtype_to_tensor_dtype(self.numpy)
 
     @property
     def qmin(self) -> int:
+        if self.is_float:
+            return -int(ml_dtypes.finfo(self.numpy).max)
         return int(np.iinfo(self.numpy).min)
 
     @property
     def qmax(self) -> int:
+        if self.is_float:
+            return int(ml_dtypes.finfo(self.numpy).max)
         return int(np.iinfo(self.numpy).max)
 
     @property
@@ -121,8 +135,13 @@ def _broadcast(values: np.ndarray, qp: QParams, ndim: int) -> np.ndarray:
 
 
 def quantize(x: np.ndarray, qp: QParams, *, symmetric_range: bool = False) -> np.ndarray:
-    """Round half to even, as ONNX QuantizeLinear does; `symmetric_range` clips to [-qmax, qmax]."""
+    """Round half to even, as ONNX QuantizeLinear does; `symmetric_range` clips to [-qmax, qmax].
+    FP8 as onnxruntime's QuantizeLinear computes it: x / scale in float32, saturated to +-448, then
+    rounded to the nearest E4M3 value (ties to even)."""
     scale = _broadcast(qp.scale, qp, x.ndim)
+    if qp.dtype.is_float:
+        scaled = np.asarray(x, np.float32) / np.asarray(scale, np.float32)
+        return np.asarray(np.clip(scaled, qp.dtype.qmin, qp.dtype.qmax).astype(qp.dtype.numpy))
     zero = _broadcast(qp.zero_point.astype(np.int64), qp, x.ndim)
     q = np.rint(np.asarray(x, np.float64) / scale) + zero
     qmin = -qp.dtype.qmax if symmetric_range else qp.dtype.qmin
@@ -131,5 +150,7 @@ def quantize(x: np.ndarray, qp: QParams, *, symmetric_range: bool = False) -> np
 
 def dequantize(q: np.ndarray, qp: QParams) -> np.ndarray:
     scale = _broadcast(qp.scale, qp, q.ndim)
+    if qp.dtype.is_float:  # symmetric: the zero point is 0
+        return (np.asarray(q).astype(np.float32) * np.asarray(scale, np.float32)).astype(np.float32)
     zero = _broadcast(qp.zero_point.astype(np.int64), qp, q.ndim)
     return ((q.astype(np.int64) - zero) * scale).astype(np.float32)

@@ -9,9 +9,12 @@ import numpy as np
 import onnxruntime as ort
 
 
-def make_session(path: Path, *, threads: int = 0, optimize: bool = True) -> ort.InferenceSession:
+def make_session(path: Path, *, threads: int = 0, optimize: bool = True, arena: bool = True) -> ort.InferenceSession:
+    """`arena=False` returns intermediate buffers to the system after each run (many sessions kept open
+    at once would otherwise each hold their largest run's memory)."""
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    opts.enable_cpu_mem_arena = arena
     if threads:
         opts.intra_op_num_threads = threads
     if not optimize:
@@ -76,12 +79,13 @@ class BucketRunner:
 
 
 class OnnxRunner(BucketRunner):
-    """One onnxruntime session per timestep bucket (one model file each)."""
+    """One onnxruntime session per timestep bucket (one model file each). `optimize=False` runs the
+    graph node by node (FP8 Q/DQ: onnxruntime's CPU fusions have no float8 kernels)."""
 
     def __init__(self, paths: Sequence[Path], *, bucket_edges: Sequence[float] = (),
-                 timestep_name: str | None = None, sample_name: str | None = None):
+                 timestep_name: str | None = None, sample_name: str | None = None, optimize: bool = True):
         super().__init__(len(paths), bucket_edges=bucket_edges, timestep_name=timestep_name, sample_name=sample_name)
-        self.sessions = [make_session(p) for p in paths]
+        self.sessions = [make_session(p, optimize=optimize) for p in paths]
         self.input_names = tuple(i.name for i in self.sessions[0].get_inputs())
         self.output_names = tuple(o.name for o in self.sessions[0].get_outputs())
 

@@ -51,6 +51,7 @@ from qcompile.passes.canonicalize import canonicalize_passes
 from qcompile.passes.insert_qdq import QuantPlan, plan_quantization
 from qcompile.passes.split_shortcut_concat import SplitShortcutConcat
 from qcompile.sensitivity import MixedPrecision, exact, mixed_precision
+from qcompile.static_inputs import PinnedShapes, accepted_shapes, pin_graph, pin_shapes
 from qcompile.target import BucketJob, CompiledBucket, EmitResult, Target, load_target
 
 log = logging.getLogger("qcompile.stages")
@@ -256,7 +257,7 @@ def exclusions(cfg: CompileConfig, adapter, target: Target) -> tuple[str, ...]:
 
 
 def decide_stage(cfg: CompileConfig, target: Target, adapter, exported: Exported, calibrated: Calibrated,
-                 scratch: Path) -> Decisions:
+                 scratch: Path, pinned: PinnedShapes | None = None) -> Decisions:
     """Which layers stay out of the main precision (family defaults, --exclude, mixed precision), the
     SmoothQuant rewrite, and the timestep buckets."""
     caps = target.caps
@@ -264,7 +265,8 @@ def decide_stage(cfg: CompileConfig, target: Target, adapter, exported: Exported
     table, graph = calibrated.table, exported.graph
     mixed = None
     if cfg.mixed_precision_sqnr_db is not None or cfg.max_float_layers is not None:
-        mixed = _mixed_precision(cfg, target, adapter, exported, calibrated, excluded, input_names(adapter), scratch)
+        mixed = _mixed_precision(cfg, target, adapter, exported, calibrated, excluded, input_names(adapter), scratch,
+                                 pinned)
         excluded = (*excluded, *exact(mixed.float_layers))
     smoothed = None
     if cfg.smoothquant_alpha is not None:
@@ -293,7 +295,8 @@ def _check_statistics(plan: QuantPlan, table: StatsTable, cache_dir: Path) -> No
 
 
 def _mixed_precision(cfg: CompileConfig, target: Target, adapter, exported: Exported, calibrated: Calibrated,
-                     excluded: tuple[str, ...], names: InputNames, scratch: Path) -> MixedPrecision:
+                     excluded: tuple[str, ...], names: InputNames, scratch: Path,
+                     pinned: PinnedShapes | None) -> MixedPrecision:
     probe = calibrated.cache.recording().spread_rows(64)
     caps = target.caps
     levels = caps.activation_dtype.qmax - caps.activation_dtype.qmin
@@ -305,7 +308,8 @@ def _mixed_precision(cfg: CompileConfig, target: Target, adapter, exported: Expo
                         qcompile_version=tool_versions()["qcompile"],
                         source=source_record(cfg, adapter, exported.path.name, None), model=model_record(adapter),
                         export=exported.record)
-    mixed = mixed_precision(exported.graph, exported.path, target, ranges, probe, excluded,
+    graph = exported.graph if pinned is None else pin_graph(copy_graph(exported.graph), pinned)
+    mixed = mixed_precision(graph, exported.path, target, ranges, probe, excluded,
                             timestep_input=names.timestep, template=template, folder=scratch / "sensitivity",
                             target_sqnr_db=cfg.mixed_precision_sqnr_db, max_float=budget)
     print(f"[qcompile] mixed precision: {len(mixed.float_layers)} layer(s) {kept}, probe SQNR "
@@ -315,7 +319,7 @@ def _mixed_precision(cfg: CompileConfig, target: Target, adapter, exported: Expo
 
 # --- stage 4: quantize and emit -----------------------------------------------------------------
 def quantize_stage(cfg: CompileConfig, target: Target, decisions: Decisions, names: InputNames,
-                   ctx: PassContext) -> list[CompiledBucket]:
+                   ctx: PassContext, pinned: PinnedShapes | None = None) -> list[CompiledBucket]:
     caps = target.caps
     levels = caps.activation_dtype.qmax - caps.activation_dtype.qmin
     _stage(f"quantizing for {target.name.value}: {len(decisions.buckets)} bucket(s), estimator {cfg.estimator.value}")
@@ -324,7 +328,7 @@ def quantize_stage(cfg: CompileConfig, target: Target, decisions: Decisions, nam
         ranges = estimate_ranges(decisions.table, cfg.estimator, bucket.timestep_indices,
                                  names=decisions.plan.activations, levels=levels, symmetric=caps.activation_symmetric)
         job = BucketJob(bucket.index, decisions.plan, ranges, names.timestep)
-        compiled.append(target.compile_bucket(copy_graph(decisions.graph), job, ctx))
+        compiled.append(target.compile_bucket(pin_graph(copy_graph(decisions.graph), pinned), job, ctx))
     return compiled
 
 
@@ -333,6 +337,8 @@ def precision_of(target: Target) -> str:
     caps = target.caps
     if not caps.weighted_ops and not caps.int8_ops:
         return "fp32"  # a float baseline of a quantizing emitter (tflite-fp32)
+    if caps.activation_dtype.is_float:
+        return "fp8"  # float8 E4M3 weights and activations (trt-fp8)
     return f"w{caps.weight_dtype.bits}a{caps.activation_dtype.bits}"
 
 
@@ -353,7 +359,8 @@ def source_record(cfg: CompileConfig, adapter, fp32_rel: str, fingerprint: str |
 
 
 def make_manifest(cfg: CompileConfig, adapter, target: Target, exported: Exported, calibrated: Calibrated,
-                  decisions: Decisions, emitted: EmitResult, ctx: PassContext, model_config: str) -> Manifest:
+                  decisions: Decisions, emitted: EmitResult, ctx: PassContext, model_config: str,
+                  input_shapes: dict[str, tuple[int, ...]] | None = None) -> Manifest:
     caps, plan, cache = target.caps, decisions.plan, calibrated.cache
     table = decisions.table
     buckets = tuple(
@@ -389,7 +396,8 @@ def make_manifest(cfg: CompileConfig, adapter, target: Target, exported: Exporte
                              model_config),
         model=model_record(adapter), export=exported.record, calibration=calibration, quantization=quantization,
         buckets=buckets, sdk_files=tuple(emitted.sdk_files), device=dict(emitted.device),
-        pass_log=tuple(e.as_dict(timing=False) for e in ctx.log), tools=tool_versions())
+        pass_log=tuple(e.as_dict(timing=False) for e in ctx.log), tools=tool_versions(),
+        input_shapes=input_shapes or {})
 
 
 # --- the build ----------------------------------------------------------------------------------
@@ -399,17 +407,25 @@ def build(cfg: CompileConfig) -> BuildResult:
     adapter = resolve(cfg)
     calib = calibration_plan(cfg, adapter)
     exclusions(cfg, adapter, target)  # contradictory options fail before any work
+    batch = target.static_batch if target.caps.static_shapes else None
+    pinned = pin_shapes(cfg.shapes, adapter, target.name.value, batch, calib.inputs, calib.held_out)
     names = input_names(adapter)
     with StagedFolder(cfg.out_dir) as stage:
         work, scratch = stage.path, stage.scratch()
         ctx = PassContext()
         exported = export_stage(cfg, adapter, work / FP32_DIR, ctx)
         calibrated = calibrate_stage(cfg, adapter, exported, calib, cfg.calib_cache or scratch / "calibration")
-        decisions = decide_stage(cfg, target, adapter, exported, calibrated, scratch)
-        compiled = quantize_stage(cfg, target, decisions, names, ctx)
+        decisions = decide_stage(cfg, target, adapter, exported, calibrated, scratch, pinned)
+        compiled = quantize_stage(cfg, target, decisions, names, ctx, pinned)
+        shapes = accepted_shapes(pinned, batch)
+        if shapes:
+            print(f"[qcompile] {target.name.value} is built for "
+                  + ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in shapes.items()), flush=True)
+        _stage(f"writing the {target.name.value} artifact")
         emitted = target.emit(compiled, work)
         model_config = write_model_config(adapter.module, work)
-        manifest = make_manifest(cfg, adapter, target, exported, calibrated, decisions, emitted, ctx, model_config)
+        manifest = make_manifest(cfg, adapter, target, exported, calibrated, decisions, emitted, ctx, model_config,
+                                 shapes)
         manifest.write(work)
 
         _stage("evaluating the artifact against the float model")

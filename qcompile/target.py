@@ -177,6 +177,10 @@ class Target(Protocol):
 
     def runtime_version(self) -> str: ...
 
+    # The batch the files are built for; read only when `caps.static_shapes` (dynamic targets need none).
+    @property
+    def static_batch(self) -> int: ...
+
     def compile_bucket(self, graph: gs.Graph, job: BucketJob, ctx: PassContext) -> CompiledBucket:
         """Turn `graph` (a copy of the canonical float graph, rewritten in place) into this target's
         Q/DQ graph for one bucket, by an explicit list of passes."""
@@ -211,6 +215,10 @@ TARGETS: dict[TargetName, TargetEntry] = {
                                      "qcompile.targets.qnn.options:QnnOptions"),
     TargetName.QNN_W8A16: TargetEntry("qcompile.targets.qnn.target:QnnW8A16Target",
                                       "qcompile.targets.qnn.options:QnnOptions"),
+    TargetName.TRT_INT8: TargetEntry("qcompile.targets.tensorrt.target:TrtInt8Target",
+                                     "qcompile.targets.tensorrt.options:TrtOptions"),
+    TargetName.TRT_FP8: TargetEntry("qcompile.targets.tensorrt.target:TrtFp8Target",
+                                    "qcompile.targets.tensorrt.options:TrtOptions"),
 }
 
 

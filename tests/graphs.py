@@ -53,19 +53,25 @@ def run(path: Path, feed: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def canonical_export(name, tmp_path_factory, exporters=("dynamo",)):
-    """A tiny builtin exported and canonicalized once per test session (cached in pytest's temp root)."""
+    """A tiny builtin exported and canonicalized once per test session (cached in pytest's temp root), its
+    dynamic axes but the batch pinned to the adapter's defaults (as the build pins them for static targets)."""
     from qcompile.export import export_onnx
     from qcompile.graph_io import load_graph, save_graph
     from qcompile.models.source import resolve_model
     from qcompile.pass_manager import PassContext, PassManager
     from qcompile.passes.canonicalize import canonicalize_passes
+    from qcompile.static_inputs import PinnedShapes, pin_graph
 
     suffix = "" if exporters == ("dynamo",) else "-" + "-".join(exporters)
     folder = tmp_path_factory.getbasetemp() / f"export-{name}{suffix}"
     path = folder / "canon.onnx"
     if not path.is_file():
-        result = export_onnx(resolve_model(f"builtin:{name}"), folder / "model.onnx", exporters=exporters)
+        adapter = resolve_model(f"builtin:{name}")
+        result = export_onnx(adapter, folder / "model.onnx", exporters=exporters)
         graph = load_graph(result.onnx_path)
+        defaults = {n: tuple(None if a.name == "batch" else a.default for a in axes)
+                    for n, axes in adapter.input_axes().items()}
+        pin_graph(graph, PinnedShapes(defaults, {}))
         PassManager(canonicalize_passes(), fixed_point=True).run(graph, PassContext())
         save_graph(graph, path)
     return path

@@ -291,3 +291,34 @@ def test_pipeline_component_errors(pipeline_folder):
         resolve_model(str(root), component="scheduler")
     with pytest.raises(UserError, match="no part"):
         resolve_model(str(root), component="unet:encoder")
+
+
+# --- dynamic axes ---------------------------------------------------------------------------------
+DYNAMIC = {"tiny-unet2d": {"height", "width"}, "tiny-sd-unet": {"height", "width", "tokens"},
+           "tiny-sdxl-unet": {"height", "width", "tokens"}, "tiny-pixart": {"tokens"},
+           "tiny-sd3": {"height", "width", "tokens"}, "tiny-vae-decoder": {"height", "width"},
+           "tiny-vae-encoder": {"height", "width"}, "tiny-dit": set(), "tiny-flux": set(), "tiny-clip-text": set()}
+
+
+def test_dynamic_axes_are_symbolic_and_run_at_other_sizes(exported):
+    """What the adapter records as dynamic is symbolic in the graph (and nothing else is), and the graph
+    runs at another valid value of each such axis and batch 3, matching torch."""
+    name, adapter, result = exported
+    axes = adapter.input_axes()
+    assert {a.name for ax in axes.values() for a in ax if a.dynamic} - {"batch"} == DYNAMIC[name]
+    assert all(a.why for ax in axes.values() for a in ax if not a.dynamic), axes
+    model = onnx.load(str(result.onnx_path), load_external_data=False)
+    for inp in model.graph.input:
+        dims = inp.type.tensor_type.shape.dim
+        assert [d.dim_param != "" for d in dims] == [a.dynamic for a in axes[inp.name]], inp.name
+    sizes = {a.name: a.alternative() for ax in axes.values() for a in ax if a.dynamic and a.name != "batch"}
+    feeds = adapter.dummy_inputs(batch=3, seed=11, sizes=sizes)
+    got = _session(result.onnx_path).run(None, feeds)[0]
+    with torch.no_grad():
+        want = adapter.export_module()(*(torch.from_numpy(feeds[s.name]) for s in adapter.input_specs()))
+    want = (want[0] if isinstance(want, (tuple, list)) else want).numpy()
+    assert got.shape == want.shape and got.shape[0] == 3
+    assert float(np.abs(got - want).max()) <= TOL
+    for a in (a for ax in axes.values() for a in ax if a.dynamic and a.name != "batch"):
+        assert a.accepts(a.default) and a.accepts(a.alternative())
+        assert a.multiple == 1 or not a.accepts(a.default + 1)

@@ -27,7 +27,7 @@ def test_every_unet_call_is_recorded_by_timestep_with_cfg_halves(pipeline_dir, t
     rec = record_pipeline(pipeline_dir, "unet", prompts, adapter, tmp_path / "rec", steps=5, guidance=3.0, seed=0,
                           unbatched=frozenset(), source={})
     assert rec.rows == 5 * 5 * 2  # prompts x steps x [uncond; cond]
-    pipe = StableDiffusionPipeline.from_pretrained(str(pipeline_dir))
+    pipe = StableDiffusionPipeline.from_pretrained(str(pipeline_dir), local_files_only=True, use_safetensors=True)
     pipe.scheduler.set_timesteps(5)
     assert sorted(rec.timesteps().tolist()) == sorted(float(t) for t in pipe.scheduler.timesteps)
     with torch.no_grad():
@@ -75,7 +75,7 @@ def test_held_back_prompts_validate_the_build_and_are_not_calibrated_on(pipeline
     plan = calibration_plan(cfg, adapter)
     spec, inputs, held_out = plan.spec, plan.inputs, plan.held_out
     assert inputs is None and held_out.count == 6
-    pipe = StableDiffusionPipeline.from_pretrained(str(pipeline_dir))
+    pipe = StableDiffusionPipeline.from_pretrained(str(pipeline_dir), local_files_only=True, use_safetensors=True)
     with torch.no_grad():
         cond, uncond = pipe.encode_prompt(prompts[6:], "cpu", 1, do_classifier_free_guidance=True)
     allowed = np.concatenate([cond.numpy(), uncond.numpy()])

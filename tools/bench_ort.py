@@ -1,73 +1,96 @@
-"""Latency of an ort-int8 artifact against its own fp32 model, side by side, in onnxruntime CPU.
+"""Latency of an ort-int8 artifact against its own fp32 model in onnxruntime CPU, timed side by side.
 
-    python tools/bench_ort.py out/reference [--threads 2] [--runs 30] [--batch 2]
+    python tools/bench_ort.py out/reference [--threads 2] [--runs 30] [--batch 2] [--json FILE]
 
-Inputs are random arrays of the manifest's input shapes (latency does not depend on values).
-Prints a markdown row: fp32 ms, int8 ms, speed-up, file sizes.
+Every bucket's model is timed (a bucketed artifact's `model_t{k}.onnx` files share one `model.data`),
+each on inputs at a timestep inside its own bucket, interleaved run for run with the fp32 model on
+the same inputs (tools/interleave.py): the table gives the median and interquartile range of each
+side and of the paired speed-up. Inputs are the model's synthetic inputs (latency does not depend on
+the values). Sizes: every file the runner reads, shared weights counted once.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
+import sys
 from pathlib import Path
 
 import numpy as np
+from interleave import interleaved, speedup  # the sibling tools module (tools/ is on sys.path when run)
 
-from qcompile.artifact import read_manifest
+from qcompile.artifact import files_size
+from qcompile.manifest import Manifest
+from qcompile.models.source import resolve_model
 from qcompile.runtime import make_session
 
 
-def median_ms(path: Path, feed: dict[str, np.ndarray], threads: int, runs: int) -> float:
-    sess = make_session(path, threads=threads)
-    for _ in range(3):
-        sess.run(None, feed)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        sess.run(None, feed)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+def bucket_timestep(manifest: Manifest, index: int) -> float | None:
+    """A timestep bucket `index` serves: the middle of its calibrated timesteps, else of its range."""
+    if manifest.model.timestep_input is None:
+        return None
+    b = manifest.buckets[index]
+    if b.calibration_timesteps:
+        return float(sorted(b.calibration_timesteps)[len(b.calibration_timesteps) // 2])
+    return (b.timestep_range[0] + b.timestep_range[1]) / 2
 
 
-def make_feed(manifest: dict, batch: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
-    feed = {}
-    for spec in manifest["model"]["inputs"]:
-        shape = (batch, *spec["shape"][1:]) if spec.get("batched", True) else tuple(spec["shape"])
-        if spec["dtype"] == "int64":
-            feed[spec["name"]] = rng.integers(0, 10, shape).astype(np.int64)
-        elif spec["role"] == "timestep":
-            feed[spec["name"]] = rng.uniform(0, manifest["model"]["timestep_scale"], shape).astype(np.float32)
-        else:
-            feed[spec["name"]] = rng.standard_normal(shape).astype(np.float32)
-    return feed
+def bucket_feed(adapter, manifest: Manifest, index: int, batch: int) -> dict[str, np.ndarray]:
+    t = bucket_timestep(manifest, index)
+    return adapter.synthetic_inputs(np.full(batch, 0.0 if t is None else t, np.float32), seed=index)
 
 
-def main() -> None:
+def bench(folder: Path, *, threads: int, runs: int, batch: int) -> list[dict]:
+    """One row per bucket: fp32 and int8 timings on the same inputs, sizes, speed-up."""
+    manifest = Manifest.read(folder)
+    if manifest.target != "ort-int8":
+        raise SystemExit(f"{folder}: a {manifest.target} artifact; bench_ort.py times ort-int8 artifacts")
+    src = manifest.source
+    adapter = resolve_model(src.model, src.component, seed=src.seed)
+    fp32_path = manifest.fp32_path(folder)
+    fp32 = make_session(fp32_path, threads=threads)
+    fp32_bytes = files_size(fp32_path.parent, [fp32_path.name, fp32_path.name + ".data"])
+    int8_bytes = files_size(folder, manifest.runtime_files())
+    rows = []
+    for index, path in enumerate(manifest.bucket_files(folder)):
+        sess = make_session(path, threads=threads)
+        feed = bucket_feed(adapter, manifest, index, batch)
+        feed = {i.name: feed[i.name] for i in sess.get_inputs()}
+        t = interleaved({"fp32": lambda f=feed: fp32.run(None, f), "int8": lambda s=sess, f=feed: s.run(None, f)},
+                        runs=runs)
+        rows.append({"model": src.model, "bucket": index, "timestep": bucket_timestep(manifest, index),
+                     "batch": batch, "threads": threads, "fp32": t["fp32"].as_dict(), "int8": t["int8"].as_dict(),
+                     **speedup(t["fp32"], t["int8"]).as_dict(), "fp32_bytes": fp32_bytes, "int8_bytes": int8_bytes,
+                     "buckets": len(manifest.buckets), "text": {k: v.describe() for k, v in t.items()}
+                     | {"speedup": speedup(t["fp32"], t["int8"]).describe()}})
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| model | bucket | batch | fp32 ms, median (IQR) | int8 ms, median (IQR) | speed-up (IQR) "
+             "| fp32 MB | int8 MB, all buckets |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['bucket']} of {r['buckets']} | {r['batch']} | {r['text']['fp32']} | "
+                     f"{r['text']['int8']} | {r['text']['speedup']} | {r['fp32_bytes'] / 1e6:.2f} | "
+                     f"{r['int8_bytes'] / 1e6:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("artifact", type=Path)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--batch", type=int, default=2)
-    args = ap.parse_args()
-    m = read_manifest(args.artifact)
-    fp32 = args.artifact / m["source"]["fp32_model"]
-    quant = args.artifact / m["buckets"][0]["files"][0]
-    feed = make_feed(m, args.batch)
-    t_fp32 = median_ms(fp32, feed, args.threads, args.runs)
-    t_q = median_ms(quant, feed, args.threads, args.runs)
-    size = lambda p: p.stat().st_size + p.with_name(p.name + ".data").stat().st_size  # noqa: E731
-    row = {"model": m["source"]["model"], "batch": args.batch, "threads": args.threads,
-           "fp32_ms": round(t_fp32, 3), "int8_ms": round(t_q, 3), "speedup": round(t_fp32 / t_q, 3),
-           "fp32_bytes": size(fp32), "int8_bytes": size(quant)}
-    print("| model | batch | fp32 ms | int8 ms | speed-up | fp32 MB | int8 MB |")
-    print("|---|---|---|---|---|---|---|")
-    print(f"| {row['model']} | {args.batch} | {t_fp32:.2f} | {t_q:.2f} | {t_fp32 / t_q:.2f}x | "
-          f"{row['fp32_bytes'] / 1e6:.2f} | {row['int8_bytes'] / 1e6:.2f} |")
-    print(json.dumps(row))
+    ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    args = ap.parse_args(argv)
+    rows = bench(args.artifact, threads=args.threads, runs=args.runs, batch=args.batch)
+    print(table(rows))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    else:
+        json.dump(rows, sys.stdout)
+        print()
 
 
 if __name__ == "__main__":

@@ -310,7 +310,8 @@ def eval_only(args, log) -> None:
     from diffusers import UNet2DConditionModel
     from safetensors.torch import load_file
 
-    unet = UNet2DConditionModel.from_pretrained(args.out / "unet").eval()
+    unet = UNet2DConditionModel.from_pretrained(args.out / "unet", local_files_only=True,
+                                                use_safetensors=True).eval()
     emb = LabelEmbedding()
     emb.load_state_dict(load_file(str(args.out / "label_embedding.safetensors")))
     classifier = DigitClassifier()

@@ -37,7 +37,7 @@ def graph_fingerprint(fp32_path: Path) -> str:
 
 
 def user_inputs(spec: CalibSpec, adapter, timestep_name: str | None) -> InputSet:
-    return load_npz(spec.path, [s.name for s in adapter.input_specs()], timestep_name, unbatched_inputs(adapter))
+    return load_npz(spec.path, adapter.input_specs(), adapter.input_axes(), timestep_name)
 
 
 def record(spec: CalibSpec, adapter, fp32_path: Path, folder: Path, *, names: tuple[str | None, str | None],

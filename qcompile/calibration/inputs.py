@@ -7,7 +7,7 @@ statistics by it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,26 +72,101 @@ def unbatched_inputs(adapter) -> frozenset[str]:
     return frozenset(s.name for s in adapter.input_specs() if not s.batched)
 
 
-def load_npz(path: Path, input_names: Sequence[str], timestep_name: str | None,
-             unbatched: frozenset[str] = frozenset()) -> InputSet:
-    """The user's own inputs; every ONNX input must be present, all with the same sample count."""
+def load_npz(path: Path, specs: Sequence, axes: Mapping[str, Sequence], timestep_name: str | None) -> InputSet:
+    """The user's own inputs, as diffusers scripts write them: one array per ONNX input (`specs`, the
+    adapter's InputSpecs), samples on axis 0, any numeric dtype. Arrays are cast to the graph's input
+    dtype (int64 timesteps from a scheduler, fp16 latents), said once on stdout. Every problem is one
+    UserError naming the file, the key, the shape given and the shape expected (`axes`: per input, the
+    Axis of each dimension)."""
+    where = f"--calib {path}"
     try:
         data = np.load(path, allow_pickle=False)
     except Exception as exc:
-        raise UserError(f"--calib {path}: not a readable .npz file ({type(exc).__name__})") from exc
+        raise UserError(f"{where}: not a readable .npz file ({type(exc).__name__})") from exc
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise UserError(f"{where}: a single array, not an .npz archive of arrays keyed by input name")
+    names = [s.name for s in specs]
     with data:
-        missing = [n for n in input_names if n not in data.files]
+        missing = [n for n in names if n not in data.files]
         if missing:
-            raise UserError(f"--calib {path}: missing arrays for inputs {', '.join(missing)} "
-                            f"(found {', '.join(data.files) or 'none'})")
-        arrays = {n: np.asarray(data[n]) for n in input_names}
-    counts = {n: (a.shape[0] if a.ndim else 0) for n, a in arrays.items() if n not in unbatched}
+            raise UserError(f"{where}: missing key(s) {', '.join(repr(n) for n in missing)}; this model takes "
+                            f"{', '.join(names)} (found {', '.join(data.files) or 'none'})")
+        extra = [k for k in data.files if k not in names]
+        if extra:
+            raise UserError(f"{where}: key(s) {', '.join(repr(k) for k in extra)} are not inputs of this model, "
+                            f"which takes {', '.join(names)}")
+        try:
+            raw = {n: np.asarray(data[n]) for n in names}
+        except Exception as exc:  # a truncated member, an object array (pickles are refused)
+            raise UserError(f"{where}: cannot read its arrays ({type(exc).__name__}: {exc})".splitlines()[0]) from exc
+    casts = []
+    arrays = {}
+    for spec in specs:
+        a = raw[spec.name]
+        _check_shape(where, spec, a, axes[spec.name])
+        arrays[spec.name] = _cast(where, spec, a)
+        if a.dtype != arrays[spec.name].dtype:
+            casts.append(f"{spec.name} {a.dtype}->{spec.dtype}")
+    _check_shared_axes(where, specs, arrays, axes)
+    if casts:
+        print(f"[qcompile] {where}: cast to the graph's input dtypes: {', '.join(casts)}", flush=True)
+    unbatched = frozenset(s.name for s in specs if not s.batched)
+    counts = {n: a.shape[0] for n, a in arrays.items() if n not in unbatched}
     if len(set(counts.values())) != 1:
-        raise UserError(f"--calib {path}: inputs have different sample counts {counts}")
-    if next(iter(counts.values())) == 0:
-        raise UserError(f"--calib {path}: holds no samples")
+        raise UserError(f"{where}: inputs have different sample counts {counts}")
     ts = None
     if timestep_name is not None:
-        ts = np.broadcast_to(arrays[timestep_name].reshape(counts[timestep_name], -1)[:, 0],
-                             (counts[timestep_name],)).astype(np.float32)
+        t = arrays[timestep_name]
+        ts = t.reshape(len(t), -1)[:, 0].astype(np.float32)
     return InputSet(arrays, ts, unbatched)
+
+
+def expected_shape(axes: Sequence) -> str:
+    """The shape an input takes, for one-line errors: "(N, 4, height, width) with height: ..."."""
+    dims = ["N" if a.name == "batch" else (a.name if a.dynamic else str(a.default)) for a in axes]
+    limits = [a.describe() for a in axes if a.dynamic and a.name != "batch"]
+    return f"({', '.join(dims)})" + (f" with {'; '.join(limits)}" if limits else "")
+
+
+def _check_shape(where: str, spec, a: np.ndarray, axes: Sequence) -> None:
+    """The array's shape must be one the exported graph accepts (N >= 1 samples)."""
+    key = f"{where}: key '{spec.name}'"
+    if a.size == 0:
+        raise UserError(f"{key} is empty (shape {a.shape}); expected {expected_shape(axes)}")
+    if a.dtype.kind not in "biuf":
+        raise UserError(f"{key} holds {a.dtype} values; expected numbers ({spec.dtype})")
+    if a.ndim != len(axes) or not all(ax.name == "batch" or ax.accepts(n) for n, ax in zip(a.shape, axes, strict=True)):
+        raise UserError(f"{key} has shape {tuple(a.shape)}; expected {expected_shape(axes)}")
+
+
+def _cast(where: str, spec, a: np.ndarray) -> np.ndarray:
+    """`a` in the graph's dtype: floats must be finite (in that dtype too), integers fit exactly."""
+    key = f"{where}: key '{spec.name}'"
+    target = np.dtype(spec.dtype)
+    if a.dtype.kind == "f":
+        bad = ~np.isfinite(a)
+        if bad.any():
+            row = int(np.argwhere(bad)[0][0])
+            raise UserError(f"{key} (shape {tuple(a.shape)}) holds {int(bad.sum())} NaN/Inf value(s), first in row "
+                            f"{row}; calibration needs finite numbers")
+    if target.kind in "iu" and a.dtype.kind == "f" and not np.array_equal(a, np.round(a)):
+        raise UserError(f"{key} holds fractional values; this input takes integers ({spec.dtype})")
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = a.astype(target)
+    if target.kind == "f" and not np.isfinite(out).all():
+        raise UserError(f"{key} holds values beyond the range of {spec.dtype}")
+    return np.ascontiguousarray(out)
+
+
+def _check_shared_axes(where: str, specs: Sequence, arrays: Mapping[str, np.ndarray], axes: Mapping) -> None:
+    """A named dynamic axis (the prompt length shared by a text embedding and its mask) has one value."""
+    seen: dict[str, tuple[str, int]] = {}
+    for spec in specs:
+        for n, ax in zip(arrays[spec.name].shape, axes[spec.name], strict=True):
+            if not ax.dynamic or ax.name == "batch":
+                continue
+            if ax.name in seen and seen[ax.name][1] != n:
+                other, m = seen[ax.name]
+                raise UserError(f"{where}: key '{spec.name}' has shape {tuple(arrays[spec.name].shape)}: its "
+                                f"{ax.name} is {n}, but '{other}' has {ax.name} {m}; they must agree")
+            seen.setdefault(ax.name, (spec.name, n))

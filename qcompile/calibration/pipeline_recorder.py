@@ -53,8 +53,10 @@ def record_pipeline(pipeline_dir: Path, component: str, prompts: Sequence[str], 
     import torch
     from diffusers import DiffusionPipeline
 
+    from qcompile.models.common import safe_loading
+
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(pipeline_dir))
+        pipe = DiffusionPipeline.from_pretrained(str(pipeline_dir), **safe_loading(pipeline_dir))
     except Exception as exc:  # a folder that loads as a component but not as a runnable pipeline
         raise UserError(f"{pipeline_dir}: cannot run it as a diffusers pipeline for prompts calibration "
                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc

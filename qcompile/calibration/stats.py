@@ -5,8 +5,9 @@ element count, min, max, per-channel absmax and a histogram. The histogram bins 
 advance (log2-spaced magnitudes, sign kept apart), so statistics computed on separate shards, or on
 separate machines, merge exactly by addition; no estimator or target choice is baked in.
 
-Memory stays bounded: tensors are exposed as graph outputs in groups whose size for one batch fits
-a byte budget, and each group replays the recording once.
+One forward pass per batch of recorded rows observes every tensor: the model runs as consecutive
+segments (`segments.py`) whose observed outputs for one batch fit a byte budget, so memory stays
+bounded by that budget plus the tensors crossing a cut, not by the model's total activation size.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import onnx_graphsurgeon as gs
 from tqdm import tqdm
 
 from qcompile.calibration.recorder import Recording
-from qcompile.runtime import make_session
+from qcompile.calibration.segments import segmented
 
 # Histogram of |x|: bin 0 holds |x| < 2**LOG2_MIN (zeros included); then BINS_PER_OCTAVE bins per
 # octave up to 2**LOG2_MAX; the last bin also takes anything larger.
@@ -168,6 +169,9 @@ def expose_tensors(onnx_path: Path, names: Sequence[str]) -> Path:
 
 def collect_stats(onnx_path: Path, graph: gs.Graph, recording: Recording, *, names: Sequence[str] | None = None,
                   batch: int = 16, budget_bytes: int = EXPOSED_BYTES_BUDGET) -> StatsTable:
+    """Statistics of `names` (every quantizable tensor by default) over the recording, from one forward
+    pass per batch of `batch` rows of one timestep: the model runs segment by segment (see
+    `segments.py`), each segment's observed outputs for a batch fitting `budget_bytes`."""
     names = list(names) if names is not None else quantizable_tensors(graph)
     tensors = graph.tensors()
     timesteps = recording.timesteps()
@@ -176,36 +180,19 @@ def collect_stats(onnx_path: Path, graph: gs.Graph, recording: Recording, *, nam
     for n in names:
         axis = channel_axis(tensors[n])
         table[n] = TensorStats.empty(len(timesteps), _channels(tensors[n], axis), axis)
-    groups = _groups(names, [_row_bytes(tensors[n]) * batch for n in names], budget_bytes)
-    progress = tqdm(total=recording.rows * len(groups), desc="statistics", unit="row", leave=False)
-    for group in groups:
-        exposed = expose_tensors(onnx_path, group)
-        try:
-            sess = make_session(exposed)
-            for inputs, meta in recording.shards():
-                keys = _key(meta.timestep)
-                for t in np.unique(keys):
-                    rows = np.nonzero(keys == t)[0]
-                    for start in range(0, len(rows), batch):
-                        idx = rows[start:start + batch]
-                        values = sess.run(group, inputs.take(idx))
-                        for name, v in zip(group, values, strict=True):
+    if not names:
+        return StatsTable(timesteps, table)
+    progress = tqdm(total=recording.rows, desc="statistics", unit="row", leave=False)
+    with segmented(onnx_path, names, lambda n: _row_bytes(tensors[n]) * batch, budget_bytes) as model:
+        for inputs, meta in recording.shards():
+            keys = _key(meta.timestep)
+            for t in np.unique(keys):
+                rows = np.nonzero(keys == t)[0]
+                for start in range(0, len(rows), batch):
+                    idx = rows[start:start + batch]
+                    for values in model.run(inputs.take(idx)):
+                        for name, v in values.items():
                             table[name].observe(t_index[float(t)], np.asarray(v, np.float32))
-                        progress.update(len(idx))
-        finally:
-            exposed.unlink()
+                    progress.update(len(idx))
     progress.close()
     return StatsTable(timesteps, table)
-
-
-def _groups(names: list[str], sizes: list[int], budget: int) -> list[list[str]]:
-    groups: list[list[str]] = [[]]
-    used = 0
-    for name, size in zip(names, sizes, strict=True):
-        if groups[-1] and used + size > budget:
-            groups.append([])
-            used = 0
-        groups[-1].append(name)
-        used += size
-    # No names, no group: onnxruntime's run([]) returns every output, not none.
-    return [g for g in groups if g]

@@ -42,6 +42,7 @@ def _caps(activation: QuantDType) -> TargetCaps:
         activation_dtype=activation,
         activation_symmetric=False,
         integer_only=True,
+        static_shapes=True,
         per_tensor_weights=PER_TENSOR_WEIGHTS,
         bias_ops=BIAS_OPS,
         float_operands=FLOAT_OPERANDS,

@@ -87,6 +87,10 @@ class _QnnTarget:
     def runtime_version(self) -> str:
         return ep.runtime_version()
 
+    @property
+    def static_batch(self) -> int:
+        return self.options.batch
+
     def compile_bucket(self, graph: gs.Graph, job: BucketJob, ctx: PassContext) -> CompiledBucket:
         """The passes for one bucket. The host-embedding pass and a snapshot of the float device graph
         hand their graphs to `emit` through the CompiledBucket."""

@@ -23,6 +23,7 @@ TFLITE_INT8_CAPS = TargetCaps(
     quantize_outputs_of=WEIGHTED_OPS,
     quantize_bias=True,
     activation_matmul=False,
+    static_shapes=True,
 )
 
 # The float baseline: nothing is quantized (plan_quantization finds no weighted op).
@@ -32,6 +33,7 @@ TFLITE_FP32_CAPS = TargetCaps(
     activation_symmetric=False,
     weighted_ops=frozenset(),
     quantize_bias=False,
+    static_shapes=True,
 )
 
 # TFLite's integer kernels with fixed output parameters (LOGISTIC and SOFTMAX: scale 1/256, zero point

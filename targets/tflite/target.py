@@ -50,6 +50,10 @@ class _TfliteTarget:
     def runtime_version(self) -> str:
         return deps.litert_version()
 
+    @property
+    def static_batch(self) -> int:
+        return self.options.batch
+
     def passes(self, job: BucketJob) -> list[Pass]:
         return [NameNodes(), InsertQDQ(job.plan, job.ranges, self.caps), StaticShapes(self.options.batch),
                 FuseGroupNorm()]

@@ -1,0 +1,257 @@
+"""Scale benchmark: an SD-class UNet with random weights, built for ort-int8, measured per stage.
+
+    python tools/bench_scale.py --quick                      # a small UNet, a few minutes
+    python tools/bench_scale.py --config sd15-32 [--out out/scale] [--calib synthetic:8]
+
+For the config it makes the random-weight model folder (seeded), runs `qcompile build MODEL --target
+ort-int8 --calib CALIB` as a subprocess and records, per build stage (from the build's own
+`[qcompile] ...` stage lines), wall time and peak resident memory of the whole process tree (sampled
+from /proc). Then from the artifact: output cosine and SQNR against fp32 on held-back rows
+(report.json), artifact size, and int8 against fp32 latency in onnxruntime CPU (interleaved runs,
+median). NVIDIA ModelOpt's ONNX int8 is measured on the same float model and calibration rows when
+`modelopt` is importable (optional extra `peers`); otherwise the table says it was not run.
+Writes OUT/scale.json and OUT/scale.md (one table per config; docs/scale.md collects them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+SD15 = {"sample_size": 32, "cross_attention_dim": 768, "attention_head_dim": 8}
+CONFIGS = {
+    # Three levels with cross-attention, SD's layout at a fraction of the width: minutes on 2 cores.
+    "quick": {"sample_size": 16, "block_out_channels": [128, 256, 256], "layers_per_block": 1,
+              "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+              "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+              "cross_attention_dim": 768, "attention_head_dim": 8},
+    "sd15-32": SD15,
+    "sd15-64": {**SD15, "sample_size": 64},
+    "sdxl-32": {"sample_size": 32, "block_out_channels": [320, 640, 1280], "layers_per_block": 2,
+                "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                "transformer_layers_per_block": [1, 2, 10], "attention_head_dim": [5, 10, 20],
+                "use_linear_projection": True, "cross_attention_dim": 2048,
+                "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+                "projection_class_embeddings_input_dim": 2816},
+}
+# Build stage lines ("[qcompile] exporting ...") -> stage names; the time before the first is loading.
+STAGES = (("exporting", "export"), ("reusing", "export"), ("calibrating", "calibrate"), ("smoothing", "smooth"),
+          ("measuring", "sensitivity"), ("quantizing", "quantize"), ("writing", "emit"),
+          ("evaluating", "evaluate"))
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def make_model(config: str, folder: Path, seed: int) -> None:
+    """The diffusers model folder (config.json + safetensors) of `config` with seeded random weights."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    UNet2DConditionModel(**CONFIGS[config]).save_pretrained(folder)
+
+
+def tree_rss(root: int) -> int:
+    """Resident bytes of `root` and all its descendants (read from /proc; vanished processes count 0)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        todo.extend(children.get(pid, []))
+        try:
+            with open(f"/proc/{pid}/statm") as f:
+                total += int(f.read().split()[1]) * PAGE
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def run_measured(cmd: list[str], log: Path) -> list[dict]:
+    """Run `cmd`; per stage: name, seconds, peak tree RSS (bytes). Output goes to `log`."""
+    stages = [{"stage": "load", "start": time.perf_counter(), "peak": 0}]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=out, text=True, bufsize=1)
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                rss = tree_rss(proc.pid)
+                stages[-1]["peak"] = max(stages[-1]["peak"], rss)
+                done.wait(0.2)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        for line in proc.stdout:
+            out.write(line)
+            out.flush()
+            if line.startswith("[qcompile] "):
+                word = line[len("[qcompile] "):].split(" ", 1)[0]
+                name = next((s for w, s in STAGES if w == word), None)
+                if name is not None:
+                    stages.append({"stage": name, "start": time.perf_counter(), "peak": tree_rss(proc.pid)})
+        rc = proc.wait()
+        done.set()
+        sampler.join()
+    end = time.perf_counter()
+    if rc != 0:
+        raise SystemExit(f"build failed ({rc}); see {log}")
+    for s, nxt in zip(stages, [*stages[1:], None], strict=True):
+        s["seconds"] = round((nxt["start"] if nxt else end) - s.pop("start"), 1)
+    return stages
+
+
+def latency(fp32: Path, int8: Path, feed: dict[str, np.ndarray], threads: int, runs: int) -> tuple[float, float]:
+    """Median seconds of fp32 and int8, runs interleaved so both see the same machine load."""
+    from qcompile.runtime import make_session
+
+    sessions = [make_session(fp32, threads=threads), make_session(int8, threads=threads)]
+    for s in sessions:
+        s.run(None, feed)
+    times: list[list[float]] = [[], []]
+    for _ in range(runs):
+        for i, s in enumerate(sessions):
+            t0 = time.perf_counter()
+            s.run(None, feed)
+            times[i].append(time.perf_counter() - t0)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def make_feed(manifest: dict, batch: int) -> dict[str, np.ndarray]:
+    """Random inputs of the manifest's shapes at `batch` (latency does not depend on the values)."""
+    rng = np.random.default_rng(0)
+    feed = {}
+    for spec in manifest["model"]["inputs"]:
+        shape = (batch, *spec["shape"][1:])
+        if spec["dtype"] == "int64":
+            feed[spec["name"]] = rng.integers(0, 10, shape).astype(np.int64)
+        elif spec["role"] == "timestep":
+            feed[spec["name"]] = rng.uniform(0, manifest["model"]["timestep_scale"], shape).astype(np.float32)
+        else:
+            feed[spec["name"]] = rng.standard_normal(shape).astype(np.float32)
+    return feed
+
+
+def files_bytes(folder: Path, names) -> int:
+    return sum((folder / n).stat().st_size for n in dict.fromkeys(names))
+
+
+def modelopt_row(artifact: Path, fp32: Path, work: Path, rows: int, feed, threads: int, runs: int) -> dict:
+    """ModelOpt's ONNX int8 (max calibration) on the build's float model and calibration rows."""
+    if importlib.util.find_spec("modelopt") is None:
+        return {"method": "nvidia-modelopt int8", "note": "not run: modelopt is not importable here "
+                "(pip install 'qcompile[peers]')"}
+    from qcompile.calibration.cache import CalibrationCache
+
+    data = CalibrationCache.open(artifact.parent / "calib-cache").recording().spread_rows(rows)
+    work.mkdir(parents=True, exist_ok=True)
+    out = work / "model.onnx"
+    cmd = [sys.executable, "-c", "import sys, numpy as np; from modelopt.onnx.quantization import quantize; "
+           "d = dict(np.load(sys.argv[2])); quantize(onnx_path=sys.argv[1], quantize_mode='int8', "
+           "calibration_data=d, calibration_method='max', output_path=sys.argv[3], calibration_eps=['cpu'], "
+           "high_precision_dtype='fp32', use_external_data_format=True)", str(fp32), str(work / "calib.npz"),
+           str(out)]
+    np.savez(work / "calib.npz", **data.arrays)
+    stages = run_measured(cmd, work / "modelopt.log")
+    t32, t8 = latency(fp32, out, feed, threads, runs)
+    return {"method": "nvidia-modelopt int8", "seconds": sum(s["seconds"] for s in stages),
+            "peak_rss": max(s["peak"] for s in stages), "fp32_s": t32, "int8_s": t8}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", choices=sorted(CONFIGS), default="sd15-32")
+    ap.add_argument("--quick", action="store_true", help="the small config (same as --config quick)")
+    ap.add_argument("--out", type=Path, default=Path("out/scale"))
+    ap.add_argument("--calib", default="synthetic:8")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--build-args", default="", help="extra qcompile build options (one string)")
+    args = ap.parse_args()
+    config = "quick" if args.quick else args.config
+    work = args.out / config
+    model = work / "model"
+    if not (model / "config.json").is_file():
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, __file__, "--_make", config, str(model), str(args.seed)], check=True)
+        print(f"[bench] made {model} in {time.perf_counter() - t0:.0f}s", flush=True)
+    weights = files_bytes(model, [p.name for p in model.glob("*.safetensors")])
+    artifact = work / "artifact"
+    cmd = [sys.executable, "-m", "qcompile.cli", "build", str(model), "--target", "ort-int8", "--calib", args.calib,
+           "--seed", str(args.seed), "--out", str(artifact), "--calib-cache", str(work / "calib-cache"),
+           "--min-sqnr-db", "-1000", *args.build_args.split()]
+    for old in (work / "calib-cache",):
+        subprocess.run(["rm", "-rf", str(old)], check=True)
+    stages = run_measured(cmd, work / "build.log")
+    report = json.loads((artifact / "report.json").read_text())
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    fp32 = artifact / manifest["source"]["fp32_model"]
+    int8 = artifact / manifest["buckets"][0]["files"][0]
+    feed = make_feed(manifest, args.batch)
+    t32, t8 = latency(fp32, int8, feed, args.threads, args.runs)
+    summary = report["summary"]
+    row = {"config": config, "unet": CONFIGS[config], "calib": args.calib, "weights_bytes": weights,
+           "stages": stages, "build_seconds": sum(s["seconds"] for s in stages),
+           "peak_rss": max(s["peak"] for s in stages),
+           "eps_cos_mean": summary.get("eps_cos_mean"), "eps_sqnr_db_mean": summary.get("eps_sqnr_db_mean"),
+           "eps_sqnr_db_min": summary.get("eps_sqnr_db_min"),
+           "fp32_bytes": files_bytes(fp32.parent, [fp32.name, fp32.name + ".data"]),
+           "int8_bytes": files_bytes(artifact, manifest["buckets"][0]["files"]),
+           "batch": args.batch, "threads": args.threads, "fp32_s": t32, "int8_s": t8,
+           "peers": [modelopt_row(artifact, fp32, work / "modelopt", 8, feed, args.threads, args.runs)]}
+    (work / "scale.json").write_text(json.dumps(row, indent=2))
+    text = table(row)
+    (work / "scale.md").write_text(text)
+    print(text)
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def table(r: dict) -> str:
+    w = r["weights_bytes"]
+    lines = [f"### {r['config']}: UNet2DConditionModel({', '.join(f'{k}={v}' for k, v in r['unet'].items())})",
+             "", f"fp32 weights {gib(w)}; `--target ort-int8 --calib {r['calib']}`", "",
+             "| stage | wall s | peak RSS (tree) | x weights |", "|---|---|---|---|"]
+    lines += [f"| {s['stage']} | {s['seconds']:.1f} | {gib(s['peak'])} | {s['peak'] / w:.2f} |" for s in r["stages"]]
+    lines += [f"| **build** | {r['build_seconds']:.1f} | {gib(r['peak_rss'])} | {r['peak_rss'] / w:.2f} |", "",
+              "| method | eps cos mean | eps SQNR dB mean / min | size vs fp32 | fp32 s | int8 s | speed-up "
+              f"(batch {r['batch']}, {r['threads']} threads) |", "|---|---|---|---|---|---|---|",
+              f"| qcompile ort-int8 | {r['eps_cos_mean']:.4f} | {r['eps_sqnr_db_mean']:.2f} / "
+              f"{r['eps_sqnr_db_min']:.2f} | {r['int8_bytes'] / r['fp32_bytes']:.3f} | {r['fp32_s']:.3f} | "
+              f"{r['int8_s']:.3f} | {r['fp32_s'] / r['int8_s']:.2f}x |"]
+    for p in r["peers"]:
+        if "note" in p:
+            lines.append(f"| {p['method']} | {p['note']} | | | | | |")
+        else:
+            lines.append(f"| {p['method']} ({p['seconds']:.0f} s, peak {gib(p['peak_rss'])}) | | | | "
+                         f"{p['fp32_s']:.3f} | {p['int8_s']:.3f} | {p['fp32_s'] / p['int8_s']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--_make"]:
+        make_model(sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]))
+    else:
+        main()
