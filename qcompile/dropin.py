@@ -125,6 +125,7 @@ class CompiledComponent(torch.nn.Module):
         given = dict(bound.arguments)
         given.update(given.get("added_cond_kwargs") or {})
         feed = self._feed(given)
+        self._check_shapes(feed)
         self._warn_ignored(given, bound.signature)
         out = torch.from_numpy(np.ascontiguousarray(self.runner.run(feed)))
         sample = given[self.manifest.model.sample_input]
@@ -147,6 +148,31 @@ class CompiledComponent(torch.nn.Module):
                 array = np.full((batch,), array.reshape(()), record.dtype)
             feed[record.name] = array
         return feed
+
+    def _check_shapes(self, feed: Mapping[str, np.ndarray]) -> None:
+        """Each input at a shape the artifact takes (a static one: the shape it was built for, any batch),
+        refused in one line naming the input, instead of the runtime's own error deep in the call."""
+        from qcompile.calibration.inputs import expected_shape
+        from qcompile.models.base import Axis
+
+        m = self.manifest
+        for record in m.model.inputs:
+            if not record.axes:  # an artifact whose manifest does not describe its axes
+                continue
+            axes = [Axis(**a) for a in record.axes]
+            shape = feed[record.name].shape
+            pinned = m.input_shapes.get(record.name)
+            if pinned is not None:
+                ok = len(shape) == len(pinned) and all(a.name == "batch" or d == p
+                                                       for d, p, a in zip(shape, pinned, axes, strict=True))
+                want = "x".join("N" if a.name == "batch" else str(p) for p, a in zip(pinned, axes, strict=True))
+                hint = ": generate at the size and prompt length it was built for, or rebuild it with --shape"
+            else:
+                ok = len(shape) == len(axes) and all(a.accepts(d) for d, a in zip(shape, axes, strict=True))
+                want, hint = expected_shape(axes), ""
+            if not ok:
+                raise UserError(f"{self.folder}: the {m.target} artifact takes '{record.name}' {want}; the call "
+                                f"passed {'x'.join(map(str, shape))}{hint}")
 
     def _warn_ignored(self, given: Mapping[str, Any], signature: inspect.Signature) -> None:
         """Say once per argument when the pipeline passes something the compiled graph does not take

@@ -109,6 +109,14 @@ def test_a_compiled_unet_generates_in_the_diffusers_pipeline(target, pipeline_di
     assert min(per_image) >= MIN_PSNR_DB[target], per_image
     # the pipeline's timesteps reach both buckets: each call ran its own bucket's scales
     assert {unet.runner.bucket_of(float(t)) for t in swap.scheduler.timesteps} == {0, 1}
+    if target == "tflite-int8":  # static shapes: another resolution is refused in one line, naming the input
+        with pytest.raises(UserError, match=r"takes 'sample' Nx4x8x8; the call passed 4x4x16x16: generate at"):
+            swap(PROMPTS, num_inference_steps=1, height=32, width=32)
+    else:  # dynamic height and width
+        assert swap(PROMPTS[:1], num_inference_steps=2, height=32, width=32, output_type="np").images.shape == \
+            (1, 32, 32, 3)
+        with pytest.raises(UserError, match=r"takes 'sample' \(N, 4, height, width\) with height: a multiple of 2"):
+            unet(torch.zeros(1, 4, 9, 8), 10, torch.zeros(1, TOKENS, 32))
 
 
 def test_the_stand_in_adds_nothing_to_the_images(pipeline_dir, float_images, artifacts):
