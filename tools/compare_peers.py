@@ -200,7 +200,7 @@ def qcompile_rows(model: str, out: Path, cache: Path, *, calib: str | None, extr
         manifest = Manifest.read(folder)
         summary = json.loads((folder / "report.json").read_text())["summary"]
         quantized = manifest.precision != "fp32"
-        rows.append({**summary, "method": f"qcompile {target} {extra}".strip(),
+        rows.append({**summary, "method": " ".join(["qcompile", target, *shlex.split(extra)]),
                      "float_nodes": len(float_nodes(folder)) if quantized else None,
                      "quantized_activations": quantized_activations(manifest.bucket_files(folder)[0])
                      if target == "ort-int8" else None,

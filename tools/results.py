@@ -133,7 +133,7 @@ def peers(s: Settings, out: Path) -> dict:
     """Every comparison tool, like for like."""
     parts, raw = [], {}
     ort = compare_peers.main(["--out", str(out / "peers-ort"), "--calib", s.calib, "--per-class", str(s.per_class),
-                              "--qcompile-args", "", "--full-integer"])
+                              "--qcompile-args", "", " --full-integer"])  # a leading space: a value, not a flag
     raw["ort"] = ort
     parts.append(("onnxruntime CPU", tool_command("compare_peers.py", "--calib", s.calib, "--per-class",
                                                   str(s.per_class)), ort, compare_peers.COLUMNS))
