@@ -11,7 +11,8 @@ import pytest
 from qcompile.caps import QuantLevel
 from qcompile.config import CalibSpec, CompileConfig, TargetName
 from qcompile.errors import UserError
-from qcompile.graph_io import constant_values, load_graph
+from qcompile.graph_io import constant_values, load_graph, node_meta
+from qcompile.rewrite import FUSED_KEY
 from qcompile.stages import build
 from qcompile.target import options_from_cli
 from qcompile.targets.tensorrt import engine
@@ -34,6 +35,9 @@ def test_tiny_sd_unet_builds_for_trt(tmp_path, capsys, target, buckets, min_cos)
     assert plan["profiles"]["sample"]["max"][0] == TrtOptions().max_batch
     graph = load_graph(out / plan["onnx"])
     assert lint(graph, LintRules()) == []
+    # FuseAttention's marks reach the engine's ONNX: the tiny UNet's 8 attention units, each on its Softmax.
+    units = {node_meta(n).get(FUSED_KEY) for n in graph.nodes if n.op == "Softmax"}
+    assert units == {f"attention:{i}" for i in range(8)}, units
     zero_types = {constant_values(n.inputs[2]).dtype.name for n in graph.nodes if n.op == "QuantizeLinear"}
     assert zero_types == {"int8" if target is TargetName.TRT_INT8 else "float8_e4m3fn"}
     why = engine.unavailable()

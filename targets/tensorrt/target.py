@@ -30,6 +30,7 @@ from qcompile.graph_io import raise_opset, save_bucket_graphs, save_graph
 from qcompile.manifest import Manifest
 from qcompile.pass_manager import PassContext, PassManager
 from qcompile.passes.cleanup import NameNodes
+from qcompile.passes.fuse_attention import FuseAttention
 from qcompile.passes.fuse_gelu import FuseGelu
 from qcompile.passes.fuse_layernorm import FuseLayerNorm
 from qcompile.passes.infer_shapes import InferShapes
@@ -96,8 +97,10 @@ class TrtTarget:
         if self.dtype.is_float and (graph.opset or 0) < FP8_OPSET:
             raise_opset(graph, FP8_OPSET)  # float8 QuantizeLinear/DequantizeLinear arrive in opset 19
         # Decomposed LayerNorm / GELU (legacy exports) as the single ops TensorRT has kernels for; each keeps
-        # its output tensor, which is what the plan quantizes (dynamo exports have them already).
-        passes = [NameNodes(), InferShapes(), FuseLayerNorm(), FuseGelu(),
+        # its output tensor, which is what the plan quantizes (dynamo exports have them already). FuseAttention
+        # marks each attention unit in the emitted graph's node metadata: which nodes TensorRT's MHA fusion
+        # is expected to take (the unit's Q/DQ placement is the plan's).
+        passes = [NameNodes(), InferShapes(), FuseLayerNorm(), FuseGelu(), FuseAttention(),
                   InsertQDQ(job.plan, job.ranges, self.caps), InferShapes()]
         with quiet_graphsurgeon():  # its importer warns about every float8 tensor it keeps as ONNX type
             PassManager(passes, name=f"{self.name.value}/bucket{job.index}").run(graph, ctx)
