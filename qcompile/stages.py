@@ -416,7 +416,7 @@ def build(cfg: CompileConfig) -> BuildResult:
     adapter = resolve(cfg)
     calib = calibration_plan(cfg, adapter)
     exclusions(cfg, adapter, target)  # contradictory options fail before any work
-    batch = target.static_batch if target.caps.static_shapes else None
+    batch = target.static_batch
     pinned = pin_shapes(cfg.shapes, adapter, target.name.value, batch, calib.inputs, calib.held_out)
     names = input_names(adapter)
     with StagedFolder(cfg.out_dir) as stage:

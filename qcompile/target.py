@@ -177,9 +177,9 @@ class Target(Protocol):
 
     def runtime_version(self) -> str: ...
 
-    # The batch the files are built for; read only when `caps.static_shapes` (dynamic targets need none).
+    # The batch the files are built for when `caps.static_shapes`; None for targets with dynamic shapes.
     @property
-    def static_batch(self) -> int: ...
+    def static_batch(self) -> int | None: ...
 
     def compile_bucket(self, graph: gs.Graph, job: BucketJob, ctx: PassContext) -> CompiledBucket:
         """Turn `graph` (a copy of the canonical float graph, rewritten in place) into this target's

@@ -53,6 +53,10 @@ class OrtInt8Target:
     def runtime_version(self) -> str:
         return ort.__version__
 
+    @property
+    def static_batch(self) -> None:
+        return None  # dynamic shapes: the artifact takes any batch its axes record allows
+
     def compile_bucket(self, graph: gs.Graph, job: BucketJob, ctx: PassContext) -> CompiledBucket:
         passes = [NameNodes(), InsertQDQ(job.plan, job.ranges, self.caps), InferShapes()]
         PassManager(passes, name=f"{self.name.value}/bucket{job.index}").run(graph, ctx)

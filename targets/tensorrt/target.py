@@ -87,6 +87,10 @@ class TrtTarget:
     def runtime_version(self) -> str:
         return ort.__version__
 
+    @property
+    def static_batch(self) -> None:
+        return None  # dynamic shapes: the artifact takes any batch its axes record allows
+
     def lint_rules(self, float_layers: Sequence[str] = (), rescale_before_layers: bool = False) -> LintRules:
         rules = self.caps.explicit
         return LintRules(float_layers=frozenset(float_layers), min_width=rules.min_width,
