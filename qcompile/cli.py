@@ -139,6 +139,10 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
                    help="threshold on mean eps SQNR in dB (exit 1 below)")
     g.add_argument("--min-psnr-db", type=float, default=t.sample_psnr_db,
                    help="threshold on mean sample PSNR in dB, models with a sampler (exit 1 below)")
+    g.add_argument("--max-cfg-gap", type=float, default=t.cfg_gap_ratio_max,
+                   help="prompt-steering gate, models sampled with guidance: exit 1 when at any step the "
+                        "quantization error of (cond - uncond) exceeds this fraction of its float magnitude "
+                        "(default: off)")
 
 
 def _fidelity(args: argparse.Namespace):
@@ -149,7 +153,16 @@ def _fidelity(args: argparse.Namespace):
         raise UserError("--steps and --per-class must be at least 1, --device-samples at least 0")
     sampler = SamplerSettings(scheduler=SchedulerKind.parse(args.scheduler), steps=args.steps, guidance=args.guidance)
     return (FidelitySettings(sampler=sampler, per_class=args.per_class, device_samples=args.device_samples),
-            Thresholds(eps_sqnr_db_mean=args.min_sqnr_db, sample_psnr_db=args.min_psnr_db))
+            Thresholds(eps_sqnr_db_mean=args.min_sqnr_db, sample_psnr_db=args.min_psnr_db,
+                       cfg_gap_ratio_max=_positive_or_none("--max-cfg-gap", args.max_cfg_gap)))
+
+
+def _positive_or_none(flag: str, value: float | None) -> float | None:
+    from qcompile.errors import UserError
+
+    if value is not None and not value > 0:  # also refuses nan
+        raise UserError(f"{flag} {value}: needs a positive number")
+    return value
 
 
 def _calib_args(p: argparse.ArgumentParser) -> None:

@@ -90,6 +90,7 @@ def evaluate_sampling(reference: Runner, artifact: Runner, setup: SamplingSetup,
     pred_fp32, feat_fp32 = setup.judge(images_fp32)
     pred_q, feat_q = setup.judge(images_q)
     data = setup.data_features()
+    gaps = [s.cfg_gap_ratio for s in steps if s.cfg_gap_ratio is not None]
     summary = {
         "sample_psnr_db": round(float(np.mean([psnr_db(a, b) for a, b in zip(images_fp32, images_q, strict=True)])),
                                 4),
@@ -98,8 +99,8 @@ def evaluate_sampling(reference: Runner, artifact: Runner, setup: SamplingSetup,
         "accuracy_q": round(float(np.mean(pred_q == labels)), 4),
         "frechet_fp32": round(frechet_distance(feat_fp32, data), 4),
         "frechet_q": round(frechet_distance(feat_q, data), 4),
-        "cfg_gap_ratio_mean": round(float(np.mean([s.cfg_gap_ratio for s in steps if s.cfg_gap_ratio is not None]
-                                                  or [np.nan])), 6),
+        "cfg_gap_ratio_mean": round(float(np.mean(gaps or [np.nan])), 6),
+        "cfg_gap_ratio_max": round(float(np.max(gaps)), 6) if gaps else None,
     }
     return FidelityResult(steps, summary, images_fp32, images_q, labels)
 

@@ -63,6 +63,9 @@ def format_table(report: Mapping[str, Any]) -> str:
     ]
     if s.get("sample_psnr_db") is not None:
         lines.append(f"  sample PSNR dB {s['sample_psnr_db']:.2f}   SSIM {s.get('sample_ssim') or float('nan'):.4f}")
+    if s.get("cfg_gap_ratio_max") is not None:
+        lines.append(f"  CFG-gap ratio  max {s['cfg_gap_ratio_max']:.3f}   mean {s['cfg_gap_ratio_mean']:.3f} "
+                     "(quantization error of cond - uncond / its float magnitude)")
     lines.append(f"  size {s['size_bytes'] / 1e6:.2f} MB vs fp32 {s['fp32_size_bytes'] / 1e6:.2f} MB "
                  f"({s['size_ratio']:.3f}x)")
     if s.get("htp_vs_fp32_sqnr_db_min") is not None:
@@ -81,7 +84,7 @@ def format_table(report: Mapping[str, Any]) -> str:
                      "to the Q/DQ graphs on HTP")
     verdict = "PASSED" if report["passed"] else "FAILED"
     failed = [k for k, ok in report["checks"].items() if not ok]
-    lines.append(f"  {verdict}" + (f": below threshold {', '.join(failed)}" if failed else ""))
+    lines.append(f"  {verdict}" + (f": threshold missed {', '.join(failed)}" if failed else ""))
     return "\n".join(lines)
 
 
@@ -136,7 +139,7 @@ def render_html(report: Mapping[str, Any], images: Mapping[str, str] | None = No
     """A single self-contained page: summary table, error-per-timestep plot, per-step table."""
     esc = html.escape
     rows = "".join(f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>" for k, v in report["summary"].items())
-    checks = "".join(f"<li>{esc(k)}: {'ok' if ok else 'BELOW THRESHOLD'}</li>" for k, ok in report["checks"].items())
+    checks = "".join(f"<li>{esc(k)}: {'ok' if ok else 'THRESHOLD MISSED'}</li>" for k, ok in report["checks"].items())
     plot = _plot_png(report)
     figures = [("Error per timestep", plot)] if plot else []
     figures += list((images or {}).items())
