@@ -29,12 +29,14 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 import torch
 
 from qcompile.errors import UserError
+from qcompile.models.base import Axis
 
 log = logging.getLogger("qcompile.export")
 
@@ -112,16 +114,16 @@ def _example_args(adapter, batch: int) -> tuple[torch.Tensor, ...]:
     return tuple(torch.from_numpy(feeds[s.name]) for s in adapter.input_specs())
 
 
-def _dynamic(adapter, dynamic_batch: bool) -> dict[str, dict[int, object]]:
+def _dynamic(adapter, dynamic_batch: bool) -> dict[str, dict[int, Axis]]:
     """Per input, {dim: Axis} of the axes exported symbolic (the batch only when `dynamic_batch`)."""
     return {name: {d: a for d, a in enumerate(axes) if a.dynamic and (dynamic_batch or a.name != "batch")}
             for name, axes in adapter.input_axes().items()}
 
 
-def _dims(dynamic: dict[str, dict[int, object]]) -> dict[str, dict[int, object]]:
+def _dims(dynamic: dict[str, dict[int, Axis]]) -> dict[str, dict[int, Any]]:
     """torch.export Dims: one per axis name (shared across inputs); a multiple m is m * Dim."""
-    made: dict[str, object] = {}
-    out: dict[str, dict[int, object]] = {}
+    made: dict[str, Any] = {}  # torch.export Dims (or multiples of one), by axis name
+    out: dict[str, dict[int, Any]] = {}
     for name, axes in dynamic.items():
         for d, a in axes.items():
             if a.name not in made:
