@@ -82,7 +82,15 @@ class SessionRunner(BucketRunner):
 
 
 def static_float_model(artifact: Path, out: Path, batch: int) -> Path:
-    graph = load_graph(Manifest.read(artifact).fp32_path(artifact))
+    """The artifact's float model at the shapes the artifact was built for (its manifest's `input_shapes`,
+    else each input's example shape), batch `batch`: the static graph the peers quantize."""
+    manifest = Manifest.read(artifact)
+    graph = load_graph(manifest.fp32_path(artifact))
+    examples = {i.name: i.shape for i in manifest.model.inputs}
+    for t in graph.inputs:
+        shape = manifest.input_shapes.get(t.name) or examples.get(t.name)
+        if shape is not None and t.shape is not None and len(shape) == len(t.shape):
+            t.shape = [t.shape[0], *shape[1:]]  # the batch stays symbolic: StaticShapes sets it
     PassManager([StaticShapes(batch)]).run(graph, PassContext())
     return save_graph(graph, out)
 
