@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from qcompile.artifact import read_manifest
 from qcompile.config import FidelitySettings
 from qcompile.evaluation.metrics import psnr_db
 from qcompile.evaluation.sampling import sample
+from qcompile.manifest import Manifest
 from qcompile.models.source import resolve_model
 from qcompile.runtime import OnnxRunner
 from qcompile.targets.qnn.target import QnnW8A8Target
@@ -50,18 +50,18 @@ def main() -> None:
                     help="cpu_ep alone sweeps many images in seconds (the simulator takes ~1 s per sample-call)")
     ap.add_argument("--out", type=Path, default=Path("out/qnn-sample-on-htp"))
     args = ap.parse_args()
-    first = read_manifest(args.artifacts[0])
-    src, model = first["source"], first["model"]
-    names = (model["sample_input"], model["timestep_input"])
-    setup = resolve_model(src["model"], src.get("component"), seed=src.get("seed", 0)).sampling()
+    first = Manifest.read(args.artifacts[0])
+    src, model = first.source, first.model
+    names = (model.sample_input, model.timestep_input)
+    setup = resolve_model(src.model, src.component, seed=src.seed).sampling()
     labels = setup.labels(args.per_class)
-    reference = OnnxRunner([args.artifacts[0] / src["fp32_model"]], timestep_name=names[1], sample_name=names[0])
+    reference = OnnxRunner([args.artifacts[0] / src.fp32_model], timestep_name=names[1], sample_name=names[0])
     samplers = [replace(FidelitySettings().sampler, seed=seed) for seed in args.seeds]
     fp32 = [images(reference, setup, labels, sampler, names) for sampler in samplers]
     rows, base = [], None
     for artifact in args.artifacts:
-        manifest = read_manifest(artifact)
-        row = {"artifact": str(artifact), "target": manifest["target"], "buckets": len(manifest["buckets"])}
+        manifest = Manifest.read(artifact)
+        row = {"artifact": str(artifact), "target": manifest.target, "buckets": len(manifest.buckets)}
         for device in args.devices:
             t0 = time.perf_counter()
             runner = QnnW8A8Target().runner(artifact, manifest, htp=device == "htp")

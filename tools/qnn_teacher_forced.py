@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from qcompile.artifact import read_manifest
 from qcompile.config import FidelitySettings
 from qcompile.evaluation.metrics import sqnr_db
 from qcompile.evaluation.sampling import DenoiserCall, guided, sample
+from qcompile.manifest import Manifest
 from qcompile.models.source import resolve_model
 from qcompile.runtime import OnnxRunner
 from qcompile.targets.qnn.target import QnnW8A8Target
@@ -45,12 +45,12 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[3, 4])
     ap.add_argument("--labels-per-seed", type=int, default=2)
     args = ap.parse_args()
-    first = read_manifest(args.artifacts[0])
-    src, model = first["source"], first["model"]
-    x_name, t_name = model["sample_input"], model["timestep_input"]
-    setup = resolve_model(src["model"], src.get("component"), seed=src.get("seed", 0)).sampling()
+    first = Manifest.read(args.artifacts[0])
+    src, model = first.source, first.model
+    x_name, t_name = model.sample_input, model.timestep_input
+    setup = resolve_model(src.model, src.component, seed=src.seed).sampling()
     one_per_class = setup.labels(1)
-    reference = OnnxRunner([args.artifacts[0] / src["fp32_model"]], timestep_name=t_name, sample_name=x_name)
+    reference = OnnxRunner([args.artifacts[0] / src.fp32_model], timestep_name=t_name, sample_name=x_name)
     sampler = FidelitySettings().sampler
     calls: list[DenoiserCall] = []
 
@@ -66,7 +66,7 @@ def main() -> None:
     columns: dict[str, dict[float, float]] = {}
     biases: dict[str, dict[float, float]] = {}
     for artifact in args.artifacts:
-        manifest = read_manifest(artifact)
+        manifest = Manifest.read(artifact)
         for device in DEVICES:
             runner = QnnW8A8Target().runner(artifact, manifest, htp=device == "htp")
             per_t: dict[float, list[float]] = {}
