@@ -233,6 +233,7 @@ def speed(s: Settings, reference_dir: Path, bucket_rows: list[dict]) -> dict:
 def summary(sections: list[dict]) -> str:
     """The short table the README quotes: each figure as it appears in the sections below."""
     by_title = {s["title"]: s for s in sections}
+    metric = {"sample_psnr_db": "sample PSNR", "eps_sqnr_db_mean": "eps SQNR mean"}
     lines = ["| what | measured |", "|---|---|"]
     ref = by_title.get("The reference model on every target")
     for r in ref["rows"] if ref else ():
@@ -241,8 +242,9 @@ def summary(sections: list[dict]) -> str:
                      f"{r['size_bytes'] / 1e6:.2f} MB (fp32 {r['fp32_size_bytes'] / 1e6:.2f} MB) |")
     peer = by_title.get("Peers, like for like")
     for h in peer["rows"] if peer else ():
-        lines.append(f"| vs best like-for-like peer, {h['runtime']} ({h['peer']}) | {h['metric']} "
-                     f"{h['qcompile_value']:.2f} vs {h['peer_value']:.2f} ({h['margin']:+.2f}) |")
+        lines.append(f"| {h['qcompile']} vs the best like-for-like peer, {h['peer']} | "
+                     f"{metric.get(h['metric'], h['metric'])} {h['qcompile_value']:.2f} vs {h['peer_value']:.2f} dB "
+                     f"({h['margin']:+.2f}) |")
     buckets = by_title.get("Timestep buckets (`ort-int8`)")
     if buckets and len(buckets["rows"]) > 1:
         one, best = buckets["rows"][0], max(buckets["rows"][1:], key=lambda r: r["sample_psnr_db"] or 0)
