@@ -19,6 +19,7 @@ import importlib.util
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -129,27 +130,31 @@ def reference(s: Settings, out: Path) -> dict:
             "table": "\n".join(lines), "rows": rows}
 
 
+def run_tool(tool: str, args: list[str], out: Path) -> dict:
+    """A comparison tool in its own process (ModelOpt patches onnxruntime's quantizer when imported, which
+    breaks onnxruntime's QNN helpers in the same process); its peers.json."""
+    subprocess.run([sys.executable, str(Path(__file__).with_name(tool)), "--out", str(out), *args], check=True)
+    return json.loads((out / "peers.json").read_text())
+
+
 def peers(s: Settings, out: Path) -> dict:
     """Every comparison tool, like for like."""
     parts, raw = [], {}
-    ort = compare_peers.main(["--out", str(out / "peers-ort"), "--calib", s.calib, "--per-class", str(s.per_class),
-                              "--qcompile-args", "", " --full-integer"])  # a leading space: a value, not a flag
-    raw["ort"] = ort
+    ort_args = ["--calib", s.calib, "--per-class", str(s.per_class), "--qcompile-args", "", " --full-integer"]
+    raw["ort"] = run_tool("compare_peers.py", ort_args, out / "peers-ort")  # a leading space: a value, not a flag
     parts.append(("onnxruntime CPU", tool_command("compare_peers.py", "--calib", s.calib, "--per-class",
-                                                  str(s.per_class)), ort, compare_peers.COLUMNS))
+                                                  str(s.per_class)), raw["ort"], compare_peers.COLUMNS))
     if installed("ai_edge_litert"):
-        tfl = compare_tflite_peers.main(["--out", str(out / "peers-tflite"), "--calib", s.calib, "--per-class",
-                                         str(s.per_class), "--runs", str(s.runs)])
-        raw["tflite"] = tfl
-        parts.append(("LiteRT", tool_command("compare_tflite_peers.py", "--calib", s.calib, "--per-class",
-                                             str(s.per_class)), tfl, compare_tflite_peers.COLUMNS))
+        tfl_args = ["--calib", s.calib, "--per-class", str(s.per_class), "--runs", str(s.runs)]
+        raw["tflite"] = run_tool("compare_tflite_peers.py", tfl_args, out / "peers-tflite")
+        parts.append(("LiteRT", tool_command("compare_tflite_peers.py", *tfl_args), raw["tflite"],
+                      compare_tflite_peers.COLUMNS))
     if installed("onnxruntime_qnn"):
         qnn_args = ["--calib", s.calib, "--precision", *s.qnn_precisions, "--peers", "ort", "aimet",
                     "--per-channel", "yes", "--held-out", str(s.qnn_held_out), "--samples", "0",
                     "--per-class", str(s.per_class)]
-        qnn = compare_qnn_peers.main(["--out", str(out / "peers-qnn"), *qnn_args])
-        raw["qnn"] = qnn
-        parts.append(("Qualcomm HTP (simulator)", tool_command("compare_qnn_peers.py", *qnn_args), qnn,
+        raw["qnn"] = run_tool("compare_qnn_peers.py", qnn_args, out / "peers-qnn")
+        parts.append(("Qualcomm HTP (simulator)", tool_command("compare_qnn_peers.py", *qnn_args), raw["qnn"],
                       compare_qnn_peers.COLUMNS))
     blocks, headlines = [], []
     for name, command, result, columns in parts:
@@ -228,6 +233,7 @@ def speed(s: Settings, reference_dir: Path, bucket_rows: list[dict]) -> dict:
 def summary(sections: list[dict]) -> str:
     """The short table the README quotes: each figure as it appears in the sections below."""
     by_title = {s["title"]: s for s in sections}
+    metric = {"sample_psnr_db": "sample PSNR", "eps_sqnr_db_mean": "eps SQNR mean"}
     lines = ["| what | measured |", "|---|---|"]
     ref = by_title.get("The reference model on every target")
     for r in ref["rows"] if ref else ():
@@ -236,8 +242,9 @@ def summary(sections: list[dict]) -> str:
                      f"{r['size_bytes'] / 1e6:.2f} MB (fp32 {r['fp32_size_bytes'] / 1e6:.2f} MB) |")
     peer = by_title.get("Peers, like for like")
     for h in peer["rows"] if peer else ():
-        lines.append(f"| vs best like-for-like peer, {h['runtime']} ({h['peer']}) | {h['metric']} "
-                     f"{h['qcompile_value']:.2f} vs {h['peer_value']:.2f} ({h['margin']:+.2f}) |")
+        lines.append(f"| {h['qcompile']} vs the best like-for-like peer, {h['peer']} | "
+                     f"{metric.get(h['metric'], h['metric'])} {h['qcompile_value']:.2f} vs {h['peer_value']:.2f} dB "
+                     f"({h['margin']:+.2f}) |")
     buckets = by_title.get("Timestep buckets (`ort-int8`)")
     if buckets and len(buckets["rows"]) > 1:
         one, best = buckets["rows"][0], max(buckets["rows"][1:], key=lambda r: r["sample_psnr_db"] or 0)
