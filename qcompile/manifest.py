@@ -74,6 +74,9 @@ class CalibrationRecord:
     cache_fingerprint: str
     recording_fingerprint: str
     timesteps: tuple[float, ...] | None
+    # `--buckets` as asked; `buckets` below holds as many as were built (fewer for a model without a
+    # timestep, or with fewer distinct calibrated timesteps than asked).
+    buckets_requested: int = 1
 
 
 @dataclass(frozen=True)

@@ -289,6 +289,11 @@ def decide_stage(cfg: CompileConfig, target: Target, adapter, exported: Exported
     plan = plan_quantization(graph, caps, excluded)
     _check_statistics(plan, table, calibrated.cache.folder)
     buckets = choose_buckets(table, cfg.buckets, cfg.bucket_method, timestep_scale=adapter.timestep_scale)
+    if len(buckets) != cfg.buckets:  # never silently: the manifest and report record what was asked
+        timesteps = table.timesteps
+        why = ("the model has no timestep input" if np.isnan(timesteps).all()
+               else f"the calibration holds {len(timesteps)} distinct timestep(s)")
+        print(f"[qcompile] warning: --buckets {cfg.buckets}: {len(buckets)} bucket(s) built, {why}", flush=True)
     return Decisions(graph, plan, table, tuple(buckets), excluded, mixed, smoothed)
 
 
@@ -398,7 +403,8 @@ def make_manifest(cfg: CompileConfig, adapter, target: Target, exported: Exporte
         spec=calibrated.spec, rows=cache.meta["samples"]["rows"], calls=cache.meta["samples"]["calls"],
         estimator=cfg.estimator.value, bucket_method=cfg.bucket_method.value, cache_fingerprint=cache.fingerprint,
         recording_fingerprint=cache.meta["fingerprints"]["recording"],
-        timesteps=tuple(t for t in cache.meta["timesteps"] if t is not None) or None)
+        timesteps=tuple(t for t in cache.meta["timesteps"] if t is not None) or None,
+        buckets_requested=cfg.buckets)
     return Manifest(
         target=target.name.value, precision=precision_of(target), qcompile_version=tool_versions()["qcompile"],
         source=source_record(cfg, adapter, f"{FP32_DIR}/{exported.path.name}", cache.graph_fingerprint,
@@ -441,7 +447,7 @@ def build(cfg: CompileConfig) -> BuildResult:
         _stage("evaluating the artifact against the float model")
         extra: dict[str, Any] = {"pass_seconds": round(sum(e.seconds for e in ctx.log), 3),
                                  "calibration_seconds": round(calibrated.seconds, 3),
-                                 "calibration_reused": calibrated.reused,
+                                 "calibration_reused": calibrated.reused, "buckets_requested": cfg.buckets,
                                  "float_layers": len(manifest.quantization.float_layers),
                                  "build_seconds": round(time.perf_counter() - t_start, 3)}
         mixed = decisions.mixed

@@ -177,3 +177,18 @@ def test_bucket_runner_routes_each_timestep_to_its_model(tmp_path):
         assert lo <= ti < hi
         alone = OnnxRunner([out / manifest.buckets[b].files[0]])
         np.testing.assert_array_equal(mixed[i], alone.run({k: v[i:i + 1] for k, v in feed.items()})[0])
+
+
+def test_fewer_buckets_than_asked_is_warned_and_recorded(tmp_path, capsys):
+    """A model without a timestep gets one bucket whatever --buckets says: the log warns and the
+    manifest and report keep what was asked next to what was built."""
+    from qcompile.manifest import Manifest
+
+    out = tmp_path / "vae"
+    assert main(["build", "builtin:tiny-vae-decoder", "--out", str(out), "--calib", "synthetic:4", "--buckets", "4",
+                 "--validate", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "warning: --buckets 4: 1 bucket(s) built, the model has no timestep input" in printed
+    manifest = Manifest.read(out)
+    assert len(manifest.buckets) == 1 and manifest.calibration.buckets_requested == 4
+    assert json.loads((out / "report.json").read_text())["summary"]["buckets_requested"] == 4
