@@ -9,8 +9,9 @@ small EPContext ONNX model per bucket pointing into it.
 What can be proven here: onnxruntime writes weight-shared contexts on x64 for devices, and the x86 HTP
 simulator refuses to load them (QNN_COMMON_ERROR_NOT_SUPPORTED). So the device check compiles each
 bucket's graph into an unshared context of its own as well, runs it on the simulator and requires its
-output to be bit-identical to the same Q/DQ graph compiled at session creation. A single-bucket
-artifact's context is unshared and is checked as shipped.
+output to be bit-identical to the same Q/DQ graph compiled at session creation; that check is called
+`bucket_contexts_identical` and the report marks the shipped weight-shared binary as unverified. A
+single-bucket artifact's context is unshared and is checked as shipped (`context_binary_identical`).
 """
 
 from __future__ import annotations
@@ -83,4 +84,6 @@ def check_contexts(artifact_dir: Path, runner_htp, feeds: dict[int, dict[str, np
     # an unshared context (one bucket) must load as shipped; a weight-shared one cannot on the simulator
     out["identical"] = bool(buckets) and all(b["identical"] for b in buckets) and \
         (out["weight_shared"] or out["shipped_loads_on_simulator"])
+    # Whether the binary that ships is the one that ran: never for a weight-shared context here.
+    out["shipped_verified"] = out["identical"] and all(b["checked"] == "shipped context" for b in buckets)
     return out

@@ -198,8 +198,10 @@ class _QnnTarget:
                                                   timestep_name=htp.timestep_name)
         checks = {"htp_deterministic": bool(buckets) and not unchecked and all(b["runs_identical"] for b in buckets),
                   "htp_agrees_with_cpu_ep": bool(buckets) and not unchecked and all(b["agrees"] for b in buckets)}
-        if "context" in details:
-            checks["context_binary_identical"] = details["context"]["identical"]
+        if "context" in details:  # named for what ran: the shipped binary, or each bucket recompiled unshared
+            shipped = details["context"].get("shipped_verified", False) or not details["context"].get("weight_shared")
+            key = "context_binary_identical" if shipped else "bucket_contexts_identical"
+            checks[key] = details["context"]["identical"]
         summary = {"htp_vs_fp32_sqnr_db_min": min(b["htp_vs_fp32_sqnr_db"] for b in buckets),
                    "htp_vs_cpu_ep_sqnr_db_min": min(b["htp_vs_cpu_sqnr_db"] for b in buckets),
                    "htp_cosine_min": min(b["htp_vs_fp32_cosine"] for b in buckets),
@@ -211,7 +213,8 @@ class _QnnTarget:
         if "binary_bytes" in details.get("context", {}):
             summary.update({"htp_context_bytes": details["context"]["binary_bytes"],
                             "htp_context_weight_shared": details["context"]["weight_shared"],
-                            "htp_context_identical": details["context"]["identical"]})
+                            "htp_context_identical": details["context"]["identical"],
+                            "htp_context_shipped_verified": details["context"]["shipped_verified"]})
         return DeviceReport("QNN HTP simulator (x86_64), CPU fallback disabled", tuple(buckets), summary, checks,
                             details)
 
