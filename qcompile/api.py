@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qcompile.config import BucketMethod, CalibSpec, CompileConfig, Estimator, SamplerSettings, TargetName, parse_shape
+from qcompile.errors import UserError
 
 if TYPE_CHECKING:
     from qcompile.calibration.cache import CalibrationCache
@@ -78,14 +79,37 @@ def build(model: PathLike, out: PathLike, *, component: str | None = None, targe
 
 def calibrate(model: PathLike, cache: PathLike, *, component: str | None = None, calib: str | CalibSpec | None = None,
               sampler: SamplerSettings | None = None, seed: int = 0, opset: int = 20,
-              export_from: PathLike | None = None) -> CalibrationCache:
+              export_from: PathLike | None = None, shard: str | None = None, ray: str | None = None,
+              shards: int = 2) -> CalibrationCache:
     """Record inputs and write a calibration cache into the new folder `cache` (`qcompile calibrate`):
-    any number of builds reuse it (`build(..., calib_cache=cache)`) without running the model again."""
+    any number of builds reuse it (`build(..., calib_cache=cache)`) without running the model again.
+    `shard="I/N"`: only the I-th of N shares of the statistics, into a shard cache for `merge_cache`.
+    `ray`: run `shards` shards as tasks on the Ray cluster at this address ('' starts a local one) and
+    merge them into `cache`."""
+    from qcompile.calibration.shards import Shard
     from qcompile.stages import write_calibration_cache
+
+    if ray is not None:
+        from qcompile.calibration.ray_shards import calibrate_on_ray
+
+        if shard is not None:
+            raise UserError("--shard and --ray: choose one (--ray runs every shard itself)")
+        settings = {"component": component, "calib": calib, "sampler": sampler, "seed": seed, "opset": opset,
+                    "export_from": export_from}
+        return calibrate_on_ray(str(model), Path(cache), address=ray, shards=shards, settings=settings)
 
     return write_calibration_cache(str(model), component, seed=seed, opset=opset, spec=_PARSE["calib"](calib),
                                    cache_dir=Path(cache), sampler=sampler or SamplerSettings(),
-                                   export_from=_PARSE["export_from"](export_from))
+                                   export_from=_PARSE["export_from"](export_from),
+                                   shard=None if shard is None else Shard.parse(shard))
+
+
+def merge_cache(out: PathLike, shards: list[PathLike]) -> CalibrationCache:
+    """The calibration cache of all the shard caches `shards` (`qcompile merge-cache`), into the new
+    folder `out`: equal to the cache one `calibrate` without shards writes for the same rows."""
+    from qcompile.calibration.shards import merge_shards
+
+    return merge_shards(Path(out), [Path(s) for s in shards])
 
 
 def export(model: PathLike, out: PathLike, *, component: str | None = None, seed: int = 0, opset: int = 20) -> Path:

@@ -200,6 +200,15 @@ def make_parser() -> argparse.ArgumentParser:
     _calib_args(c)
     _eval_args(c)
     _log_args(c)
+    c.add_argument("--shard", default=None, metavar="I/N",
+                   help="only the I-th of N shares of the rows (a shard cache; `qcompile merge-cache` joins them)")
+    c.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run --shards shards as Ray tasks on the cluster at ADDRESS (none: a local Ray) and merge them")
+    c.add_argument("--shards", type=int, default=2, metavar="N", help="shards for --ray (default 2)")
+    m = sub.add_parser("merge-cache", help="merge the shard caches of `qcompile calibrate --shard I/N` into one cache")
+    m.add_argument("out", type=Path, help="the new calibration cache folder")
+    m.add_argument("shards", type=Path, nargs="+", metavar="SHARD", help="every shard cache, 1/N..N/N")
+    _log_args(m)
     v = sub.add_parser("eval", help="evaluate an artifact folder against its float model; rewrites its report")
     v.add_argument("artifact", type=Path)
     _eval_args(v)
@@ -243,6 +252,9 @@ def _run(args: argparse.Namespace) -> int:
         return _eval(args)
     if args.command == "calibrate":
         return _calibrate(args)
+    if args.command == "merge-cache":
+        print(api.merge_cache(args.out, args.shards).summary())
+        return EXIT_OK
     from qcompile.inspect import inspect_path
 
     print(inspect_path(args.path, args.plot))
@@ -257,8 +269,10 @@ def _calibrate(args: argparse.Namespace) -> int:
         raise UserError("qcompile calibrate needs --calib-cache DIR (where the statistics go)")
     fidelity, _ = _fidelity(args)
     cache = api.calibrate(args.model, args.calib_cache, component=args.component, calib=args.calib,
-                          sampler=fidelity.sampler, seed=args.seed, opset=args.opset, export_from=args.from_export)
-    print(cache.summary())
+                          sampler=fidelity.sampler, seed=args.seed, opset=args.opset, export_from=args.from_export,
+                          shard=args.shard, ray=args.ray, shards=args.shards)
+    print(cache.summary() if args.shard is None else f"{cache.folder}: calibration shard {args.shard}, "
+          f"{cache.meta['shard']['rows']} of {cache.meta['samples']['rows']} rows")
     return EXIT_OK
 
 

@@ -28,6 +28,7 @@ from qcompile.calibration.calibrate import default_calib, open_or_calibrate, use
 from qcompile.calibration.estimators import estimate_ranges
 from qcompile.calibration.inputs import InputSet, unbatched_inputs
 from qcompile.calibration.pipeline_recorder import read_prompts, record_pipeline, split_prompts
+from qcompile.calibration.shards import Shard
 from qcompile.calibration.smoothing import Smoothed, smooth
 from qcompile.calibration.stats import StatsTable
 from qcompile.caps import PrecisionFallback
@@ -473,8 +474,10 @@ def failed_folder(out: Path) -> Path:
 
 
 def write_calibration_cache(model: str, component: str | None, *, seed: int, opset: int, spec: CalibSpec | None,
-                            cache_dir: Path, sampler, export_from: Path | None = None) -> CalibrationCache:
-    """`qcompile calibrate`: record and compute statistics once; any number of builds reuse them."""
+                            cache_dir: Path, sampler, export_from: Path | None = None,
+                            shard: Shard | None = None) -> CalibrationCache:
+    """`qcompile calibrate`: record and compute statistics once; any number of builds reuse them. With
+    `shard`, one shard's statistics (`qcompile merge-cache` makes the cache of all of them)."""
     if CalibrationCache.exists(cache_dir):
         raise UserError(f"--calib-cache {cache_dir}: already holds a calibration cache; choose a new folder")
     cfg = CompileConfig(model=model, component=component, out_dir=Path(cache_dir), seed=seed, opset=opset,
@@ -483,11 +486,12 @@ def write_calibration_cache(model: str, component: str | None, *, seed: int, ops
     calib = calibration_plan(cfg, adapter)
     with tempfile.TemporaryDirectory(prefix="qcompile-export-") as tmp:
         exported = export_stage(cfg, adapter, Path(tmp), PassContext())
-        _stage(f"calibrating ({calib.spec.describe()}) into {cache_dir}")
+        part = "" if shard is None else f", shard {shard.describe()}"
+        _stage(f"calibrating ({calib.spec.describe()}{part}) into {cache_dir}")
         names = input_names(adapter)
         cache, seconds, _ = open_or_calibrate(calib.spec, adapter, exported.path, exported.graph, Path(cache_dir),
                                               names=(names.sample, names.timestep), sampler=sampler, seed=seed,
-                                              inputs=calib.inputs, pipeline=pipeline_of(cfg))
+                                              inputs=calib.inputs, pipeline=pipeline_of(cfg), shard=shard)
     print(f"[qcompile] calibration took {seconds:.2f}s")
     return cache
 

@@ -85,6 +85,11 @@ class CalibrationCache:
         if fmt != CACHE_FORMAT:
             raise UserError(f"--calib-cache {folder}: cache format {fmt}, this qcompile reads "
                             f"{CACHE_FORMAT}; recalibrate into a new folder")
+        if "shard" in meta:
+            shard = meta["shard"]
+            raise UserError(f"--calib-cache {folder}: shard {shard.get('index')}/{shard.get('count')} of a calibration "
+                            "(statistics of part of the rows); merge all its shards first: qcompile merge-cache OUT "
+                            "SHARD...")
         if expect_graph is not None and fingerprints["graph"] != expect_graph:
             raise UserError(f"--calib-cache {folder}: made for another graph ({fingerprints['graph'][:19]}…, "
                             f"this model is {expect_graph[:19]}…); use a new folder")
@@ -114,8 +119,10 @@ class CalibrationCache:
 
     @classmethod
     def create(cls, folder: Path, *, graph_fingerprint: str, recording: Recording, table: StatsTable,
-               source: dict[str, Any], producers: dict[str, str] | None = None) -> CalibrationCache:
-        """`producers` names, per tensor, the module path and op that computed it (for people)."""
+               source: dict[str, Any], producers: dict[str, str] | None = None,
+               shard: dict[str, Any] | None = None) -> CalibrationCache:
+        """`producers` names, per tensor, the module path and op that computed it (for people); `shard`
+        marks a shard cache (`shards.py`): part of the statistics, for `qcompile merge-cache` only."""
         folder = Path(folder)
         rec_fp = recording_fingerprint(recording)
         names = list(table.tensors)
@@ -139,6 +146,8 @@ class CalibrationCache:
                          "producer": (producers or {}).get(n, "")} for n in names],
             "samples": {"rows": recording.rows, "calls": recording.meta["calls"]},
         }
+        if shard is not None:
+            meta["shard"] = shard
         write_json(folder / META, meta)  # written last: a cache without meta.json is not a cache
         return cls(folder, meta)
 

@@ -6,6 +6,7 @@ are decided later, per target, estimator and bucket, from the cached statistics 
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -16,7 +17,8 @@ from qcompile.calibration.cache import RECORDING_DIR, CalibrationCache
 from qcompile.calibration.inputs import InputSet, load_npz, synthetic_inputs, unbatched_inputs
 from qcompile.calibration.pipeline_recorder import read_prompts, record_pipeline, split_prompts
 from qcompile.calibration.recorder import Recording, record_input_set, record_sampling
-from qcompile.calibration.stats import collect_stats
+from qcompile.calibration.shards import Shard
+from qcompile.calibration.stats import batch_rows, collect_stats
 from qcompile.config import CalibKind, CalibSpec, SamplerSettings
 from qcompile.errors import UserError
 from qcompile.graph_io import module_path
@@ -70,13 +72,19 @@ def record(spec: CalibSpec, adapter, fp32_path: Path, folder: Path, *, names: tu
     return record_input_set(inputs, folder, source)
 
 
-def calibrate(spec: CalibSpec, adapter, fp32_path: Path, graph: gs.Graph, cache_dir: Path, **kwargs
-              ) -> CalibrationCache:
-    """Record and compute statistics into `cache_dir` (a new cache)."""
+def calibrate(spec: CalibSpec, adapter, fp32_path: Path, graph: gs.Graph, cache_dir: Path, *,
+              shard: Shard | None = None, **kwargs) -> CalibrationCache:
+    """Record and compute statistics into `cache_dir` (a new cache); with `shard`, a shard cache holding
+    that shard's statistics (see `shards.py`), and the recording only in shard 1."""
     recording = record(spec, adapter, fp32_path, Path(cache_dir) / RECORDING_DIR, **kwargs)
-    table = collect_stats(fp32_path, graph, recording)
-    return CalibrationCache.create(cache_dir, graph_fingerprint=graph_fingerprint(fp32_path), recording=recording,
-                                   table=table, source=recording.meta["source"], producers=producers(graph))
+    rows = batch_rows(recording)
+    table = collect_stats(fp32_path, graph, recording, batches=None if shard is None else shard.batches(rows))
+    cache = CalibrationCache.create(cache_dir, graph_fingerprint=graph_fingerprint(fp32_path), recording=recording,
+                                    table=table, source=recording.meta["source"], producers=producers(graph),
+                                    shard=None if shard is None else shard.meta(recording, rows))
+    if shard is not None and shard.index > 1:  # shard 1 ships the recording; the others, statistics alone
+        shutil.rmtree(recording.folder)
+    return cache
 
 
 def producers(graph: gs.Graph) -> dict[str, str]:

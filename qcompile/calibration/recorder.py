@@ -129,12 +129,15 @@ class Recording:
                   for k in parts[0].arrays}
         return InputSet(arrays, np.concatenate([p.timesteps for p in parts]), parts[0].unbatched)
 
+    def timestep_columns(self) -> Iterator[np.ndarray]:
+        """Each file's timestep column (only that column is read, not the inputs)."""
+        for name in self.meta["shards"]:
+            with np.load(self.folder / name) as data:
+                yield data["_timestep"]
+
     def timesteps(self) -> np.ndarray:
         """Unique timestep values, descending (sampling order)."""
-        values = []
-        for name in self.meta["shards"]:  # only the timestep column is read, not the inputs
-            with np.load(self.folder / name) as data:
-                values.append(data["_timestep"])
+        values = list(self.timestep_columns())
         return np.unique(np.concatenate(values))[::-1] if values else np.zeros(0)
 
 

@@ -13,7 +13,7 @@ bounded by that budget plus the tensors crossing a cut, not by the model's total
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +30,7 @@ from qcompile.calibration.segments import segmented
 LOG2_MIN, LOG2_MAX, BINS_PER_OCTAVE = -16, 16, 8
 N_BINS = (LOG2_MAX - LOG2_MIN) * BINS_PER_OCTAVE + 1
 EXPOSED_BYTES_BUDGET = 512 << 20
+STATS_BATCH = 16  # rows per forward pass while collecting statistics
 
 
 def bin_edges() -> np.ndarray:
@@ -167,11 +168,29 @@ def expose_tensors(onnx_path: Path, names: Sequence[str]) -> Path:
     return exposed
 
 
+def _batches(timestep: np.ndarray, batch: int) -> Iterator[tuple[float, np.ndarray]]:
+    """(timestep key, row indices) of one recording file's batches, in the order statistics run them:
+    the one order both a whole calibration and its shards (`shards.py`) follow."""
+    keys = _key(timestep)
+    for t in np.unique(keys):
+        rows = np.nonzero(keys == t)[0]
+        for start in range(0, len(rows), batch):
+            yield float(t), rows[start:start + batch]
+
+
+def batch_rows(recording: Recording, batch: int = STATS_BATCH) -> list[int]:
+    """Rows of each batch `collect_stats` runs, in order (reads only the timestep column)."""
+    return [len(idx) for ts in recording.timestep_columns() for _, idx in _batches(ts, batch)]
+
+
 def collect_stats(onnx_path: Path, graph: gs.Graph, recording: Recording, *, names: Sequence[str] | None = None,
-                  batch: int = 16, budget_bytes: int = EXPOSED_BYTES_BUDGET) -> StatsTable:
+                  batch: int = STATS_BATCH, budget_bytes: int = EXPOSED_BYTES_BUDGET,
+                  batches: range | None = None) -> StatsTable:
     """Statistics of `names` (every quantizable tensor by default) over the recording, from one forward
     pass per batch of `batch` rows of one timestep: the model runs segment by segment (see
-    `segments.py`), each segment's observed outputs for a batch fitting `budget_bytes`."""
+    `segments.py`), each segment's observed outputs for a batch fitting `budget_bytes`. `batches`: only
+    these batches (numbered in run order, see `batch_rows`), for one shard of a calibration; each runs
+    exactly as in the whole calibration, so the shards' statistics add up to the whole's bit for bit."""
     names = list(names) if names is not None else quantizable_tensors(graph)
     tensors = graph.tensors()
     timesteps = recording.timesteps()
@@ -182,17 +201,19 @@ def collect_stats(onnx_path: Path, graph: gs.Graph, recording: Recording, *, nam
         table[n] = TensorStats.empty(len(timesteps), _channels(tensors[n], axis), axis)
     if not names:
         return StatsTable(timesteps, table)
-    progress = tqdm(total=recording.rows, desc="statistics", unit="row", leave=False)
+    sizes = batch_rows(recording, batch)
+    chosen = range(len(sizes)) if batches is None else batches
+    progress = tqdm(total=sum(sizes[i] for i in chosen), desc="statistics", unit="row", leave=False)
+    number = 0
     with segmented(onnx_path, names, lambda n: _row_bytes(tensors[n]) * batch, budget_bytes) as model:
         for inputs, meta in recording.shards():
-            keys = _key(meta.timestep)
-            for t in np.unique(keys):
-                rows = np.nonzero(keys == t)[0]
-                for start in range(0, len(rows), batch):
-                    idx = rows[start:start + batch]
-                    for values in model.run(inputs.take(idx)):
-                        for name, v in values.items():
-                            table[name].observe(t_index[float(t)], np.asarray(v, np.float32))
-                    progress.update(len(idx))
+            for t, idx in _batches(meta.timestep, batch):
+                number += 1
+                if number - 1 not in chosen:
+                    continue
+                for values in model.run(inputs.take(idx)):
+                    for name, v in values.items():
+                        table[name].observe(t_index[t], np.asarray(v, np.float32))
+                progress.update(len(idx))
     progress.close()
     return StatsTable(timesteps, table)
