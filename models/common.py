@@ -128,9 +128,12 @@ def read_config(folder: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{folder}: no config.json, so this is not a diffusers/transformers model folder")
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise UserError(f"{path}: not readable JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: holds a JSON {type(config).__name__}, not the object of a model config")
+    return config
 
 
 class DiffusersLoading:

@@ -63,6 +63,8 @@ def _pipeline_components(folder: Path) -> dict[str, str]:
         index = json.loads((folder / "model_index.json").read_text())
     except (OSError, ValueError) as exc:
         raise UserError(f"{folder / 'model_index.json'}: not readable JSON ({exc})") from exc
+    if not isinstance(index, dict):
+        raise UserError(f"{folder / 'model_index.json'}: holds a JSON {type(index).__name__}, not a pipeline index")
     supported = set(supported_classes())
     return {name: entry[1] for name, entry in index.items()
             if not name.startswith("_") and isinstance(entry, list) and len(entry) == 2

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 import sys
 import traceback
@@ -151,6 +152,8 @@ def _fidelity(args: argparse.Namespace):
 
     if args.steps < 1 or args.per_class < 1 or args.device_samples < 0:
         raise UserError("--steps and --per-class must be at least 1, --device-samples at least 0")
+    if not math.isfinite(args.guidance) or args.guidance < 0:
+        raise UserError(f"--guidance {args.guidance}: needs a finite number of at least 0")
     sampler = SamplerSettings(scheduler=SchedulerKind.parse(args.scheduler), steps=args.steps, guidance=args.guidance)
     return (FidelitySettings(sampler=sampler, per_class=args.per_class, device_samples=args.device_samples),
             Thresholds(eps_sqnr_db_mean=args.min_sqnr_db, sample_psnr_db=args.min_psnr_db,

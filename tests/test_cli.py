@@ -102,6 +102,7 @@ def _bad(capsys, args, tmp_path, match):
     (["build", TINY, "--target", "qnn-w8a8", "--htp-arch", "77"], "--htp-arch 77: not an HTP architecture the QNN"),
     (["build", TINY, "--target", "tflite-int8", "--static-batch", "0"], "--static-batch 0"),
     (["build", TINY, "--nonsense"], "unrecognized arguments"),
+    (["build", "builtin:reference", "--guidance", "nan"], "--guidance nan: needs a finite number"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, args, match):
     _bad(capsys, args, tmp_path, match)
@@ -115,6 +116,10 @@ def test_folders_that_are_not_models(capsys, tmp_path):
     odd.mkdir()
     (odd / "config.json").write_text(json.dumps({"_class_name": "NotADiffusersModel"}))
     _bad(capsys, ["build", str(odd)], tmp_path, "NotADiffusersModel")
+    listed = tmp_path / "listed"
+    listed.mkdir()
+    (listed / "config.json").write_text("[1, 2]")
+    _bad(capsys, ["build", str(listed)], tmp_path, "config.json: holds a JSON list")
     pipe = tmp_path / "pipe"
     pipe.mkdir()
     (pipe / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline",
