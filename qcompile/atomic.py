@@ -125,7 +125,10 @@ class StagedFolder:
     """
 
     def __init__(self, out: Path):
-        self.out = Path(out)
+        self.out = Path(out).resolve()
+        cwd = Path.cwd().resolve()
+        if cwd == self.out or self.out in cwd.parents:  # the swap would pull the folder from under the shell
+            raise UserError(f"--out {out}: is the current directory or holds it; give a folder outside it")
         _check_replaceable(self.out)
         self.out.parent.mkdir(parents=True, exist_ok=True)
         for p in sweep_leftovers(self.out):

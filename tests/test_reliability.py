@@ -101,3 +101,17 @@ def test_an_internal_error_is_one_line_with_its_own_exit_code(tmp_path, capsys, 
     assert err == ["qcompile: internal error: ZeroDivisionError: division by zero (a bug in qcompile; -v shows the "
                    "traceback)"]
     assert not (tmp_path / "x").exists() and _leftovers(tmp_path, "x") == []
+
+
+def test_out_that_holds_the_current_directory_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """`--out .` inside an artifact would swap the folder out from under the user's shell: refused in
+    one line before the build starts, the artifact untouched."""
+    art = tmp_path / "art"
+    assert main(["build", TINY, "--out", str(art), *FAST]) == 0
+    before = _hashes(art)
+    monkeypatch.chdir(art)
+    capsys.readouterr()
+    assert main(["build", TINY, "--out", ".", *FAST]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--out .: is the current directory" in err[0]
+    assert _hashes(art) == before and _leftovers(tmp_path, "art") == []
