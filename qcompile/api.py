@@ -80,15 +80,17 @@ def build(model: PathLike, out: PathLike, *, component: str | None = None, targe
 def calibrate(model: PathLike, cache: PathLike, *, component: str | None = None, calib: str | CalibSpec | None = None,
               sampler: SamplerSettings | None = None, seed: int = 0, opset: int = 20,
               export_from: PathLike | None = None, shard: str | None = None, ray: str | None = None,
-              shards: int = 2) -> CalibrationCache:
+              shards: int | None = None) -> CalibrationCache:
     """Record inputs and write a calibration cache into the new folder `cache` (`qcompile calibrate`):
     any number of builds reuse it (`build(..., calib_cache=cache)`) without running the model again.
     `shard="I/N"`: only the I-th of N shares of the statistics, into a shard cache for `merge_cache`.
-    `ray`: run `shards` shards as tasks on the Ray cluster at this address ('' starts a local one) and
-    merge them into `cache`."""
+    `ray`: run `shards` shards (default 2) as tasks on the Ray cluster at this address ('' starts a
+    local one) and merge them into `cache`."""
     from qcompile.calibration.shards import Shard
     from qcompile.stages import write_calibration_cache
 
+    if ray is None and shards is not None:
+        raise UserError(f"--shards {shards}: only with --ray (one machine's share is --shard I/N)")
     if ray is not None:
         from qcompile.calibration.ray_shards import calibrate_on_ray
 
@@ -96,7 +98,7 @@ def calibrate(model: PathLike, cache: PathLike, *, component: str | None = None,
             raise UserError("--shard and --ray: choose one (--ray runs every shard itself)")
         settings = {"component": component, "calib": calib, "sampler": sampler, "seed": seed, "opset": opset,
                     "export_from": export_from}
-        return calibrate_on_ray(str(model), Path(cache), address=ray, shards=shards, settings=settings)
+        return calibrate_on_ray(str(model), Path(cache), address=ray, shards=shards or 2, settings=settings)
 
     return write_calibration_cache(str(model), component, seed=seed, opset=opset, spec=_PARSE["calib"](calib),
                                    cache_dir=Path(cache), sampler=sampler or SamplerSettings(),

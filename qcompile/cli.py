@@ -207,7 +207,7 @@ def make_parser() -> argparse.ArgumentParser:
                    help="only the I-th of N shares of the rows (a shard cache; `qcompile merge-cache` joins them)")
     c.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help="run --shards shards as Ray tasks on the cluster at ADDRESS (none: a local Ray) and merge them")
-    c.add_argument("--shards", type=int, default=2, metavar="N", help="shards for --ray (default 2)")
+    c.add_argument("--shards", type=int, default=None, metavar="N", help="shards for --ray (default 2)")
     m = sub.add_parser("merge-cache", help="merge the shard caches of `qcompile calibrate --shard I/N` into one cache")
     m.add_argument("out", type=Path, help="the new calibration cache folder")
     m.add_argument("shards", type=Path, nargs="+", metavar="SHARD", help="every shard cache, 1/N..N/N")

@@ -123,3 +123,6 @@ def test_a_bad_shard_option_is_one_line_before_any_work(made, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert code == 2 and err.startswith(f"qcompile: error: --shard {bad}") and len(err.splitlines()) == 1
         assert not (tmp_path / "c").exists()
+    code = main(["calibrate", MODEL, "--calib-cache", str(tmp_path / "c"), "--shards", "2"])
+    assert code == 2 and "--shards 2: only with --ray" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
