@@ -225,10 +225,6 @@ def is_artifact_folder(folder: Path) -> bool:
         return False
 
 
-def read_manifest(folder: Path) -> Manifest:
-    return Manifest.read(folder)
-
-
 def _plain(record: Any) -> dict[str, Any]:
     out = {}
     for f in fields(record):

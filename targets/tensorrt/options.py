@@ -41,6 +41,8 @@ TRT_MAX_BATCH = OptionSpec("max_batch", "--trt-max-batch", integer, "N",
                            "trt-*: largest batch of the engine's optimization profile (default 8)")
 TRT_OPT_LEVEL = OptionSpec("opt_level", "--trt-opt-level", integer, "L",
                            "trt-*: TensorRT builder optimization level 0-5 (default 3)")
+
+
 def rescale_at(text: str) -> RescaleAt:
     try:
         return RescaleAt(text)
@@ -52,6 +54,8 @@ TRT_BUCKET_RESCALE = OptionSpec("bucket_rescale", "--trt-bucket-rescale", rescal
                                 "trt-* with --buckets K: where the one-engine graph undoes the bucket's rescale: input "
                                 "(before each reader of a DQ: bit-exact, the default) or output (after each layer, so "
                                 "layers read their DQ directly)")
+
+
 def residuals(text: str) -> bool:
     if text not in ("quantized", "float"):
         raise UserError(f"--trt-residuals {text}: choose quantized or float")
