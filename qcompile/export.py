@@ -36,6 +36,7 @@ import onnx_ir as ir
 import torch
 
 from qcompile.errors import UserError
+from qcompile.export_child import CHILD_EXPORT_BYTES, ChildExport, ModelSource, export_in_child, module_bytes
 from qcompile.models.base import Axis
 
 log = logging.getLogger("qcompile.export")
@@ -64,11 +65,14 @@ EXPORTERS = ("dynamo", "legacy")
 
 
 def export_onnx(adapter, out_path: Path, *, opset: int = 20, dynamic_batch: bool = True,
-                tolerance: float = 1e-4, exporters: tuple[str, ...] = EXPORTERS) -> ExportResult:
+                tolerance: float = 1e-4, exporters: tuple[str, ...] = EXPORTERS, source: ModelSource | None = None,
+                child_bytes: int = CHILD_EXPORT_BYTES) -> ExportResult:
     """Export `adapter.export_module()` to `out_path` (+ `<stem>.data`) and verify it in onnxruntime.
 
     `exporters` are tried in order until one gives a model within `tolerance` (max abs difference
-    from torch, batch 1 and 2); ExportError names the model class when none does.
+    from torch, batch 1 and 2); ExportError names the model class when none does. With `source`
+    (where the adapter was loaded from), a model of at least `child_bytes` of weights is exported in
+    a child process (`qcompile.export_child`), so no torch copy of its weights outlives the export.
     """
     out_path = Path(out_path)
     if opset < 18:
@@ -82,19 +86,23 @@ def export_onnx(adapter, out_path: Path, *, opset: int = 20, dynamic_batch: bool
     model_class = type(adapter.module).__name__
     start = time.perf_counter()
     failures: list[str] = []  # become the result's notes when a later exporter succeeds
-    module = adapter.export_module().eval()
+    in_child = source is not None and module_bytes(adapter.module) >= child_bytes
+    checks = _checks(adapter, dynamic_batch)
     with tempfile.TemporaryDirectory(prefix=f".{out_path.stem}.partial-", dir=out_path.parent) as tmp:
         staged = Path(tmp) / out_path.name
         for exporter in exporters:
             t0 = time.perf_counter()
-            log.info("exporting %s with the %s exporter (opset %d)", model_class, exporter, opset)
+            log.info("exporting %s with the %s exporter (opset %d)%s", model_class, exporter, opset,
+                     " in a child process" if in_child else "")
             try:
-                model = _export(adapter, module, exporter, opset, dynamic_batch, Path(tmp))
-                _stamp(model, adapter, module, exporter)
-                _save(model, staged)
-                _release_weights(model)
-                del model
-                diff = _verify(adapter, module, staged, dynamic_batch)
+                if in_child:
+                    job = ChildExport(source, exporter, opset, dynamic_batch, str(staged),
+                                      outputs_path=str(Path(tmp) / f"{exporter}-outputs.npz"),
+                                      error_path=str(Path(tmp) / f"{exporter}-error.txt"))
+                    wanted = export_in_child(job, checks)
+                else:
+                    wanted = _export_here(adapter, exporter, opset, dynamic_batch, staged, checks)
+                diff = _verify(adapter, staged, checks, wanted)
             except Exception as exc:  # any exporter/runtime failure: record it and try the next one
                 log.debug("%s exporter failed", exporter, exc_info=True)
                 failures.append(f"{exporter} exporter failed: {_summary(exc)}")
@@ -307,24 +315,53 @@ def _release_weights(model: ir.Model) -> None:
         value.const_value = None
 
 
-def _verify(adapter, module: torch.nn.Module, path: Path, dynamic_batch: bool) -> float:
-    """Max abs difference between onnxruntime (CPU EP) and torch over all outputs, at batch 1 with the
-    default sizes and at batch 2 with another valid value of every dynamic axis."""
+def _export_here(adapter, exporter: str, opset: int, dynamic_batch: bool, staged: Path,
+                 checks: list[tuple[int, dict[str, int] | None]]) -> list[tuple[np.ndarray, ...]]:
+    """Export in this process; torch's outputs on `checks`."""
+    module = adapter.export_module().eval()
+    model = _export(adapter, module, exporter, opset, dynamic_batch, staged.parent)
+    _stamp(model, adapter, module, exporter)
+    _save(model, staged)
+    _release_weights(model)
+    del model
+    return torch_outputs(adapter, module, checks)
+
+
+def _checks(adapter, dynamic_batch: bool) -> list[tuple[int, dict[str, int] | None]]:
+    """(batch, sizes) the export is checked at: batch 1 with the default sizes and batch 2 with
+    another valid value of every dynamic axis (batch 2 alone for a static batch)."""
+    return [(1, None), (2, _check_sizes(adapter))] if dynamic_batch else [(2, None)]
+
+
+def _check_feeds(adapter, batch: int, sizes: dict[str, int] | None) -> dict[str, np.ndarray]:
+    return adapter.dummy_inputs(batch=batch, seed=batch, sizes=sizes)
+
+
+def torch_outputs(adapter, module: torch.nn.Module,
+                  checks: list[tuple[int, dict[str, int] | None]]) -> list[tuple[np.ndarray, ...]]:
+    """The module's outputs (float32 numpy) on each check's inputs."""
+    result = []
+    for batch, sizes in checks:
+        feeds = _check_feeds(adapter, batch, sizes)
+        with torch.no_grad():
+            want = module(*(torch.from_numpy(feeds[s.name]) for s in adapter.input_specs()))
+        want = want if isinstance(want, (tuple, list)) else (want,)
+        result.append(tuple(w.detach().float().numpy() for w in want))
+    return result
+
+
+def _verify(adapter, path: Path, checks: list[tuple[int, dict[str, int] | None]],
+            wanted: list[tuple[np.ndarray, ...]]) -> float:
+    """Max abs difference between onnxruntime (CPU EP) and torch's outputs over all checks."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     worst = 0.0
-    shapes = [(1, None), (2, _check_sizes(adapter))] if dynamic_batch else [(2, None)]
-    for batch, sizes in shapes:
-        feeds = adapter.dummy_inputs(batch=batch, seed=batch, sizes=sizes)
-        got = session.run(list(adapter.output_names), feeds)
-        with torch.no_grad():
-            want = module(*(torch.from_numpy(feeds[s.name]) for s in adapter.input_specs()))
-        want = want if isinstance(want, (tuple, list)) else (want,)
+    for (batch, sizes), want in zip(checks, wanted, strict=True):
+        got = session.run(list(adapter.output_names), _check_feeds(adapter, batch, sizes))
         for name, g, w in zip(adapter.output_names, got, want, strict=True):
-            w = w.detach().float().numpy()
             if g.shape != w.shape:
                 raise ExportError(f"output {name} has shape {g.shape} in onnxruntime, {w.shape} in torch "
                                   f"(batch {batch}, sizes {sizes or 'default'})")

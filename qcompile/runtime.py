@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 
@@ -43,6 +44,11 @@ class BucketRunner:
     def run_bucket(self, bucket: int, feed: dict[str, np.ndarray]) -> np.ndarray:
         raise NotImplementedError
 
+    def release(self) -> None:
+        """Let go of what the runner loaded (sessions, interpreters); a later run loads it again.
+        The evaluation releases the float model before it runs the artifact, so the two are never
+        in memory together."""
+
     def bucket_of(self, timestep: float) -> int:
         return int(np.searchsorted(self.bucket_edges, timestep, side="right"))
 
@@ -79,18 +85,31 @@ class BucketRunner:
 
 
 class OnnxRunner(BucketRunner):
-    """One onnxruntime session per timestep bucket (one model file each). `optimize=False` runs the
-    graph node by node (FP8 Q/DQ: onnxruntime's CPU fusions have no float8 kernels)."""
+    """One onnxruntime session per timestep bucket (one model file each), each opened on the bucket's
+    first run: a pipeline pays only for the buckets its steps reach. `optimize=False` runs the graph
+    node by node (FP8 Q/DQ: onnxruntime's CPU fusions have no float8 kernels)."""
 
     def __init__(self, paths: Sequence[Path], *, bucket_edges: Sequence[float] = (),
                  timestep_name: str | None = None, sample_name: str | None = None, optimize: bool = True):
         super().__init__(len(paths), bucket_edges=bucket_edges, timestep_name=timestep_name, sample_name=sample_name)
-        self.sessions = [make_session(p, optimize=optimize) for p in paths]
-        self.input_names = tuple(i.name for i in self.sessions[0].get_inputs())
-        self.output_names = tuple(o.name for o in self.sessions[0].get_outputs())
+        self.paths = tuple(Path(p) for p in paths)
+        self.optimize = optimize
+        self.sessions: list[ort.InferenceSession | None] = [None] * len(self.paths)
+        graph = onnx.load(str(self.paths[0]), load_external_data=False).graph
+        initializers = {i.name for i in graph.initializer}
+        self.input_names = tuple(i.name for i in graph.input if i.name not in initializers)
+        self.output_names = tuple(o.name for o in graph.output)
+
+    def session(self, bucket: int) -> ort.InferenceSession:
+        if self.sessions[bucket] is None:
+            self.sessions[bucket] = make_session(self.paths[bucket], optimize=self.optimize)
+        return self.sessions[bucket]
 
     def run_bucket(self, bucket: int, feed: dict[str, np.ndarray]) -> np.ndarray:
-        return self.sessions[bucket].run(self.output_names[:1], feed)[0]
+        return self.session(bucket).run(self.output_names[:1], feed)[0]
+
+    def release(self) -> None:
+        self.sessions = [None] * len(self.paths)
 
 
 def pad_batch(x: np.ndarray, batch: int) -> np.ndarray:

@@ -36,6 +36,7 @@ from qcompile.config import CalibKind, CalibSpec, CompileConfig
 from qcompile.errors import UserError
 from qcompile.evaluation.evaluate import HELD_OUT_SEED_OFFSET, evaluate_artifact, held_out_inputs
 from qcompile.evaluation.report import format_table
+from qcompile.export_child import ModelSource
 from qcompile.graph_io import copy_graph, load_graph, save_graph
 from qcompile.manifest import (
     FP32_TARGET,
@@ -123,15 +124,16 @@ class InputNames:
 
 # --- stage 1: export ----------------------------------------------------------------------------
 def export_canonical(adapter, folder: Path, *, opset: int, ctx: PassContext,
-                     split_shortcut: bool = False) -> Exported:
-    """Export the float model and canonicalize it.
+                     split_shortcut: bool = False, source: ModelSource | None = None) -> Exported:
+    """Export the float model and canonicalize it (a large model exports in a child process loading
+    it from `source`: see `qcompile.export_child`).
 
     `split_shortcut` applies Q-Diffusion's shortcut split to the float graph (numerically the same), so
     calibration sees, and each bucket quantizes, the two halves of every skip Concat separately."""
     from qcompile.export import export_onnx
 
     scratch = folder / ".export"
-    raw = export_onnx(adapter, scratch / "exported.onnx", opset=opset)
+    raw = export_onnx(adapter, scratch / "exported.onnx", opset=opset, source=source)
     graph = load_graph(raw.onnx_path)
     PassManager(canonicalize_passes(), fixed_point=True, name="canonicalize").run(graph, ctx)
     if split_shortcut:
@@ -171,7 +173,13 @@ def export_stage(cfg: CompileConfig, adapter, folder: Path, ctx: PassContext) ->
         _stage(f"reusing the float model of {cfg.export_from}")
         return reuse_export(cfg.export_from, folder)
     _stage(f"exporting {type(adapter.module).__name__} ({adapter.family.value}) to ONNX")
-    return export_canonical(adapter, folder, opset=cfg.opset, ctx=ctx, split_shortcut=cfg.split_shortcut)
+    return export_canonical(adapter, folder, opset=cfg.opset, ctx=ctx, split_shortcut=cfg.split_shortcut,
+                            source=model_source(cfg))
+
+
+def model_source(cfg: CompileConfig) -> ModelSource:
+    """Where a child process loads the model the build resolved."""
+    return ModelSource(cfg.model, cfg.component, cfg.seed)
 
 
 # --- stage 2: calibrate -------------------------------------------------------------------------
@@ -501,7 +509,7 @@ def export_only(cfg: CompileConfig) -> Path:
     adapter = resolve(cfg)
     with StagedFolder(cfg.out_dir) as stage:
         ctx = PassContext()
-        exported = export_canonical(adapter, stage.path, opset=cfg.opset, ctx=ctx)
+        exported = export_canonical(adapter, stage.path, opset=cfg.opset, ctx=ctx, source=model_source(cfg))
         model_config = write_model_config(adapter.module, stage.path)
         Manifest(target=FP32_TARGET, precision="fp32", qcompile_version=tool_versions()["qcompile"],
                  source=source_record(cfg, adapter, exported.path.name, None, model_config),

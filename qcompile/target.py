@@ -51,6 +51,9 @@ class Runner(Protocol):
 
     def rows_of(self, bucket: int, count: int, timesteps: np.ndarray | None) -> np.ndarray: ...
 
+    def release(self) -> None:
+        """Let go of loaded sessions/interpreters; the next run loads them again."""
+
 
 # --- compile side -------------------------------------------------------------------------------
 @dataclass(frozen=True)

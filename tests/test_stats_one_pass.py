@@ -13,16 +13,17 @@ from qcompile.calibration.cache import CalibrationCache
 from qcompile.calibration.inputs import InputSet
 from qcompile.calibration.recorder import record_input_set, record_sampling
 from qcompile.calibration.segments import FOLDED_INTO_MATMUL, node_reads, plan_segments, segmented
+from qcompile.calibration.shapes import concrete_shapes
 from qcompile.calibration.stats import (
     EXPOSED_BYTES_BUDGET,
     StatsTable,
     TensorStats,
     _channels,
     _key,
-    _row_bytes,
     channel_axis,
     collect_stats,
     expose_tensors,
+    observed_row_bytes,
     quantizable_tensors,
 )
 from qcompile.config import SamplerSettings, SchedulerKind
@@ -58,8 +59,9 @@ def grouped_replay(onnx_path, graph, recording, names, budget):
     table = {n: TensorStats.empty(len(timesteps), _channels(tensors[n], channel_axis(tensors[n])),
                                   channel_axis(tensors[n])) for n in names}
     groups, used = [[]], 0
+    row_bytes = observed_row_bytes(onnx_path, recording, names)
     for n in names:
-        size = _row_bytes(tensors[n]) * BATCH
+        size = row_bytes[n] * BATCH
         if groups[-1] and used + size > budget:
             groups.append([])
             used = 0
@@ -101,12 +103,13 @@ def test_one_pass_gives_the_grouped_replays_statistics_and_cache(reference, tmp_
     names = quantizable_tensors(graph)
     old, groups = grouped_replay(path, graph, recording, names, EXPOSED_BYTES_BUDGET)
     assert groups == 1
-    total = sum(_row_bytes(graph.tensors()[n]) * BATCH for n in names)
+    row_bytes = observed_row_bytes(path, recording, names)
+    total = sum(row_bytes[n] * BATCH for n in names)
     new = collect_stats(path, graph, recording)
     assert_same_tables(old, new)
     for parts in (6, 30):
         model = onnx.load(str(path), load_external_data=False)
-        cut = plan_segments(model.graph, names, lambda n: _row_bytes(graph.tensors()[n]) * BATCH, total // parts)
+        cut = plan_segments(model.graph, names, lambda n: row_bytes[n] * BATCH, total // parts)
         assert len(cut) >= parts
         assert_same_tables(old, collect_stats(path, graph, recording, batch=BATCH, budget_bytes=total // parts))
     # The caches written from either hold the same arrays under the same keys.
@@ -121,10 +124,10 @@ def test_one_pass_gives_the_grouped_replays_statistics_and_cache(reference, tmp_
 
 
 def test_segments_cover_every_node_once_within_the_budget_and_carry_only_what_is_read_later(reference):
-    path, graph, _ = reference
+    path, graph, recording = reference
     model = onnx.load(str(path), load_external_data=False)
     names = quantizable_tensors(graph)
-    sizes = {n: _row_bytes(graph.tensors()[n]) * BATCH for n in names}
+    sizes = {n: b * BATCH for n, b in observed_row_bytes(path, recording, names).items()}
     budget = sum(sizes.values()) // 10
     segments = plan_segments(model.graph, names, sizes.get, budget)
     assert len(segments) >= 10
@@ -217,3 +220,28 @@ def test_a_graph_without_value_info_is_cut_with_inferred_types(tmp_path):
     names = ["qp", "kp", "scores", "p", "y"]
     whole, _ = grouped_replay(path, graph, recording, names, 1 << 40)
     assert_same_tables(whole, collect_stats(path, graph, recording, names=names, budget_bytes=1))
+
+
+def test_observed_sizes_are_the_sizes_onnxruntime_computes(reference):
+    """The export has symbolic latent and prompt axes; the sizes the cut is planned with are the ones a
+    recorded row really produces (every observed tensor exposed in one run of one row): exact for every
+    tensor whose shape resolves, never below the truth for the few that do not (attention's
+    batch*heads reshapes)."""
+    path, graph, recording = reference
+    names = quantizable_tensors(graph)
+    declared = {n: graph.tensors()[n].shape for n in names}
+    assert sum(any(not isinstance(d, int) for d in (s or [None])) for s in declared.values()) > len(names) // 2
+    inputs, _ = next(recording.shards())
+    row = {k: (1, *v.shape[1:]) for k, v in inputs.arrays.items()}
+    shapes = concrete_shapes(onnx.load(str(path), load_external_data=False), row, names)
+    predicted = observed_row_bytes(path, recording, names)
+    exposed = expose_tensors(path, names)
+    values = make_session(exposed).run(names, inputs.take(slice(0, 1)))
+    exposed.unlink()
+    actual = {n: v for n, v in zip(names, values, strict=True)}
+    unresolved = [n for n in names if shapes[n] is None]
+    assert len(unresolved) <= len(names) // 10, unresolved
+    wrong = {n: (shapes[n], actual[n].shape) for n in names if shapes[n] is not None and shapes[n] != actual[n].shape}
+    assert not wrong, list(wrong.items())[:5]
+    assert all(predicted[n] == 4 * actual[n].size for n in names if shapes[n] is not None)
+    assert all(predicted[n] >= 4 * actual[n].size for n in unresolved)

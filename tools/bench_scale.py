@@ -61,8 +61,10 @@ def make_model(config: str, folder: Path, seed: int) -> None:
     UNet2DConditionModel(**CONFIGS[config]).save_pretrained(folder)
 
 
-def tree_rss(root: int) -> int:
-    """Resident bytes of `root` and all its descendants (read from /proc; vanished processes count 0)."""
+def tree_rss(root: int) -> tuple[int, int]:
+    """Resident bytes of `root` and all its descendants, and how many of them are file-backed (mapped
+    files such as weights read through a memory map: page cache the kernel may drop, unlike the rest),
+    read from /proc; vanished processes count 0."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -73,29 +75,32 @@ def tree_rss(root: int) -> int:
         except (OSError, IndexError, ValueError):
             continue
         children.setdefault(ppid, []).append(int(entry))
-    total, todo = 0, [root]
+    total, shared, todo = 0, 0, [root]
     while todo:
         pid = todo.pop()
         todo.extend(children.get(pid, []))
         try:
             with open(f"/proc/{pid}/statm") as f:
-                total += int(f.read().split()[1]) * PAGE
+                fields = f.read().split()
+            total += int(fields[1]) * PAGE
+            shared += int(fields[2]) * PAGE
         except (OSError, IndexError, ValueError):
             pass
-    return total
+    return total, shared
 
 
 def run_measured(cmd: list[str], log: Path) -> list[dict]:
     """Run `cmd`; per stage: name, seconds, peak tree RSS (bytes). Output goes to `log`."""
-    stages = [{"stage": "load", "start": time.perf_counter(), "peak": 0}]
+    stages = [{"stage": "load", "start": time.perf_counter(), "peak": 0, "peak_file": 0}]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=out, text=True, bufsize=1)
         done = threading.Event()
 
         def sample() -> None:
             while not done.is_set():
-                rss = tree_rss(proc.pid)
-                stages[-1]["peak"] = max(stages[-1]["peak"], rss)
+                rss, file_backed = tree_rss(proc.pid)
+                if rss > stages[-1]["peak"]:
+                    stages[-1].update(peak=rss, peak_file=file_backed)
                 done.wait(0.2)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -108,10 +113,11 @@ def run_measured(cmd: list[str], log: Path) -> list[dict]:
                 name = next((s for w, s in STAGES if w == word), None)
                 if name is not None:
                     prev = stages[-1]
-                    stages.append({"stage": name, "start": time.perf_counter(), "peak": tree_rss(proc.pid)})
+                    rss, file_backed = tree_rss(proc.pid)
+                    stages.append({"stage": name, "start": time.perf_counter(), "peak": rss, "peak_file": file_backed})
                     # A stage's numbers as soon as it ends: a benchmark stopped early still has them.
                     out.write(f"[bench] {prev['stage']}: {stages[-1]['start'] - prev['start']:.1f} s, "
-                              f"peak {gib(prev['peak'])}\n")
+                              f"peak {gib(prev['peak'])} ({gib(prev['peak_file'])} file-backed)\n")
         rc = proc.wait()
         done.set()
         sampler.join()
@@ -264,9 +270,10 @@ def table(r: dict) -> str:
     w = r["weights_bytes"]
     lines = [f"### {r['config']}: UNet2DConditionModel({', '.join(f'{k}={v}' for k, v in r['unet'].items())})",
              "", f"fp32 weights {gib(w)}; `--target ort-int8 --calib {r['calib']}`", "",
-             "| stage | wall s | peak RSS (tree) | x weights |", "|---|---|---|---|"]
-    lines += [f"| {s['stage']} | {s['seconds']:.1f} | {gib(s['peak'])} | {s['peak'] / w:.2f} |" for s in r["stages"]]
-    lines += [f"| **build** | {r['build_seconds']:.1f} | {gib(r['peak_rss'])} | {r['peak_rss'] / w:.2f} |", "",
+             "| stage | wall s | peak RSS (tree) | of which file-backed | x weights |", "|---|---|---|---|---|"]
+    lines += [f"| {s['stage']} | {s['seconds']:.1f} | {gib(s['peak'])} | {gib(s.get('peak_file', 0))} | "
+              f"{s['peak'] / w:.2f} |" for s in r["stages"]]
+    lines += [f"| **build** | {r['build_seconds']:.1f} | {gib(r['peak_rss'])} | | {r['peak_rss'] / w:.2f} |", "",
               "| method | eps cos mean | eps SQNR dB mean / min | size vs fp32 | fp32 s | int8 s | speed-up "
               f"(batch {r['batch']}, {r['threads']} threads) |", "|---|---|---|---|---|---|---|",
               f"| qcompile ort-int8 | {r['eps_cos_mean']:.4f} | {r['eps_sqnr_db_mean']:.2f} / "

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from qcompile.calibration.recorder import Recording
 from qcompile.calibration.segments import segmented
+from qcompile.calibration.shapes import concrete_shapes
 
 # Histogram of |x|: bin 0 holds |x| < 2**LOG2_MIN (zeros included); then BINS_PER_OCTAVE bins per
 # octave up to 2**LOG2_MAX; the last bin also takes anything larger.
@@ -141,11 +142,16 @@ def channel_axis(tensor: gs.Tensor) -> int:
     return 1 if rank == 4 else -1
 
 
-def _row_bytes(tensor: gs.Tensor) -> int:
-    if tensor.shape is None:
-        return 1 << 20
-    dims = [d if isinstance(d, int) and d > 0 else 1 for d in tensor.shape[1:]]
-    return 4 * math.prod(dims)
+def observed_row_bytes(onnx_path: Path, recording: Recording, names: Sequence[str]) -> dict[str, int]:
+    """Bytes (as float32) of each of `names` per recorded row, at the recording's input shapes: an
+    export with symbolic axes has no sizes of its own (see `shapes.py`). A tensor whose size cannot be
+    resolved counts as the largest one that can, so a cut never underestimates it."""
+    inputs, _ = next(recording.shards())
+    row = {k: (v.shape if k in inputs.unbatched else (1, *v.shape[1:])) for k, v in inputs.arrays.items()}
+    shapes = concrete_shapes(onnx.load(str(onnx_path), load_external_data=False), row, names)
+    sizes = {n: None if s is None else 4 * math.prod(s) for n, s in shapes.items()}
+    largest = max((b for b in sizes.values() if b is not None), default=1 << 20)
+    return {n: largest if b is None else b for n, b in sizes.items()}
 
 
 def _channels(tensor: gs.Tensor, axis: int) -> int:
@@ -205,7 +211,8 @@ def collect_stats(onnx_path: Path, graph: gs.Graph, recording: Recording, *, nam
     chosen = range(len(sizes)) if batches is None else batches
     progress = tqdm(total=sum(sizes[i] for i in chosen), desc="statistics", unit="row", leave=False)
     number = 0
-    with segmented(onnx_path, names, lambda n: _row_bytes(tensors[n]) * batch, budget_bytes) as model:
+    row_bytes = observed_row_bytes(onnx_path, recording, names)
+    with segmented(onnx_path, names, lambda n: row_bytes[n] * batch, budget_bytes) as model:
         for inputs, meta in recording.shards():
             for t, idx in _batches(meta.timestep, batch):
                 number += 1

@@ -25,17 +25,32 @@ class StepResult:
                 "eps_cos": round(self.eps_cos, 6), "cfg_gap_ratio": self.cfg_gap_ratio}
 
 
-def compare_on_inputs(reference: Runner, artifact: Runner, inputs: InputSet, *, batch: int = 4,
-                      bucket_of=lambda t: 0) -> list[StepResult]:
-    """One result per input sample, ordered as a sampler visits timesteps (high to low)."""
+def run_inputs(runner: Runner, inputs: InputSet, *, batch: int = 4, desc: str = "running") -> np.ndarray:
+    """The runner's first output for every input row, in row order."""
+    parts = [np.asarray(runner.run(feed)) for _, feed in tqdm(list(inputs.batches(batch)), desc=desc, unit="batch",
+                                                               leave=False)]
+    return np.concatenate(parts)
+
+
+def compare_outputs(reference: np.ndarray, artifact: Runner, inputs: InputSet, *, batch: int = 4,
+                    bucket_of=lambda t: 0) -> list[StepResult]:
+    """One result per input row against the float model's `reference` outputs (from `run_inputs`),
+    ordered as a sampler visits timesteps (high to low)."""
+    test = run_inputs(artifact, inputs, batch=batch, desc="validating")
     results: list[StepResult] = []
-    for sl, feed in tqdm(list(inputs.batches(batch)), desc="validating", unit="batch", leave=False):
-        ref = np.asarray(reference.run(feed))
-        test = np.asarray(artifact.run(feed))
-        for i in range(sl.stop - sl.start):
-            t = None if inputs.timesteps is None else float(inputs.timesteps[sl.start + i])
-            results.append(StepResult(t, bucket_of(t) if t is not None else 0,
-                                      sqnr_db(ref[i], test[i]), cosine(ref[i], test[i])))
+    for i in range(inputs.count):
+        t = None if inputs.timesteps is None else float(inputs.timesteps[i])
+        results.append(StepResult(t, bucket_of(t) if t is not None else 0,
+                                  sqnr_db(reference[i], test[i]), cosine(reference[i], test[i])))
     if inputs.timesteps is not None:
         results.sort(key=lambda r: -r.timestep)
     return results
+
+
+def compare_on_inputs(reference: Runner, artifact: Runner, inputs: InputSet, *, batch: int = 4,
+                      bucket_of=lambda t: 0) -> list[StepResult]:
+    """`compare_outputs` with the float model run first and released before the artifact runs: the
+    two are never loaded together (for an SD-class model, a whole fp32 copy of the weights)."""
+    expected = run_inputs(reference, inputs, batch=batch, desc="float model")
+    reference.release()
+    return compare_outputs(expected, artifact, inputs, batch=batch, bucket_of=bucket_of)
