@@ -229,6 +229,35 @@ def speed(s: Settings, reference_dir: Path, bucket_rows: list[dict]) -> dict:
             "table": "\n".join(lines), "rows": {"ort": rows, "tflite": tfl}}
 
 
+SCALE_TITLE = "SD-class scale (`tools/bench_scale.py`)"
+
+
+def scale(docs: Path) -> dict | None:
+    """The SD-class rows of `tools/bench_scale.py`, collected in docs/scale.json: a build of an SD 1.5-size
+    UNet takes minutes and most of this machine's memory, so this page quotes the benchmark's own
+    record instead of running it."""
+    path = docs / "scale.json"
+    if not path.is_file():
+        return None
+    rows = json.loads(path.read_text())
+    lines = ["| config | fp32 weights | build s | peak RSS (x weights) | eps cos mean | int8 vs fp32 |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        w = r["weights_bytes"]
+        lines.append(f"| {r['config']} | {w / 2**30:.2f} GiB | {r['build_seconds']:.0f} | "
+                     f"{r['peak_rss'] / 2**30:.2f} GiB ({r['peak_rss'] / w:.2f}x) | {r['eps_cos_mean']:.4f} | "
+                     f"{r['fp32_s'] / r['int8_s']:.2f}x (batch {r['batch']}, {r['threads']} threads) |")
+    return {"title": SCALE_TITLE, "command": "python tools/bench_scale.py --config CONFIG",
+            "note": "From docs/scale.json, written by the benchmark (docs/scale.md has each run's stages).",
+            "table": "\n".join(lines), "rows": rows}
+
+
+def with_scale(sections: list[dict], docs: Path) -> list[dict]:
+    kept = [x for x in sections if x["title"] != SCALE_TITLE]
+    section = scale(docs)
+    return kept if section is None else [*kept, section]
+
+
 # --- the page ----------------------------------------------------------------------------------------
 def summary(sections: list[dict]) -> str:
     """The short table the README quotes: each figure as it appears in the sections below."""
@@ -256,6 +285,15 @@ def summary(sections: list[dict]) -> str:
             lines.append(f"| int8 vs fp32 speed, onnxruntime, batch {r['batch']} | {r['text']['speedup']} |")
         if speed["rows"]["tflite"]:
             lines.append(f"| int8 vs fp32 speed, LiteRT, batch 1 | {speed['rows']['tflite']['speedup']['text']} |")
+    sd = by_title.get(SCALE_TITLE)
+    for r in sd["rows"] if sd else ():
+        if r["config"] == "quick":
+            continue
+        w = r["weights_bytes"]
+        lines.append(f"| `{r['config']}` UNet ({w / 2**30:.1f} GiB fp32), `ort-int8` build | "
+                     f"{r['build_seconds']:.0f} s, peak {r['peak_rss'] / 2**30:.2f} GiB = {r['peak_rss'] / w:.2f}x "
+                     f"the weights, eps cos {r['eps_cos_mean']:.4f}, int8 {r['fp32_s'] / r['int8_s']:.2f}x "
+                     "faster than fp32 |")
     return "\n".join(lines)
 
 
@@ -283,7 +321,9 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.render:
         data = json.loads((args.docs / "results.json").read_text())
+        data["sections"] = with_scale(data["sections"], args.docs)
         (args.docs / "results.md").write_text(page(data["sections"], data["meta"]))
+        (args.docs / "results.json").write_text(json.dumps(data, indent=1, default=str))
         return
     os.nice(10)
     s = QUICK if args.quick else FULL
@@ -307,6 +347,7 @@ def main(argv: list[str] | None = None) -> None:
             sections.append(b)
     if "speed" in args.only:
         sections.append(speed(s, reference_dir, bucket_rows))
+    sections = with_scale(sections, args.docs)
     meta = {"command": "python tools/results.py" + (" --quick" if args.quick else ""),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "settings": s.name, "seconds": round(time.perf_counter() - t0, 1),
