@@ -16,7 +16,6 @@ dies); a layer whose probe keeps failing fails the build in one line naming the 
 
 from __future__ import annotations
 
-import atexit
 import pickle
 import shutil
 import tempfile
@@ -85,8 +84,7 @@ def _hold(key: str, ref) -> tuple[Prober, tuple[str, ...], Path]:
     for old in list(_HELD):  # one build at a time per worker: drop an earlier build's graph
         shutil.rmtree(_HELD.pop(old)[2], ignore_errors=True)
     state: ProbeState = ray.get(ref)
-    folder = Path(tempfile.mkdtemp(prefix="qcompile-probes-"))
-    atexit.register(shutil.rmtree, folder, True)
+    folder = Path(tempfile.mkdtemp(prefix=f"qcompile-probes-{key}-"))  # removed by _sweep at the end
     for name, data in state.files.items():
         (folder / name).write_bytes(data)
     graph = load_graph(folder / "model.onnx")
@@ -97,6 +95,13 @@ def _hold(key: str, ref) -> tuple[Prober, tuple[str, ...], Path]:
                     folder=folder / "probes", expected=state.expected)
     _HELD[key] = (prober, state.candidates, folder)
     return _HELD[key]
+
+
+def _sweep(key: str) -> None:
+    """Remove this node's folders of the build `key`: Ray ends its worker processes without running their
+    exit handlers, so the driver sends this task to every node once the probes are done."""
+    for folder in Path(tempfile.gettempdir()).glob(f"qcompile-probes-{key}-*"):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 # --- on the driver ------------------------------------------------------------------------------
@@ -121,8 +126,20 @@ def ray_probe_map(address: str, num_cpus: int | None = None) -> ProbeMap:
                         scores[i] = task_result(ray, done, f"the sensitivity probe of layer '{candidates[i]}'")
                         progress.update(1)
             finally:
-                for left in pending:  # a layer failed: the other probes are of no use any more
-                    ray.cancel(left)
+                if pending:  # a layer failed: the other probes are of no use any more
+                    for left in pending:
+                        ray.cancel(left)
+                    ray.wait(list(pending), num_returns=len(pending), timeout=60)
+                _sweep_nodes(ray, state.key)
             return [scores[i] for i in range(len(candidates))]
 
     return probe_on_ray
+
+
+def _sweep_nodes(ray, key: str) -> None:
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    sweep = ray.remote(num_cpus=0, max_retries=1)(_sweep)
+    refs = [sweep.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(key)
+            for node in ray.nodes() if node["Alive"]]
+    ray.wait(refs, num_returns=len(refs), timeout=60)

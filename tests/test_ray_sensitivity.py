@@ -4,6 +4,7 @@ failing fails in one line naming it; `build --ray` without mixed precision is re
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -56,9 +57,15 @@ def _mixed(root: Path, probe_map, name: str):
                            probe_map=probe_map)
 
 
+def _worker_folders() -> set[Path]:
+    return set(Path(tempfile.gettempdir()).glob("qcompile-probes-*"))
+
+
 def test_ray_probes_rank_and_choose_exactly_as_one_machine(reference):
     here = _mixed(reference, probe_each, "here")
+    before = _worker_folders()
     on_ray = _mixed(reference, ray_probe_map(""), "on-ray")
+    assert _worker_folders() == before  # each node's copy of the float graph is removed after the ranking
     assert len(here.ranking) >= 30
     assert on_ray.ranking == here.ranking  # the same layers, in the same order, with the same SQNR (dB)
     assert on_ray.float_layers == here.float_layers
@@ -72,8 +79,10 @@ def test_a_layer_whose_probe_keeps_failing_fails_naming_it(reference, tmp_path):
     wrong = InputSet({"not_x": np.zeros((2, 3, 8, 8), np.float32)}, None)  # the graph's input is x
     prober = Prober(load_graph(path), None, load_target(TargetName.ORT_INT8), {}, wrong, (), timestep_input=None,
                     template=manifest_for([], []), folder=tmp_path / "probes", expected=np.zeros((2, 10), np.float32))
+    before = _worker_folders()
     with pytest.raises(UserError, match=r"^--ray: the sensitivity probe of layer '[^']+' failed 3 times \("):
         ray_probe_map("")(prober, ["conv1", "conv2", "fc"])
+    assert _worker_folders() == before
 
 
 def test_build_ray_without_mixed_precision_is_refused_in_one_line(tmp_path, capsys):
