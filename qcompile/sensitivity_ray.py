@@ -6,9 +6,10 @@ on the probe inputs through the target): ~300 full forward passes for an SD 1.5 
 one another, so the ranking is a map over layers. What every probe needs (the float graph's files, the
 target's name and options, the activation ranges, the probe inputs and the float model's outputs on
 them) is put in Ray's object store once; each worker process reads it once and keeps one Prober for
-every probe it runs. A task carries the index of its layer and returns one float, so the driver ranks
-exactly as one machine does, from the same scores in the same order. The few probes of the bisection
-that follows depend on one another and run on the driver.
+every probe it runs, over one copy of the graph's files per node (in its temporary folder, removed
+from every node when the ranking ends). A task carries the index of its layer and returns one float,
+so the driver ranks exactly as one machine does, from the same scores in the same order. The few
+probes of the bisection that follows depend on one another and run on the driver.
 
 A task that fails is retried (qcompile.ray_tasks.RETRIES more times, also when its worker or node
 dies); a layer whose probe keeps failing fails the build in one line naming the layer.
@@ -81,26 +82,38 @@ def _probe(key: str, state: list, index: int) -> float:
 def _hold(key: str, ref) -> tuple[Prober, tuple[str, ...], Path]:
     import ray
 
-    for old in list(_HELD):  # one build at a time per worker: drop an earlier build's graph
+    for old in list(_HELD):  # one build at a time per worker: drop an earlier build's prober
         shutil.rmtree(_HELD.pop(old)[2], ignore_errors=True)
     state: ProbeState = ray.get(ref)
-    folder = Path(tempfile.mkdtemp(prefix=f"qcompile-probes-{key}-"))  # removed by _sweep at the end
-    for name, data in state.files.items():
-        (folder / name).write_bytes(data)
-    graph = load_graph(folder / "model.onnx")
+    graph = load_graph(_node_copy(key, state.files) / "model.onnx")
     graph_properties(graph).update(state.properties)
-    (folder / "probes").mkdir()
+    probes = Path(tempfile.mkdtemp(prefix=f"qcompile-probes-{key}-"))  # this worker's; removed by _sweep
     prober = Prober(graph, None, load_target(state.target, state.options), state.ranges, state.inputs,
                     state.base_exclude, timestep_input=state.timestep_input, template=state.template,
-                    folder=folder / "probes", expected=state.expected)
-    _HELD[key] = (prober, state.candidates, folder)
+                    folder=probes, expected=state.expected)
+    _HELD[key] = (prober, state.candidates, probes)
     return _HELD[key]
+
+
+def _node_copy(key: str, files: dict[str, bytes]) -> Path:
+    """This node's one copy of the float graph's files, shared by its workers: written aside by the
+    first worker to need it and renamed into place, so a worker sees the folder whole or not at all."""
+    folder = Path(tempfile.gettempdir()) / f"qcompile-probes-{key}"
+    if not folder.is_dir():
+        aside = Path(tempfile.mkdtemp(prefix=f"qcompile-probes-{key}-"))
+        for name, data in files.items():
+            (aside / name).write_bytes(data)
+        try:
+            aside.rename(folder)
+        except OSError:  # another worker of this node renamed its copy first
+            shutil.rmtree(aside, ignore_errors=True)
+    return folder
 
 
 def _sweep(key: str) -> None:
     """Remove this node's folders of the build `key`: Ray ends its worker processes without running their
     exit handlers, so the driver sends this task to every node once the probes are done."""
-    for folder in Path(tempfile.gettempdir()).glob(f"qcompile-probes-{key}-*"):
+    for folder in Path(tempfile.gettempdir()).glob(f"qcompile-probes-{key}*"):
         shutil.rmtree(folder, ignore_errors=True)
 
 
