@@ -28,9 +28,9 @@ ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'qcom
 pytest.importorskip("qcompile.models.reference_model")
 
 MODEL = "builtin:reference"
-# The probes cover the reference's down blocks, time embedding and conv_in/out (~40 layers); the up
-# and mid blocks, twice as many layers again, would only make the test longer.
-OUTSIDE = (r"^up_blocks\.", r"^mid_block\.")
+# The probes cover the reference's first two down blocks, time embedding and conv_in/out (25 of its
+# 132 layers); the others would only make the test longer.
+OUTSIDE = (r"^up_blocks\.", r"^mid_block\.", r"^down_blocks\.2\.")
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_ray_probes_rank_and_choose_exactly_as_one_machine(reference):
     before = _worker_folders()
     on_ray = _mixed(reference, ray_probe_map(""), "on-ray")
     assert _worker_folders() == before  # each node's copy of the float graph is removed after the ranking
-    assert len(here.ranking) >= 30
+    assert len(here.ranking) == 25
     assert on_ray.ranking == here.ranking  # the same layers, in the same order, with the same SQNR (dB)
     assert on_ray.float_layers == here.float_layers
     assert 1 <= len(here.float_layers) < 6 and here.sqnr_db >= 50.0  # found by bisection, within the budget
