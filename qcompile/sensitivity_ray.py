@@ -17,7 +17,6 @@ dies); a layer whose probe keeps failing fails the build in one line naming the 
 
 from __future__ import annotations
 
-import pickle
 import shutil
 import tempfile
 import uuid
@@ -56,6 +55,11 @@ class ProbeState:
     timestep_input: str | None
     template: Manifest
     candidates: tuple[str, ...]
+
+    def nbytes(self) -> int:
+        """The bulk of the state: the graph's files, the probe rows and the float outputs."""
+        rows = sum(a.nbytes for a in self.inputs.arrays.values())
+        return sum(len(data) for data in self.files.values()) + rows + self.expected.nbytes
 
 
 def probe_state(prober: Prober, candidates: Sequence[str]) -> ProbeState:
@@ -125,8 +129,8 @@ def ray_probe_map(address: str, num_cpus: int | None = None) -> ProbeMap:
     def probe_on_ray(prober: Prober, candidates: Sequence[str]) -> list[float]:
         with ray_session(address, num_cpus) as ray:
             state = probe_state(prober, candidates)
-            print(f"[qcompile] sensitivity on Ray: {len(candidates)} probe task(s); "
-                  f"{len(pickle.dumps(state)) / 2**20:.1f} MiB of probe state, shipped once to each node", flush=True)
+            print(f"[qcompile] sensitivity on Ray: {len(candidates)} probe task(s); {state.nbytes() / 2**20:.1f} MiB "
+                  "of probe state, shipped once to each node", flush=True)
             ref = ray.put(state)
             task = ray.remote(num_cpus=1, max_retries=RETRIES, retry_exceptions=True)(_probe)
             pending = {task.remote(state.key, [ref], i): i for i in range(len(candidates))}
