@@ -7,6 +7,7 @@ command; without an address a local Ray instance is started for the command and 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -28,17 +29,22 @@ def require_ray():
 @contextmanager
 def ray_session(address: str, num_cpus: int | None = None) -> Iterator[Any]:
     """Ray connected to the cluster at `address` ('' for a new local instance of `num_cpus` CPUs); an
-    instance already initialised by the caller (a script, a test) is used as it is and left running."""
+    instance already initialised by the caller (a script, a test) is used as it is and left running.
+    Ray's own log lines show when qcompile's info lines do (`-v`); otherwise only its errors."""
     ray = require_ray()
     started = not ray.is_initialized()
     if started:
         ray.init(address=address or None, num_cpus=None if address else num_cpus, include_dashboard=False,
-                 log_to_driver=False)
+                 log_to_driver=False, logging_level=_ray_logging_level())
     try:
         yield ray
     finally:
         if started:
             ray.shutdown()
+
+
+def _ray_logging_level() -> int:
+    return logging.INFO if logging.getLogger("qcompile").isEnabledFor(logging.INFO) else logging.ERROR
 
 
 def task_result(ray, ref, what: str) -> Any:
