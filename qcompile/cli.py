@@ -90,6 +90,13 @@ def _quant_args(p: argparse.ArgumentParser) -> None:
                         "(repeatable); default: the calibration data's shapes. ort-int8 artifacts stay dynamic")
     g.add_argument("--max-float-layers", type=int, default=None, metavar="N",
                    help="at most N layers kept float by --mixed-precision (alone: exactly the N most sensitive)")
+    _ray_arg(g, "run mixed precision's per-layer sensitivity probes as Ray tasks on the cluster at ADDRESS "
+                "(none: a local Ray)")
+
+
+def _ray_arg(g, help: str) -> None:
+    """`--ray [ADDRESS]`, as every command that can fan out on Ray takes it."""
+    g.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS", help=help)
 
 
 def _target_args(p: argparse.ArgumentParser) -> None:
@@ -205,8 +212,7 @@ def make_parser() -> argparse.ArgumentParser:
     _log_args(c)
     c.add_argument("--shard", default=None, metavar="I/N",
                    help="only the I-th of N shares of the rows (a shard cache; `qcompile merge-cache` joins them)")
-    c.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
-                   help="run --shards shards as Ray tasks on the cluster at ADDRESS (none: a local Ray) and merge them")
+    _ray_arg(c, "run --shards shards as Ray tasks on the cluster at ADDRESS (none: a local Ray) and merge them")
     c.add_argument("--shards", type=int, default=None, metavar="N", help="shards for --ray (default 2)")
     m = sub.add_parser("merge-cache", help="merge the shard caches of `qcompile calibrate --shard I/N` into one cache")
     m.add_argument("out", type=Path, help="the new calibration cache folder")
@@ -236,7 +242,7 @@ def _build_settings(args: argparse.Namespace) -> dict:
             "export_from": args.from_export, "estimator": args.estimator, "buckets": args.buckets,
             "bucket_method": args.bucket_method, "exclude": args.exclude, "full_integer": args.full_integer,
             "mixed_precision_sqnr_db": args.mixed_precision, "max_float_layers": args.max_float_layers,
-            "split_shortcut": args.split_shortcut, "smoothquant_alpha": args.smoothquant,
+            "ray": args.ray, "split_shortcut": args.split_shortcut, "smoothquant_alpha": args.smoothquant,
             "shapes": args.shape, "validate_count": args.validate, "thresholds": thresholds,
             "fidelity": fidelity}
 

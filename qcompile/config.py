@@ -176,6 +176,9 @@ class CompileConfig:
     # SmoothQuant alpha for the quantized MatMul/Gemm layers (None: off); statistics are collected again.
     smoothquant_alpha: float | None = None
     max_float_layers: int | None = None
+    # Mixed precision's per-layer sensitivity probes as tasks on the Ray cluster at this address ('':
+    # a local Ray instance for the build); None: one after the other on this machine.
+    ray: str | None = None
     validate_count: int = 8  # held-back inputs for the report
     # Static-shape targets (tflite-*, qnn-*): the full shape each named input is built for (`--shape`);
     # inputs not named take the calibration data's shapes.
@@ -194,6 +197,9 @@ class CompileConfig:
             raise UserError(f"--smoothquant {self.smoothquant_alpha}: alpha must be within [0, 1]")
         if self.validate_count < 1:
             raise UserError(f"--validate {self.validate_count}: needs at least one input")
+        if self.ray is not None and self.mixed_precision_sqnr_db is None and self.max_float_layers is None:
+            raise UserError("--ray: a build runs only mixed precision's sensitivity probes on Ray; it needs "
+                            "--mixed-precision or --max-float-layers (Ray calibration: qcompile calibrate --ray)")
         if self.opset < 18:
             raise UserError(f"--opset {self.opset}: qcompile needs opset 18 or newer")
 

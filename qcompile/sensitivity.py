@@ -65,8 +65,11 @@ class Prober:
     the target is what makes every target's mixed precision measure what it will ship (a .tflite in
     the LiteRT interpreter, the QNN graph with its host embedding)."""
 
-    def __init__(self, graph: gs.Graph, fp32_path: Path, target, ranges: dict[str, TensorRange], inputs: InputSet,
-                 base_exclude: Sequence[str], *, timestep_input: str | None, template: Manifest, folder: Path):
+    def __init__(self, graph: gs.Graph, fp32_path: Path | None, target, ranges: dict[str, TensorRange],
+                 inputs: InputSet, base_exclude: Sequence[str], *, timestep_input: str | None, template: Manifest,
+                 folder: Path, expected: np.ndarray | None = None):
+        """`expected`: the float model's outputs on `inputs` when already known (a Ray worker's prober
+        takes the driver's, so every probe is scored against the same reference); else `fp32_path` runs."""
         self.graph = graph
         self.target = target
         self.ranges = ranges
@@ -76,8 +79,10 @@ class Prober:
         self.template = template
         self.folder = Path(folder)
         self.probes = 0
-        reference = OnnxRunner([fp32_path])
-        self.expected = np.concatenate([reference.run(feed) for _, feed in inputs.batches(16)])
+        if expected is None:
+            reference = OnnxRunner([fp32_path])
+            expected = np.concatenate([reference.run(feed) for _, feed in inputs.batches(16)])
+        self.expected = expected
 
     def sqnr(self, exclude: Sequence[str]) -> float:
         graph = copy_graph(self.graph)
@@ -97,13 +102,27 @@ class Prober:
         return sqnr_db(self.expected, got)
 
 
-def rank_layers(prober: Prober, candidates: Sequence[str], nodes: dict) -> list[LayerSensitivity]:
+# Each candidate layer's output SQNR with only that layer quantized, in the candidates' order.
+ProbeMap = Callable[[Prober, Sequence[str]], Sequence[float]]
+
+
+def probe_each(prober: Prober, candidates: Sequence[str]) -> list[float]:
+    """The built-in ProbeMap: one probe after the other on this machine (sensitivity_ray.py: on Ray)."""
+    return [prober.sqnr(alone(candidates, name)) for name in tqdm(candidates, desc="sensitivity", unit="layer",
+                                                                   leave=False)]
+
+
+def alone(candidates: Sequence[str], name: str) -> tuple[str, ...]:
+    """Exclusions that leave `name` the only candidate quantized."""
+    return exact([c for c in candidates if c != name])
+
+
+def rank_layers(prober: Prober, candidates: Sequence[str], nodes: dict,
+                probe_map: ProbeMap = probe_each) -> list[LayerSensitivity]:
     """Each candidate quantized alone; most sensitive (lowest SQNR) first."""
-    out = []
-    for name in tqdm(candidates, desc="sensitivity", unit="layer", leave=False):
-        others = [c for c in candidates if c != name]
-        node = nodes[name]
-        out.append(LayerSensitivity(name, module_path(node), node.op, prober.sqnr(exact(others))))
+    scores = probe_map(prober, candidates)
+    out = [LayerSensitivity(name, module_path(nodes[name]), nodes[name].op, float(score))
+           for name, score in zip(candidates, scores, strict=True)]
     return sorted(out, key=lambda s: s.sqnr_db)
 
 
@@ -131,17 +150,18 @@ def choose_float_layers(ranking: Sequence[LayerSensitivity], evaluate: Callable[
 
 def mixed_precision(graph: gs.Graph, fp32_path: Path, target, ranges: dict[str, TensorRange], inputs: InputSet,
                     base_exclude: Sequence[str], *, timestep_input: str | None, template: Manifest, folder: Path,
-                    target_sqnr_db: float | None, max_float: int) -> MixedPrecision:
+                    target_sqnr_db: float | None, max_float: int, probe_map: ProbeMap = probe_each) -> MixedPrecision:
     """`graph` is the canonical float graph (copied, never changed); `template` the manifest of the build
     so far, from which each probe's runner reads the model's inputs; probes are built in `folder` (removed
-    afterwards)."""
+    afterwards). `probe_map` runs the per-layer probes of the ranking (on Ray: sensitivity_ray.py); the
+    few probes of the bisection run here, one after the other."""
     plan = plan_quantization(graph, target.caps, base_exclude)
     candidates = [w.node for w in plan.weights if w.node not in set(plan.excluded)]
     Path(folder).mkdir(parents=True, exist_ok=True)
     try:
         prober = Prober(graph, fp32_path, target, ranges, inputs, base_exclude, timestep_input=timestep_input,
                         template=template, folder=Path(folder))
-        ranking = rank_layers(prober, candidates, {n.name: n for n in graph.nodes})
+        ranking = rank_layers(prober, candidates, {n.name: n for n in graph.nodes}, probe_map)
         all_q = prober.sqnr(())
         layers, reached = choose_float_layers(ranking, lambda names: prober.sqnr(exact(names)),
                                               target_sqnr_db=target_sqnr_db, max_float=max_float)

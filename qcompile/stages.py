@@ -53,7 +53,9 @@ from qcompile.pass_manager import PassContext, PassManager, graph_properties
 from qcompile.passes.canonicalize import canonicalize_passes
 from qcompile.passes.insert_qdq import QuantPlan, plan_quantization
 from qcompile.passes.split_shortcut_concat import SplitShortcutConcat
-from qcompile.sensitivity import MixedPrecision, exact, mixed_precision
+from qcompile.ray_tasks import require_ray
+from qcompile.sensitivity import MixedPrecision, exact, mixed_precision, probe_each
+from qcompile.sensitivity_ray import ray_probe_map
 from qcompile.static_inputs import PinnedShapes, accepted_shapes, pin_graph, pin_shapes
 from qcompile.target import BucketJob, CompiledBucket, EmitResult, Target, load_target
 
@@ -334,7 +336,8 @@ def _mixed_precision(cfg: CompileConfig, target: Target, adapter, exported: Expo
     graph = exported.graph if pinned is None else pin_graph(copy_graph(exported.graph), pinned)
     mixed = mixed_precision(graph, exported.path, target, ranges, probe, excluded,
                             timestep_input=names.timestep, template=template, folder=scratch / "sensitivity",
-                            target_sqnr_db=cfg.mixed_precision_sqnr_db, max_float=budget)
+                            target_sqnr_db=cfg.mixed_precision_sqnr_db, max_float=budget,
+                            probe_map=probe_each if cfg.ray is None else ray_probe_map(cfg.ray))
     print(f"[qcompile] mixed precision: {len(mixed.float_layers)} layer(s) {kept}, probe SQNR "
           f"{mixed.all_quantized_sqnr_db:.2f} -> {mixed.sqnr_db:.2f} dB", flush=True)
     return mixed
@@ -431,6 +434,8 @@ def build(cfg: CompileConfig) -> BuildResult:
     adapter = resolve(cfg)
     calib = calibration_plan(cfg, adapter)
     exclusions(cfg, adapter, target)  # contradictory options fail before any work
+    if cfg.ray is not None:
+        require_ray()
     batch = target.static_batch
     pinned = pin_shapes(cfg.shapes, adapter, target.name.value, batch, calib.inputs, calib.held_out)
     names = input_names(adapter)

@@ -4,9 +4,10 @@ Each task runs one shard of the calibration (`shards.py`) in a temporary folder 
 the model once, and returns the shard cache's files: statistics, plus the recording from shard 1 only,
 never activations. The driver writes them beside the cache and merges them (`merge_shards`), so the
 cache is the one a single machine writes for the same rows, byte for byte where the nodes compute
-alike. A task that fails is retried (RETRIES more times, also when its worker or node dies); a shard
-that keeps failing fails the calibration in one line naming it. Ray is an optional extra
-(`pip install 'qcompile[ray]'`); without an address a local Ray instance is started and stopped.
+alike. A task that fails is retried (qcompile.ray_tasks.RETRIES more times, also when its worker or
+node dies); a shard that keeps failing fails the calibration in one line naming it. Ray is an
+optional extra (`pip install 'qcompile[ray]'`); without an address a local Ray instance is started
+and stopped.
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ from tqdm import tqdm
 from qcompile.calibration.cache import CalibrationCache
 from qcompile.calibration.shards import merge_shards
 from qcompile.errors import UserError
-
-RETRIES = 2
+from qcompile.ray_tasks import RETRIES, ray_session, require_ray, task_result
 
 
 def _run_shard(index: int, count: int, model: str, settings: dict[str, Any]) -> dict[str, bytes]:
@@ -40,44 +40,27 @@ def calibrate_on_ray(model: str, cache: Path, *, address: str, shards: int, sett
     """`shards` shard tasks on the Ray cluster at `address` ('' for a new local instance, of `num_cpus`
     CPUs), merged into the new cache folder `cache`. `settings`: `api.calibrate`'s keyword arguments,
     the same for every shard (paths in them must exist on every node)."""
-    try:
-        import ray
-    except ImportError:
-        raise UserError("--ray needs Ray, which is not installed: pip install 'qcompile[ray]'") from None
+    require_ray()
     if shards < 1:
         raise UserError(f"--shards {shards}: at least 1")
     if CalibrationCache.exists(cache):
         raise UserError(f"--calib-cache {cache}: already holds a calibration cache; choose a new folder")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address=address or None, num_cpus=None if address else num_cpus, include_dashboard=False,
-                 log_to_driver=False)
-    work = Path(tempfile.mkdtemp(prefix=f".{Path(cache).name}.", suffix=".shards", dir=Path(cache).parent))
-    try:
-        task = ray.remote(max_retries=RETRIES, retry_exceptions=True)(_run_shard)
-        pending = {task.remote(i, shards, model, settings): i for i in range(1, shards + 1)}
-        folders = []
-        with tqdm(total=shards, desc="shards on Ray", unit="shard") as progress:
-            while pending:
-                (ref,), _ = ray.wait(list(pending), num_returns=1)
-                index = pending.pop(ref)
-                folders.append(_write(work / f"shard-{index}", _result(ray, ref, index, shards)))
-                progress.update(1)
-        return merge_shards(Path(cache), folders)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-        if started:
-            ray.shutdown()
-
-
-def _result(ray, ref, index: int, count: int) -> dict[str, bytes]:
-    try:
-        return ray.get(ref)
-    except ray.exceptions.RayError as exc:
-        cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) else exc
-        first = (str(cause).strip().splitlines() or [""])[0][:300]
-        raise UserError(f"--ray: shard {index}/{count} failed {RETRIES + 1} times "
-                        f"({type(cause).__name__}: {first})") from None
+    with ray_session(address, num_cpus) as ray:
+        work = Path(tempfile.mkdtemp(prefix=f".{Path(cache).name}.", suffix=".shards", dir=Path(cache).parent))
+        try:
+            task = ray.remote(max_retries=RETRIES, retry_exceptions=True)(_run_shard)
+            pending = {task.remote(i, shards, model, settings): i for i in range(1, shards + 1)}
+            folders = []
+            with tqdm(total=shards, desc="shards on Ray", unit="shard") as progress:
+                while pending:
+                    (ref,), _ = ray.wait(list(pending), num_returns=1)
+                    index = pending.pop(ref)
+                    files = task_result(ray, ref, f"shard {index}/{shards}")
+                    folders.append(_write(work / f"shard-{index}", files))
+                    progress.update(1)
+            return merge_shards(Path(cache), folders)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def _write(folder: Path, files: dict[str, bytes]) -> Path:
