@@ -1,7 +1,8 @@
 """Shape inference through ONNX's inferencer, on a weight-free copy of the graph.
 
-The graph is exported with its weights still external (only references), so inference costs no
-weight memory even for multi-GB models. Inferred dtypes and shapes are copied onto the IR tensors.
+The graph is exported without weight values (those read from a file stay references, those a pass
+made in memory are left out: `to_model_proto(weights=False)`), so inference costs no weight memory
+and no protobuf limit applies, even for multi-GB models. Inferred dtypes and shapes are copied onto the IR tensors.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ class InferShapes(Pass):
     preserves = frozenset({GraphProperty.NODES_NAMED, GraphProperty.QDQ_PAIRED})
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        model = to_model_proto(graph)
+        model = to_model_proto(graph, weights=False)
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
         infos = {vi.name: vi for vi in inferred.graph.value_info}
         infos.update({vi.name: vi for vi in inferred.graph.output})

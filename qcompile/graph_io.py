@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx.external_data_helper import uses_external_data
+from onnx_graphsurgeon.exporters.onnx_exporter import dtype_to_onnx
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from qcompile.atomic import atomic_path
@@ -31,6 +32,8 @@ INLINE_LIMIT_BYTES = 1024
 INLINE_LIMIT_SMALL_BYTES = 128
 _SHAPE_LIKE_TYPES = frozenset({onnx.TensorProto.INT64, onnx.TensorProto.INT32})
 COPY_CHUNK_BYTES = 64 << 20
+# The external-data location of a tensor whose values are still in memory (`to_model_proto(weights=False)`).
+IN_MEMORY_LOCATION = "qcompile:in-memory"
 # Node metadata kept through load/save. Exporters attach stack traces to every node; carrying those
 # through each pass and bucket copy would bloat every graph we write.
 META_PREFIX = "qcompile."
@@ -167,7 +170,7 @@ def save_graphs(items: Sequence[tuple[gs.Graph, Path]], data_path: Path) -> list
         raise ValueError("models and their shared data file must sit in one folder")
     with atomic_path(data_path) as data_tmp, open(data_tmp, "wb") as out:
         writer = _DataWriter(out, data_path.name)
-        protos = [(writer.externalize(to_model_proto(graph), graph), Path(p)) for graph, p in items]
+        protos = [(writer.externalize(to_model_proto(graph, weights=False), graph), Path(p)) for graph, p in items]
         out.flush()
         for model, p in protos:
             with atomic_path(p) as model_tmp:
@@ -189,6 +192,10 @@ def save_bucket_graphs(graphs: Sequence[gs.Graph], folder: Path, stem: str = "mo
     return tuple((n, f"{stem}.data") for n in names)
 
 
+def _location(tensor: onnx.TensorProto) -> str | None:
+    return next((e.value for e in tensor.external_data if e.key == "location"), None)
+
+
 class _DataWriter:
     """Appends tensors to one data file, each (name, bytes) once, aligned for memory mapping."""
 
@@ -204,8 +211,18 @@ class _DataWriter:
             for name, t in graph.tensors().items()
             if isinstance(t, gs.Constant) and isinstance(t._values, ExternalValues)
         }
+        constants = {name: t for name, t in graph.tensors().items() if isinstance(t, gs.Constant)}
         for tensor in _all_initializers(model):
-            if uses_external_data(tensor):
+            if uses_external_data(tensor) and _location(tensor) == IN_MEMORY_LOCATION:
+                # written one tensor at a time: the protobuf never holds the pass's weights
+                data = np.ascontiguousarray(constants[tensor.name].values).tobytes()
+                key = (tensor.name, hashlib.sha256(data).hexdigest())
+                if key not in self.stored:
+                    self.stored[key] = (self._align(), len(data))
+                    self.out.write(data)
+                del tensor.external_data[:]
+                _set_external(tensor, self.location, *self.stored[key])
+            elif uses_external_data(tensor):
                 src = sources.get(tensor.name)
                 if src is None:
                     raise RuntimeError(f"tensor '{tensor.name}' refers to external data with no known source")
@@ -241,8 +258,38 @@ class _DataWriter:
 MAX_IR_VERSION = 10
 
 
-def to_model_proto(graph: gs.Graph) -> onnx.ModelProto:
-    model = gs.export_onnx(graph, do_type_check=False)
+def _stub_memory_values(graph: gs.Graph) -> list[tuple[gs.Constant, np.ndarray]]:
+    """Swap the in-memory values of large constants for value-less external references; returns what to
+    put back."""
+    swapped = []
+    for tensor in graph.tensors().values():
+        values = tensor._values if isinstance(tensor, gs.Constant) else None
+        if not isinstance(values, np.ndarray) or values.nbytes < INLINE_LIMIT_BYTES:
+            continue
+        data_type = dtype_to_onnx(tensor.dtype)
+        if dtype_to_onnx(tensor.export_dtype) != data_type:  # converted on export (float8): keep the values
+            continue
+        stub = onnx.TensorProto(name=tensor.name, dims=values.shape, data_type=data_type,
+                                data_location=onnx.TensorProto.EXTERNAL)
+        stub.external_data.add(key="location", value=IN_MEMORY_LOCATION)
+        stub.external_data.add(key="length", value=str(values.nbytes))
+        swapped.append((tensor, values))
+        tensor._values = LazyValues(stub)
+    return swapped
+
+
+def to_model_proto(graph: gs.Graph, *, weights: bool = True) -> onnx.ModelProto:
+    """The graph as a ModelProto. `weights=False` leaves out the values of every tensor a pass made in
+    memory (the quantized weights) above INLINE_LIMIT_BYTES, keeping their type and shape, as weights
+    read from a file already are: for shape inference, which needs no values beyond shape-like
+    constants, and which would otherwise serialise every int8 weight into one protobuf (over its 2 GB
+    limit for an SDXL-size UNet, and a copy of them in memory)."""
+    swapped = [] if weights else _stub_memory_values(graph)
+    try:
+        model = gs.export_onnx(graph, do_type_check=False)
+    finally:
+        for tensor, values in swapped:
+            tensor._values = values
     # A graph built from scratch gets onnx's newest IR version (14 in onnx 1.23), which onnxruntime 1.31
     # refuses; IR 10 is what onnxruntime takes for every opset qcompile writes (20, 21; 23 for RMSNormalization).
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)

@@ -54,3 +54,27 @@ def test_missing_and_bad_files_are_user_errors(tmp_path):
     bad.write_bytes(b"\x00not a model")
     with pytest.raises(UserError, match="not a readable ONNX model"):
         load_graph(bad)
+
+
+def test_shape_inference_leaves_in_memory_weights_out_of_the_protobuf():
+    """A pass's in-memory weights (int8 after Q/DQ insertion) are left out of the protobuf shape
+    inference reads: an SDXL-size UNet's int8 weights pass the 2 GB protobuf limit. Shapes are the
+    same as with the values, and the graph keeps its values."""
+    from qcompile.graph_io import to_model_proto
+    from qcompile.pass_manager import PassContext
+    from qcompile.passes.infer_shapes import InferShapes
+
+    x = gs.Variable("x", np.float32, (1, 64))
+    w = gs.Constant("w", np.arange(64 * 512, dtype=np.int8).reshape(64, 512))
+    small = gs.Constant("shape", np.array([1, 512], np.int64))
+    wf, y, z = gs.Variable("wf", np.float32, None), gs.Variable("y", np.float32, None), gs.Variable("z")
+    nodes = [gs.Node("Cast", inputs=[w], outputs=[wf], attrs={"to": onnx.TensorProto.FLOAT}),
+             gs.Node("MatMul", inputs=[x, wf], outputs=[y]), gs.Node("Reshape", inputs=[y, small], outputs=[z])]
+    graph = gs.Graph(nodes=nodes, inputs=[x], outputs=[z], opset=20)
+    full, bare = to_model_proto(graph), to_model_proto(graph, weights=False)
+    assert full.ByteSize() > w.values.nbytes > 100 * bare.ByteSize()
+    assert isinstance(w._values, np.ndarray) and w.values[0, 1] == 1  # put back
+    inline = {t.name: t for t in bare.graph.initializer}
+    assert inline["shape"].raw_data or inline["shape"].int64_data  # shape-like constants keep their values
+    InferShapes().run(graph, PassContext())
+    assert y.shape == [1, 512] and z.shape == [1, 512] and wf.dtype == np.float32
