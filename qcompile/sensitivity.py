@@ -80,6 +80,10 @@ class Prober:
         self.expected = np.concatenate([reference.run(feed) for _, feed in inputs.batches(16)])
 
     def sqnr(self, exclude: Sequence[str]) -> float:
+        return sqnr_db(self.expected, self.outputs(exclude))
+
+    def outputs(self, exclude: Sequence[str]) -> np.ndarray:
+        """The probe graph's outputs on the inputs, with `exclude` taken out of the main precision."""
         graph = copy_graph(self.graph)
         plan = plan_quantization(graph, self.target.caps, (*self.base_exclude, *exclude))
         compiled = self.target.compile_bucket(graph, BucketJob(0, plan, self.ranges, self.timestep_input),
@@ -94,7 +98,7 @@ class Prober:
             got = np.concatenate([runner.run(feed) for _, feed in self.inputs.batches(16)])
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-        return sqnr_db(self.expected, got)
+        return got
 
 
 def rank_layers(prober: Prober, candidates: Sequence[str], nodes: dict) -> list[LayerSensitivity]:
