@@ -380,6 +380,10 @@ def _bucket_mixed_precision(cfg: CompileConfig, target: Target, adapter, exporte
         ts = [float(table.timesteps[i]) for i in b.timestep_indices if not np.isnan(table.timesteps[i])]
         rows = (bucket_probe_rows(recording, ts, PROBE_ROWS) if ts
                 else ProbeRows(recording.spread_rows(PROBE_ROWS), np.zeros((0, 2), np.int64), np.zeros(0)))
+        if cfg.mixed_precision_cfg_gap is not None and not len(rows.pairs):
+            raise UserError(f"--mixed-precision-cfg-gap {cfg.mixed_precision_cfg_gap}: the calibration rows of bucket "
+                            f"{b.index} hold no classifier-free guidance pairs (cond and uncond halves of one "
+                            "call); record the model's own sampling with guidance (--calib sample:N)")
         ranges = estimate_ranges(table, cfg.estimator, b.timestep_indices, levels=levels,
                                  symmetric=caps.activation_symmetric)
         _stage(f"bucket {b.index} (t in [{b.timestep_range[0]:g}, {b.timestep_range[1]:g})): sensitivity on "
@@ -416,7 +420,7 @@ def quantize_stage(cfg: CompileConfig, target: Target, decisions: Decisions, nam
 def bias_correction_stage(cfg: CompileConfig, decisions: Decisions, compiled: list[CompiledBucket],
                           calibrated: Calibrated, pinned: PinnedShapes | None) -> tuple[Corrected, ...]:
     """Each bucket's int32 biases corrected by its mean error on its own calibration rows."""
-    _stage(f"bias correction: {len(compiled)} bucket(s), each on {PROBE_ROWS} of its calibration rows")
+    _stage(f"bias correction: {len(compiled)} bucket(s), each on up to {PROBE_ROWS} of its calibration rows")
     recording, table = calibrated.cache.recording(), decisions.table
     out = []
     for b, c in zip(decisions.buckets, compiled, strict=True):
