@@ -258,6 +258,14 @@ def _dq_dtype(t: gs.Tensor) -> str | None:
     return str(dq.inputs[0].dtype) if dq.inputs[0].dtype is not None else None
 
 
+def _has_weight(node: gs.Node) -> bool:
+    w = node.inputs[1] if len(node.inputs) > 1 else None
+    if isinstance(w, gs.Constant):
+        return True
+    return w is not None and len(w.inputs) == 1 and w.inputs[0].op == "DequantizeLinear" \
+        and isinstance(w.inputs[0].inputs[0], gs.Constant)
+
+
 def _macs(node: gs.Node) -> int:
     out = _numel(node.outputs[0])
     if node.op == "Conv":
@@ -275,8 +283,9 @@ def wide_fractions(graph: gs.Graph, caps) -> dict[str, object]:
     fraction of activation bytes stored wide and of the weighted ops' MACs computed wide.
 
     Integer-only targets: every activation is stored quantized; "wide" is the caps' wide dtype (16-bit
-    graph outputs included). Targets with float kernels: the weighted ops' activation inputs, float
-    ones counted as wide (4 bytes), quantized ones at their width."""
+    graph outputs included). Targets with float kernels: the activation inputs of the layers with
+    weights, float ones counted as wide (4 bytes), quantized ones at their width; activation x
+    activation MatMuls, which such targets keep float by design, are left out of both fractions."""
     narrow = caps.activation_dtype.value
     wide_name = caps.wide_dtype.value if caps.integer_only and caps.wide_dtype is not None else "float32"
     total_bytes = wide_bytes = 0
@@ -293,6 +302,8 @@ def wide_fractions(graph: gs.Graph, caps) -> dict[str, object]:
     for node in graph.nodes:
         if node.op not in ("Conv", "Gemm", "MatMul"):
             continue
+        if not caps.integer_only and not _has_weight(node):
+            continue  # attention's activation x activation MatMuls: float by the target's design, not a choice
         macs = _macs(node)
         dtype = _dq_dtype(node.inputs[0])
         wide = dtype is None or dtype != narrow

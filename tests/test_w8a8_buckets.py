@@ -172,3 +172,20 @@ def test_cfg_gap_target_needs_guided_rows(tmp_path, capsys):
                  "--mixed-precision-cfg-gap", "0.5", *FAST, "--out", str(out)])
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("qcompile:")]
     assert code == 2 and len(err) == 1 and "no classifier-free guidance pairs" in err[0] and not out.exists()
+
+
+def test_tflite_buckets_keep_their_own_layers_float(tmp_path):
+    pytest.importorskip("ai_edge_litert.interpreter", reason="ai-edge-litert is not installed")
+    out = tmp_path / "tfl"
+    code = main(["build", MODEL, "--target", "tflite-int8", "--full-integer", "--buckets", "2",
+                 "--mixed-precision-per-bucket", "--max-float-layers", "2", "--mixed-precision-candidates", "2",
+                 *FAST, "--out", str(out)])
+    folder = out if code == 0 else tmp_path / "tfl.failed"
+    manifest, report = _read(folder)
+    buckets = [b["precision"] for b in manifest["buckets"]]
+    assert all(len(b["layers"]) == 2 and b["wide_dtype"] == "float32" for b in buckets)
+    # what the .tflite keeps float: every bucket's layers (one subgraph per bucket, in the interpreter)
+    assert set(manifest["quantization"]["float_layers"]) == {n for b in buckets for n in b["layers"]}
+    assert all(0.0 < b["wide_activation_bytes_fraction"] < 0.2 and 0.0 < b["wide_mac_fraction"] < 0.2
+               for b in buckets), buckets
+    assert report["checks"]["interpreter_within_1_lsb"], report["device"]
