@@ -224,6 +224,7 @@ def bucket_mixed_precision(graph: gs.Graph, fp32_path: Path, target, ranges: dic
         all_q = prober.measure(())
         if targets.met(all_q) and (targets.sqnr_db is not None or targets.cfg_gap is not None):
             return BucketMixed(bucket, (), all_q, all_q, True, (), rows.inputs.count)
+        layers = [n for n in layers if n in prober.device_nodes]  # what runs on the host stays float
         chosen, _ = block_candidates(prober, layers, nodes, all_q, candidates)
         ranking = rank_layers(prober, chosen, nodes)
         order = [s.node for s in ranking]

@@ -76,6 +76,9 @@ class Prober:
         self.template = template
         self.folder = Path(folder)
         self.probes = 0
+        # Node names of the last probe's device graph: a layer a target moves off the device (QNN's time
+        # embedding, computed on the host in float) gains nothing from being raised.
+        self.device_nodes: frozenset[str] = frozenset()
         reference = OnnxRunner([fp32_path])
         self.expected = np.concatenate([reference.run(feed) for _, feed in inputs.batches(16)])
 
@@ -88,6 +91,7 @@ class Prober:
         plan = plan_quantization(graph, self.target.caps, (*self.base_exclude, *exclude))
         compiled = self.target.compile_bucket(graph, BucketJob(0, plan, self.ranges, self.timestep_input),
                                               PassContext())
+        self.device_nodes = frozenset(n.name for n in compiled.graph.nodes)
         folder = self.folder / f"probe{self.probes}"
         self.probes += 1
         emitted = self.target.emit([compiled], folder, EmitPurpose.PROBE)
