@@ -9,6 +9,7 @@ Builds, from one float export and one calibration cache (no model run for calibr
   k4        qnn-w8a8, 4 buckets
   k4-bc     qnn-w8a8, 4 buckets, --bias-correction
   k4-mp     qnn-w8a8, 4 buckets, --mixed-precision-per-bucket with the targets given here
+  k4-mp1    qnn-w8a8, 4 buckets, per bucket exactly its one most sensitive layer raised (of 4 measured)
   w8a16     qnn-w8a16, one bucket
 and evaluates each on onnxruntime's CPU EP running the HTP's Q/DQ graphs (what the build's evaluation
 runs) over the same paired images (10 classes x --per-class, DDIM 20 steps, guidance 2.5): mean
@@ -36,7 +37,7 @@ from qcompile.models.source import resolve_model
 from qcompile.runtime import OnnxRunner
 from qcompile.target import load_target
 
-ROWS = ("k1", "k4", "k4-bc", "k4-mp", "w8a16")
+ROWS = ("k1", "k4", "k4-bc", "k4-mp", "k4-mp1", "w8a16")
 
 
 def settings_of(row: str, args: argparse.Namespace) -> dict:
@@ -51,6 +52,8 @@ def settings_of(row: str, args: argparse.Namespace) -> dict:
         return {**base, "mixed_precision_per_bucket": True, "mixed_precision_sqnr_db": args.target_sqnr,
                 "mixed_precision_cfg_gap": args.target_cfg_gap, "max_float_layers": args.max_layers,
                 "mixed_precision_candidates": args.candidates}
+    if row == "k4-mp1":
+        return {**base, "mixed_precision_per_bucket": True, "max_float_layers": 1, "mixed_precision_candidates": 4}
     return {"target": "qnn-w8a16", "buckets": 1}
 
 
