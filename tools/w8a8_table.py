@@ -75,6 +75,10 @@ def build(row: str, args: argparse.Namespace) -> tuple[Path, float]:
 
 
 def fractions(manifest: Manifest) -> dict[str, float]:
+    """16-bit shares; the records count what is wider than the target's own width, so W8A16 is all 16-bit."""
+    if manifest.precision == "w8a16":
+        return {"wide_act_bytes_mean": 1.0, "wide_act_bytes_max": 1.0, "wide_macs_mean": 1.0,
+                "layers_raised": ["all"]}
     recs = [b.precision or {} for b in manifest.buckets]
     act = [r.get("wide_activation_bytes_fraction", 0.0) for r in recs]
     mac = [r.get("wide_mac_fraction", 0.0) for r in recs]
