@@ -90,6 +90,17 @@ def _quant_args(p: argparse.ArgumentParser) -> None:
                         "(repeatable); default: the calibration data's shapes. ort-int8 artifacts stay dynamic")
     g.add_argument("--max-float-layers", type=int, default=None, metavar="N",
                    help="at most N layers kept float by --mixed-precision (alone: exactly the N most sensitive)")
+    g.add_argument("--mixed-precision-per-bucket", action="store_true",
+                   help="choose the layers per timestep bucket, each on its own rows and ranges (with "
+                        "--mixed-precision, --mixed-precision-cfg-gap and/or --max-float-layers, per bucket)")
+    g.add_argument("--mixed-precision-cfg-gap", type=float, default=None, metavar="R",
+                   help="per-bucket target: CFG-gap ratio at most R at every timestep of the bucket's rows")
+    g.add_argument("--mixed-precision-candidates", type=int, default=32, metavar="N",
+                   help="per bucket, measure the sensitivity of only the N layers whose activations quantize "
+                        "worst there by the statistics (default 32)")
+    g.add_argument("--bias-correction", action="store_true",
+                   help="per bucket, subtract each quantized layer's mean output error per channel on "
+                        "calibration rows (measured on the target's runtime) from its bias")
     _ray_arg(g, "run mixed precision's per-layer sensitivity probes as Ray tasks on the cluster at ADDRESS "
                 "(none: a local Ray)")
 
@@ -242,6 +253,9 @@ def _build_settings(args: argparse.Namespace) -> dict:
             "export_from": args.from_export, "estimator": args.estimator, "buckets": args.buckets,
             "bucket_method": args.bucket_method, "exclude": args.exclude, "full_integer": args.full_integer,
             "mixed_precision_sqnr_db": args.mixed_precision, "max_float_layers": args.max_float_layers,
+            "mixed_precision_per_bucket": args.mixed_precision_per_bucket,
+            "mixed_precision_cfg_gap": args.mixed_precision_cfg_gap,
+            "mixed_precision_candidates": args.mixed_precision_candidates, "bias_correction": args.bias_correction,
             "ray": args.ray, "split_shortcut": args.split_shortcut, "smoothquant_alpha": args.smoothquant,
             "shapes": args.shape, "validate_count": args.validate, "thresholds": thresholds,
             "fidelity": fidelity}

@@ -179,6 +179,16 @@ class CompileConfig:
     # Mixed precision's per-layer sensitivity probes as tasks on the Ray cluster at this address ('':
     # a local Ray instance for the build); None: one after the other on this machine.
     ray: str | None = None
+    # Mixed precision per timestep bucket (qcompile.bucket_precision): each bucket raises its own fewest
+    # layers until its rows reach `mixed_precision_sqnr_db` and/or a CFG-gap ratio at most
+    # `mixed_precision_cfg_gap`, at most `max_float_layers` each, measuring only the
+    # `mixed_precision_candidates` layers whose activations quantize worst in the bucket.
+    mixed_precision_per_bucket: bool = False
+    mixed_precision_cfg_gap: float | None = None
+    mixed_precision_candidates: int = 32
+    # Bias correction (qcompile.bias_correction): per bucket, each quantized layer's mean output error per
+    # channel on calibration rows, measured on the target's runtime, subtracted from its bias.
+    bias_correction: bool = False
     validate_count: int = 8  # held-back inputs for the report
     # Static-shape targets (tflite-*, qnn-*): the full shape each named input is built for (`--shape`);
     # inputs not named take the calibration data's shapes.
@@ -197,9 +207,25 @@ class CompileConfig:
             raise UserError(f"--smoothquant {self.smoothquant_alpha}: alpha must be within [0, 1]")
         if self.validate_count < 1:
             raise UserError(f"--validate {self.validate_count}: needs at least one input")
-        if self.ray is not None and self.mixed_precision_sqnr_db is None and self.max_float_layers is None:
+        gap = self.mixed_precision_cfg_gap
+        if gap is not None and not gap > 0:
+            raise UserError(f"--mixed-precision-cfg-gap {gap}: needs a positive number")
+        if self.mixed_precision_candidates < 1:
+            raise UserError(f"--mixed-precision-candidates {self.mixed_precision_candidates}: needs at least 1")
+        if self.mixed_precision_per_bucket:
+            if self.mixed_precision_sqnr_db is None and gap is None and self.max_float_layers is None:
+                raise UserError("--mixed-precision-per-bucket: needs a target (--mixed-precision SQNR_DB, "
+                                "--mixed-precision-cfg-gap R) or a budget (--max-float-layers N)")
+            if self.smoothquant_alpha is not None:
+                raise UserError("--mixed-precision-per-bucket and --smoothquant: not together (SmoothQuant "
+                                "rewrites the graph the buckets' sensitivities would be measured on)")
+        elif gap is not None:
+            raise UserError("--mixed-precision-cfg-gap: a per-bucket target; add --mixed-precision-per-bucket")
+        if self.ray is not None and self.mixed_precision_sqnr_db is None and self.max_float_layers is None \
+                and not self.mixed_precision_per_bucket:
             raise UserError("--ray: a build runs only mixed precision's sensitivity probes on Ray; it needs "
-                            "--mixed-precision or --max-float-layers (Ray calibration: qcompile calibrate --ray)")
+                            "--mixed-precision, --max-float-layers or --mixed-precision-per-bucket (Ray calibration: "
+                            "qcompile calibrate --ray)")
         if self.opset < 18:
             raise UserError(f"--opset {self.opset}: qcompile needs opset 18 or newer")
 

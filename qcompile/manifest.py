@@ -103,6 +103,10 @@ class BucketRecord:
     timestep_range: tuple[float, float]  # [lo, hi): the runner's selection rule
     calibration_timesteps: tuple[float, ...]
     files: tuple[str, ...]  # the runtime's files for this bucket, model file first
+    # What the bucket's graph computes wide (16-bit activations on an 8-bit NPU, float elsewhere) and the
+    # cost: fractions of activation bytes and of MACs; with per-bucket mixed precision, its layers and
+    # probe measurements.
+    precision: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -79,16 +79,24 @@ class Prober:
         self.template = template
         self.folder = Path(folder)
         self.probes = 0
+        # Node names of the last probe's device graph: a layer a target moves off the device (QNN's time
+        # embedding, computed on the host in float) gains nothing from being raised.
+        self.device_nodes: frozenset[str] = frozenset()
         if expected is None:
             reference = OnnxRunner([fp32_path])
             expected = np.concatenate([reference.run(feed) for _, feed in inputs.batches(16)])
         self.expected = expected
 
     def sqnr(self, exclude: Sequence[str]) -> float:
+        return sqnr_db(self.expected, self.outputs(exclude))
+
+    def outputs(self, exclude: Sequence[str]) -> np.ndarray:
+        """The probe graph's outputs on the inputs, with `exclude` taken out of the main precision."""
         graph = copy_graph(self.graph)
         plan = plan_quantization(graph, self.target.caps, (*self.base_exclude, *exclude))
         compiled = self.target.compile_bucket(graph, BucketJob(0, plan, self.ranges, self.timestep_input),
                                               PassContext())
+        self.device_nodes = frozenset(n.name for n in compiled.graph.nodes)
         folder = self.folder / f"probe{self.probes}"
         self.probes += 1
         emitted = self.target.emit([compiled], folder, EmitPurpose.PROBE)
@@ -99,7 +107,7 @@ class Prober:
             got = np.concatenate([runner.run(feed) for _, feed in self.inputs.batches(16)])
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-        return sqnr_db(self.expected, got)
+        return got
 
 
 # Each candidate layer's output SQNR with only that layer quantized, in the candidates' order.

@@ -22,6 +22,15 @@ import onnx_graphsurgeon as gs
 
 from qcompile.artifact import tool_versions, write_model_config
 from qcompile.atomic import StagedFolder
+from qcompile.bias_correction import Corrected, correct_bucket
+from qcompile.bucket_precision import (
+    BucketMixed,
+    BucketTargets,
+    ProbeRows,
+    bucket_mixed_precision,
+    bucket_probe_rows,
+    wide_fractions,
+)
 from qcompile.calibration.buckets import Bucket, choose_buckets
 from qcompile.calibration.cache import CalibrationCache
 from qcompile.calibration.calibrate import default_calib, open_or_calibrate, user_inputs
@@ -54,13 +63,14 @@ from qcompile.passes.canonicalize import canonicalize_passes
 from qcompile.passes.insert_qdq import QuantPlan, plan_quantization
 from qcompile.passes.split_shortcut_concat import SplitShortcutConcat
 from qcompile.ray_tasks import require_ray
-from qcompile.sensitivity import MixedPrecision, exact, mixed_precision, probe_each
+from qcompile.sensitivity import MixedPrecision, ProbeMap, exact, mixed_precision, probe_each
 from qcompile.sensitivity_ray import ray_probe_map
 from qcompile.static_inputs import PinnedShapes, accepted_shapes, pin_graph, pin_shapes
 from qcompile.target import BucketJob, CompiledBucket, EmitResult, Target, load_target
 
 log = logging.getLogger("qcompile.stages")
 FP32_DIR = "fp32"
+PROBE_ROWS = 64  # recorded rows each mixed-precision probe runs (per bucket with --mixed-precision-per-bucket)
 
 
 @dataclass(frozen=True)
@@ -116,6 +126,12 @@ class Decisions:
     exclusions: tuple[str, ...]  # module-path / node-name patterns taken out of the main precision
     mixed: MixedPrecision | None
     smoothed: Smoothed | None
+    # Mixed precision per bucket: what each bucket raised, and each bucket's plan (empty: `plan` for all)
+    bucket_mixed: tuple[BucketMixed, ...] = ()
+    bucket_plans: tuple[QuantPlan, ...] = ()
+
+    def plan_of(self, bucket: int) -> QuantPlan:
+        return self.bucket_plans[bucket] if self.bucket_plans else self.plan
 
 
 @dataclass(frozen=True)
@@ -261,10 +277,14 @@ def calibrate_stage(cfg: CompileConfig, adapter, exported: Exported, plan: Calib
 def exclusions(cfg: CompileConfig, adapter, target: Target) -> tuple[str, ...]:
     """Patterns of the layers the user and the model family keep out of the target's main precision."""
     caps = target.caps
-    mixed = cfg.mixed_precision_sqnr_db is not None or cfg.max_float_layers is not None
+    mixed = (cfg.mixed_precision_sqnr_db is not None or cfg.max_float_layers is not None
+             or cfg.mixed_precision_per_bucket)
     if mixed and caps.fallback is PrecisionFallback.NONE:
         raise UserError(f"--mixed-precision: target {target.name.value} has no precision to fall back to "
                         f"(activations are {caps.activation_dtype.value} everywhere)")
+    if cfg.bias_correction and caps.explicit is not None:
+        raise UserError(f"--bias-correction: target {target.name.value} is not supported (TensorRT fuses and "
+                        "requantizes its own way; the correction could not be measured on its runtime here)")
     if caps.integer_only:  # an NPU target: nothing may stay float on the device
         if cfg.exclude:
             raise UserError(f"--exclude: target {target.name.value} runs integer graphs only; no layer can stay float")
@@ -284,7 +304,8 @@ def decide_stage(cfg: CompileConfig, target: Target, adapter, exported: Exported
     excluded = exclusions(cfg, adapter, target)
     table, graph = calibrated.table, exported.graph
     mixed = None
-    if cfg.mixed_precision_sqnr_db is not None or cfg.max_float_layers is not None:
+    per_bucket = cfg.mixed_precision_per_bucket
+    if not per_bucket and (cfg.mixed_precision_sqnr_db is not None or cfg.max_float_layers is not None):
         mixed = _mixed_precision(cfg, target, adapter, exported, calibrated, excluded, input_names(adapter), scratch,
                                  pinned)
         excluded = (*excluded, *exact(mixed.float_layers))
@@ -305,7 +326,13 @@ def decide_stage(cfg: CompileConfig, target: Target, adapter, exported: Exported
         why = ("the model has no timestep input" if np.isnan(timesteps).all()
                else f"the calibration holds {len(timesteps)} distinct timestep(s)")
         print(f"[qcompile] warning: --buckets {cfg.buckets}: {len(buckets)} bucket(s) built, {why}", flush=True)
-    return Decisions(graph, plan, table, tuple(buckets), excluded, mixed, smoothed)
+    bucket_mixed: tuple[BucketMixed, ...] = ()
+    plans: tuple[QuantPlan, ...] = ()
+    if per_bucket:
+        bucket_mixed = _bucket_mixed_precision(cfg, target, adapter, exported, calibrated, excluded, buckets, scratch,
+                                               pinned)
+        plans = tuple(plan_quantization(graph, caps, (*excluded, *exact(m.wide_layers))) for m in bucket_mixed)
+    return Decisions(graph, plan, table, tuple(buckets), excluded, mixed, smoothed, bucket_mixed, plans)
 
 
 def _check_statistics(plan: QuantPlan, table: StatsTable, cache_dir: Path) -> None:
@@ -337,10 +364,57 @@ def _mixed_precision(cfg: CompileConfig, target: Target, adapter, exported: Expo
     mixed = mixed_precision(graph, exported.path, target, ranges, probe, excluded,
                             timestep_input=names.timestep, template=template, folder=scratch / "sensitivity",
                             target_sqnr_db=cfg.mixed_precision_sqnr_db, max_float=budget,
-                            probe_map=probe_each if cfg.ray is None else ray_probe_map(cfg.ray))
+                            probe_map=_probe_map(cfg))
     print(f"[qcompile] mixed precision: {len(mixed.float_layers)} layer(s) {kept}, probe SQNR "
           f"{mixed.all_quantized_sqnr_db:.2f} -> {mixed.sqnr_db:.2f} dB", flush=True)
     return mixed
+
+
+def _probe_map(cfg: CompileConfig) -> ProbeMap:
+    """How the ranking's per-layer probes run: here, one after the other, or as Ray tasks (`--ray`)."""
+    return probe_each if cfg.ray is None else ray_probe_map(cfg.ray)
+
+
+def _bucket_mixed_precision(cfg: CompileConfig, target: Target, adapter, exported: Exported, calibrated: Calibrated,
+                            excluded: tuple[str, ...], buckets: list[Bucket], scratch: Path,
+                            pinned: PinnedShapes | None) -> tuple[BucketMixed, ...]:
+    """Per bucket, its own sensitivity on its own recorded rows and ranges, and its fewest raised layers."""
+    caps, table = target.caps, calibrated.table
+    levels = caps.activation_dtype.qmax - caps.activation_dtype.qmin
+    kept = "float" if caps.fallback is PrecisionFallback.FLOAT else f"at {caps.wide_dtype.value} activations"
+    targets = BucketTargets(cfg.mixed_precision_sqnr_db, cfg.mixed_precision_cfg_gap)
+    budget = cfg.max_float_layers if cfg.max_float_layers is not None else 10**6
+    names = input_names(adapter)
+    template = Manifest(target=target.name.value, precision=precision_of(target),
+                        qcompile_version=tool_versions()["qcompile"],
+                        source=source_record(cfg, adapter, exported.path.name, None), model=model_record(adapter),
+                        export=exported.record)
+    graph = exported.graph if pinned is None else pin_graph(copy_graph(exported.graph), pinned)
+    recording = calibrated.cache.recording()
+    out = []
+    for b in buckets:
+        ts = [float(table.timesteps[i]) for i in b.timestep_indices if not np.isnan(table.timesteps[i])]
+        rows = (bucket_probe_rows(recording, ts, PROBE_ROWS) if ts
+                else ProbeRows(recording.spread_rows(PROBE_ROWS), np.zeros((0, 2), np.int64), np.zeros(0)))
+        if cfg.mixed_precision_cfg_gap is not None and not len(rows.pairs):
+            raise UserError(f"--mixed-precision-cfg-gap {cfg.mixed_precision_cfg_gap}: the calibration rows of bucket "
+                            f"{b.index} hold no classifier-free guidance pairs (cond and uncond halves of one "
+                            "call); record the model's own sampling with guidance (--calib sample:N)")
+        ranges = estimate_ranges(table, cfg.estimator, b.timestep_indices, levels=levels,
+                                 symmetric=caps.activation_symmetric)
+        _stage(f"bucket {b.index} (t in [{b.timestep_range[0]:g}, {b.timestep_range[1]:g})): sensitivity on "
+               f"{rows.inputs.count} recorded rows (layers taken out run {kept})")
+        m = bucket_mixed_precision(graph, exported.path, target, ranges, rows, excluded,
+                                   bucket=b.index, timestep_input=names.timestep, template=template,
+                                   folder=scratch / f"sensitivity{b.index}", targets=targets, max_wide=budget,
+                                   candidates=cfg.mixed_precision_candidates, probe_map=_probe_map(cfg))
+        gap = "" if m.reached.cfg_gap_max is None else \
+            f", CFG gap {m.all_quantized.cfg_gap_max:.3f} -> {m.reached.cfg_gap_max:.3f}"
+        print(f"[qcompile] bucket {b.index}: {len(m.wide_layers)} layer(s) {kept}, probe SQNR "
+              f"{m.all_quantized.sqnr_db:.2f} -> {m.reached.sqnr_db:.2f} dB{gap}"
+              + ("" if m.met else " (target not reached within the budget)"), flush=True)
+        out.append(m)
+    return tuple(out)
 
 
 # --- stage 4: quantize and emit -----------------------------------------------------------------
@@ -351,11 +425,29 @@ def quantize_stage(cfg: CompileConfig, target: Target, decisions: Decisions, nam
     _stage(f"quantizing for {target.name.value}: {len(decisions.buckets)} bucket(s), estimator {cfg.estimator.value}")
     compiled = []
     for bucket in decisions.buckets:
+        plan = decisions.plan_of(bucket.index)
         ranges = estimate_ranges(decisions.table, cfg.estimator, bucket.timestep_indices,
-                                 names=decisions.plan.activations, levels=levels, symmetric=caps.activation_symmetric)
-        job = BucketJob(bucket.index, decisions.plan, ranges, names.timestep)
+                                 names=plan.activations, levels=levels, symmetric=caps.activation_symmetric)
+        job = BucketJob(bucket.index, plan, ranges, names.timestep)
         compiled.append(target.compile_bucket(pin_graph(copy_graph(decisions.graph), pinned), job, ctx))
     return compiled
+
+
+def bias_correction_stage(cfg: CompileConfig, decisions: Decisions, compiled: list[CompiledBucket],
+                          calibrated: Calibrated, pinned: PinnedShapes | None) -> tuple[Corrected, ...]:
+    """Each bucket's int32 biases corrected by its mean error on its own calibration rows."""
+    _stage(f"bias correction: {len(compiled)} bucket(s), each on up to {PROBE_ROWS} of its calibration rows")
+    recording, table = calibrated.cache.recording(), decisions.table
+    out = []
+    for b, c in zip(decisions.buckets, compiled, strict=True):
+        ts = [float(table.timesteps[i]) for i in b.timestep_indices if not np.isnan(table.timesteps[i])]
+        rows = bucket_probe_rows(recording, ts, PROBE_ROWS).inputs if ts else recording.spread_rows(PROBE_ROWS)
+        reference = c.float_graph if c.float_graph is not None else pin_graph(copy_graph(decisions.graph), pinned)
+        done = correct_bucket(c, reference, rows)
+        print(f"[qcompile] bucket {b.index}: {done.layers} bias(es) corrected, mean per-channel error "
+              f"{done.mean_abs_shift_before:.4f} -> {done.mean_abs_shift_after:.4f} of the output rms", flush=True)
+        out.append(done)
+    return tuple(out)
 
 
 # --- the manifest -------------------------------------------------------------------------------
@@ -386,31 +478,37 @@ def source_record(cfg: CompileConfig, adapter, fp32_rel: str, fingerprint: str |
 
 def make_manifest(cfg: CompileConfig, adapter, target: Target, exported: Exported, calibrated: Calibrated,
                   decisions: Decisions, emitted: EmitResult, ctx: PassContext, model_config: str,
-                  input_shapes: dict[str, tuple[int, ...]] | None = None) -> Manifest:
+                  input_shapes: dict[str, tuple[int, ...]] | None = None,
+                  bucket_precision: tuple[dict[str, Any], ...] = ()) -> Manifest:
+    """`bucket_precision`: per bucket, what its graph computes wide and at what cost (`wide_fractions`,
+    and bias correction's record)."""
     caps, plan, cache = target.caps, decisions.plan, calibrated.cache
     table = decisions.table
     buckets = tuple(
         BucketRecord(b.index, tuple(b.timestep_range),
                      tuple(float(table.timesteps[i]) for i in sorted(b.timestep_indices)
-                           if not np.isnan(table.timesteps[i])), tuple(files))
+                           if not np.isnan(table.timesteps[i])), tuple(files),
+                     _bucket_precision_record(decisions, b.index, bucket_precision))
         for b, files in zip(decisions.buckets, emitted.bucket_files, strict=True))
     mixed, smoothed = decisions.mixed, decisions.smoothed
-    wide = caps.wide_dtype.value if caps.integer_only and plan.excluded and caps.wide_dtype is not None else None
+    excluded = tuple(dict.fromkeys(n for b in decisions.buckets for n in decisions.plan_of(b.index).excluded))
+    wide = caps.wide_dtype.value if caps.integer_only and excluded and caps.wide_dtype is not None else None
     quantization = QuantizationRecord(
         weights=caps.weight_dtype.value + " symmetric per-channel",
         activations=caps.activation_dtype.value + (" symmetric" if caps.activation_symmetric else " asymmetric")
         + " per-tensor",
         outputs=(caps.output_dtype or caps.activation_dtype).value,
         quantized_activations=len(plan.activations), quantized_weights=len(plan.weights),
-        float_layers=() if caps.integer_only else tuple(plan.excluded),
+        float_layers=() if caps.integer_only else excluded,
         exclusion_patterns=decisions.exclusions, full_integer=cfg.full_integer, split_shortcut=cfg.split_shortcut,
         smoothquant=None if smoothed is None else smoothed.summary(),
-        mixed_precision=None if mixed is None else {
+        mixed_precision={
             "target_sqnr_db": mixed.target_sqnr_db, "reached_sqnr_db": round(mixed.sqnr_db, 3),
             "all_quantized_sqnr_db": round(mixed.all_quantized_sqnr_db, 3), "layers": list(mixed.float_layers),
             "fallback": caps.fallback.value if wide is None else f"{caps.fallback.value} ({wide})",
-            "sensitivity_top20": [s.as_dict() for s in mixed.ranking[:20]]},
-        wide_layers=tuple(plan.excluded) if caps.integer_only else ())
+            "sensitivity_top20": [s.as_dict() for s in mixed.ranking[:20]]} if mixed is not None
+        else _per_bucket_record(cfg, decisions, caps, wide),
+        wide_layers=excluded if caps.integer_only else ())
     calibration = CalibrationRecord(
         spec=calibrated.spec, rows=cache.meta["samples"]["rows"], calls=cache.meta["samples"]["calls"],
         estimator=cfg.estimator.value, bucket_method=cfg.bucket_method.value, cache_fingerprint=cache.fingerprint,
@@ -425,6 +523,29 @@ def make_manifest(cfg: CompileConfig, adapter, target: Target, exported: Exporte
         buckets=buckets, sdk_files=tuple(emitted.sdk_files), device=dict(emitted.device),
         pass_log=tuple(e.as_dict(timing=False) for e in ctx.log), tools=tool_versions(),
         input_shapes=input_shapes or {})
+
+
+def _bucket_precision_record(decisions: Decisions, bucket: int,
+                             costs: tuple[dict[str, Any], ...]) -> dict[str, Any] | None:
+    record: dict[str, Any] = dict(costs[bucket]) if costs else {}
+    if decisions.bucket_mixed:
+        record.update(decisions.bucket_mixed[bucket].as_dict())
+    return record or None
+
+
+def _per_bucket_record(cfg: CompileConfig, decisions: Decisions, caps, wide: str | None) -> dict[str, Any] | None:
+    """The manifest's mixed-precision summary of a per-bucket choice (each bucket's own in its record)."""
+    if not decisions.bucket_mixed:
+        return None
+    ms = decisions.bucket_mixed
+    return {"per_bucket": True, "target_sqnr_db": cfg.mixed_precision_sqnr_db,
+            "target_cfg_gap": cfg.mixed_precision_cfg_gap, "max_layers_per_bucket": cfg.max_float_layers,
+            "candidates_per_bucket": cfg.mixed_precision_candidates,
+            "reached_sqnr_db": round(min(m.reached.sqnr_db for m in ms), 3),
+            "all_quantized_sqnr_db": round(min(m.all_quantized.sqnr_db for m in ms), 3),
+            "targets_met": all(m.met for m in ms), "layers": sorted({n for m in ms for n in m.wide_layers}),
+            "fallback": caps.fallback.value if wide is None else f"{caps.fallback.value} ({wide})",
+            "sensitivity_top20": []}
 
 
 # --- the build ----------------------------------------------------------------------------------
@@ -447,6 +568,11 @@ def build(cfg: CompileConfig) -> BuildResult:
         calibrated = calibrate_stage(cfg, adapter, exported, calib, cfg.calib_cache or scratch / "calibration")
         decisions = decide_stage(cfg, target, adapter, exported, calibrated, scratch, pinned)
         compiled = quantize_stage(cfg, target, decisions, names, ctx, pinned)
+        corrections = bias_correction_stage(cfg, decisions, compiled, calibrated, pinned) if cfg.bias_correction \
+            else ()
+        costs = tuple({**wide_fractions(c.graph, target.caps),
+                       **({"bias_correction": corrections[c.index].as_dict()} if corrections else {})}
+                      for c in compiled)
         shapes = accepted_shapes(pinned, batch)
         if shapes:
             print(f"[qcompile] {target.name.value} is built for "
@@ -455,7 +581,7 @@ def build(cfg: CompileConfig) -> BuildResult:
         emitted = target.emit(compiled, work)
         model_config = write_model_config(adapter.module, work)
         manifest = make_manifest(cfg, adapter, target, exported, calibrated, decisions, emitted, ctx, model_config,
-                                 shapes)
+                                 shapes, costs)
         manifest.write(work)
 
         _stage("evaluating the artifact against the float model")

@@ -43,7 +43,8 @@ def make_report(*, target: str, precision: str, buckets: Sequence[BucketRecord],
     return {
         "target": target,
         "precision": precision,
-        "buckets": [{"index": b.index, "timestep_range": list(b.timestep_range)} for b in buckets],
+        "buckets": [{"index": b.index, "timestep_range": list(b.timestep_range),
+                     **({"precision": dict(b.precision)} if b.precision else {})} for b in buckets],
         "runtime": dict(runtime),
         "per_step": [s.as_dict() for s in steps],
         "summary": dict(summary),
@@ -66,6 +67,12 @@ def format_table(report: Mapping[str, Any]) -> str:
     if s.get("cfg_gap_ratio_max") is not None:
         lines.append(f"  CFG-gap ratio  max {s['cfg_gap_ratio_max']:.3f}   mean {s['cfg_gap_ratio_mean']:.3f} "
                      "(quantization error of cond - uncond / its float magnitude)")
+    for b in report["buckets"]:
+        p = b.get("precision")
+        if p and "wide_activation_bytes_fraction" in p:
+            layers = f"{len(p['layers'])} layer(s) raised, " if "layers" in p else ""
+            lines.append(f"  bucket {b['index']}: {layers}{100 * p['wide_activation_bytes_fraction']:.1f}% of "
+                         f"activation bytes and {100 * p['wide_mac_fraction']:.1f}% of MACs at {p['wide_dtype']}")
     lines.append(f"  size {s['size_bytes'] / 1e6:.2f} MB vs fp32 {s['fp32_size_bytes'] / 1e6:.2f} MB "
                  f"({s['size_ratio']:.3f}x)")
     if s.get("htp_vs_fp32_sqnr_db_min") is not None:
