@@ -249,15 +249,15 @@ def _numel(t: gs.Tensor) -> int:
     return int(np.prod([d if isinstance(d, int) and d > 0 else 1 for d in t.shape]))
 
 
-def _dq_dtype(t: gs.Tensor) -> str | None:
+def _dq_dtype(t: gs.Tensor) -> np.dtype | None:
     """The storage dtype of an activation read through DequantizeLinear (None: read as float)."""
     if len(t.inputs) != 1 or t.inputs[0].op != "DequantizeLinear":
         return None
     dq = t.inputs[0]
     zero = dq.inputs[2] if len(dq.inputs) > 2 else None
     if isinstance(zero, gs.Constant):
-        return str(zero.values.dtype)
-    return str(dq.inputs[0].dtype) if dq.inputs[0].dtype is not None else None
+        return np.dtype(zero.values.dtype)
+    return np.dtype(dq.inputs[0].dtype) if dq.inputs[0].dtype is not None else None
 
 
 def _has_weight(node: gs.Node) -> bool:
@@ -288,7 +288,7 @@ def wide_fractions(graph: gs.Graph, caps) -> dict[str, object]:
     graph outputs included). Targets with float kernels: the activation inputs of the layers with
     weights, float ones counted as wide (4 bytes), quantized ones at their width; activation x
     activation MatMuls, which such targets keep float by design, are left out of both fractions."""
-    narrow = caps.activation_dtype.value
+    narrow = caps.activation_dtype.numpy  # a numpy dtype: float8's name differs from the QDtype's
     wide_name = caps.wide_dtype.value if caps.integer_only and caps.wide_dtype is not None else "float32"
     total_bytes = wide_bytes = 0
     if caps.integer_only:
@@ -299,7 +299,7 @@ def wide_fractions(graph: gs.Graph, caps) -> dict[str, object]:
             size = np.dtype(dtype).itemsize if dtype is not None else 1
             n = _numel(node.outputs[0]) * size
             total_bytes += n
-            wide_bytes += n if np.dtype(dtype) != np.dtype(narrow) else 0
+            wide_bytes += n if np.dtype(dtype) != narrow else 0
     total_macs = wide_macs = 0
     for node in graph.nodes:
         if node.op not in ("Conv", "Gemm", "MatMul"):
@@ -313,7 +313,7 @@ def wide_fractions(graph: gs.Graph, caps) -> dict[str, object]:
         wide_macs += macs if wide else 0
         if not caps.integer_only:
             n = _numel(node.inputs[0])
-            total_bytes += n * (4 if dtype is None else np.dtype(dtype).itemsize)
+            total_bytes += n * (4 if dtype is None else dtype.itemsize)
             wide_bytes += n * 4 if dtype is None else 0
     return {"wide_dtype": wide_name,
             "wide_activation_bytes_fraction": round(wide_bytes / total_bytes, 5) if total_bytes else 0.0,

@@ -36,7 +36,14 @@ import onnx_ir as ir
 import torch
 
 from qcompile.errors import UserError
-from qcompile.export_child import CHILD_EXPORT_BYTES, ChildExport, ModelSource, export_in_child, module_bytes
+from qcompile.export_child import (
+    CHILD_EXPORT_BYTES,
+    ChildExport,
+    ChildKilled,
+    ModelSource,
+    export_in_child,
+    exports_in_child,
+)
 from qcompile.models.base import Axis
 
 log = logging.getLogger("qcompile.export")
@@ -86,7 +93,7 @@ def export_onnx(adapter, out_path: Path, *, opset: int = 20, dynamic_batch: bool
     model_class = type(adapter.module).__name__
     start = time.perf_counter()
     failures: list[str] = []  # become the result's notes when a later exporter succeeds
-    in_child = source is not None and module_bytes(adapter.module) >= child_bytes
+    in_child = exports_in_child(adapter, source, child_bytes)
     checks = _checks(adapter, dynamic_batch)
     with tempfile.TemporaryDirectory(prefix=f".{out_path.stem}.partial-", dir=out_path.parent) as tmp:
         staged = Path(tmp) / out_path.name
@@ -103,6 +110,9 @@ def export_onnx(adapter, out_path: Path, *, opset: int = 20, dynamic_batch: bool
                 else:
                     wanted = _export_here(adapter, exporter, opset, dynamic_batch, staged, checks)
                 diff = _verify(adapter, staged, checks, wanted)
+            except ChildKilled as exc:  # the next exporter would need the same memory
+                failures.append(f"{exporter} exporter failed: {exc}")
+                break
             except Exception as exc:  # any exporter/runtime failure: record it and try the next one
                 log.debug("%s exporter failed", exporter, exc_info=True)
                 failures.append(f"{exporter} exporter failed: {_summary(exc)}")

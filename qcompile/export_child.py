@@ -52,6 +52,15 @@ class ChildExport:
     error_path: str  # one line: why the export failed
 
 
+class ChildKilled(RuntimeError):
+    """The export process was killed (out of memory, most likely): another exporter would be too."""
+
+
+def exports_in_child(adapter, source: ModelSource | None, child_bytes: int = CHILD_EXPORT_BYTES) -> bool:
+    """Whether `export_onnx` exports this model in a child process."""
+    return source is not None and module_bytes(adapter.module) >= child_bytes
+
+
 def module_bytes(module) -> int:
     """Bytes of a torch module's parameters and buffers."""
     tensors = [*module.parameters(), *module.buffers()]
@@ -69,9 +78,10 @@ def export_in_child(job: ChildExport, checks) -> list[tuple[np.ndarray, ...]]:
     if proc.returncode != 0:
         if error.is_file():
             raise RuntimeError(error.read_text().strip())
-        how = f"was killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exited {proc.returncode}"
-        hint = " (out of memory?)" if proc.returncode == -9 else ""
-        raise RuntimeError(f"the export process {how}{hint}")
+        if proc.returncode < 0:
+            hint = " (out of memory?)" if proc.returncode == -9 else ""
+            raise ChildKilled(f"the export process was killed by signal {-proc.returncode}{hint}")
+        raise RuntimeError(f"the export process exited {proc.returncode} (its messages are above)")
     with np.load(job.outputs_path) as saved:
         return [tuple(saved[f"{i}/{k}"] for k in range(int(saved[f"{i}/count"]))) for i in range(len(checks))]
 

@@ -34,6 +34,8 @@ _SHAPE_LIKE_TYPES = frozenset({onnx.TensorProto.INT64, onnx.TensorProto.INT32})
 COPY_CHUNK_BYTES = 64 << 20
 # The external-data location of a tensor whose values are still in memory (`to_model_proto(weights=False)`).
 IN_MEMORY_LOCATION = "qcompile:in-memory"
+# Types onnx stores two to a byte: their bytes on file are not the in-memory array's.
+_PACKED_TYPES = frozenset({onnx.TensorProto.INT4, onnx.TensorProto.UINT4, onnx.TensorProto.FLOAT4E2M1})
 # Node metadata kept through load/save. Exporters attach stack traces to every node; carrying those
 # through each pass and bucket copy would bloat every graph we write.
 META_PREFIX = "qcompile."
@@ -258,24 +260,22 @@ class _DataWriter:
 MAX_IR_VERSION = 10
 
 
-def _stub_memory_values(graph: gs.Graph) -> list[tuple[gs.Constant, np.ndarray]]:
-    """Swap the in-memory values of large constants for value-less external references; returns what to
-    put back."""
-    swapped = []
+def _stub_memory_values(graph: gs.Graph, swapped: list[tuple[gs.Constant, np.ndarray]]) -> None:
+    """Swap the in-memory values of large constants for value-less external references, appending to
+    `swapped` what to put back (as it goes: an error part-way still restores every one)."""
     for tensor in graph.tensors().values():
         values = tensor._values if isinstance(tensor, gs.Constant) else None
         if not isinstance(values, np.ndarray) or values.nbytes < INLINE_LIMIT_BYTES:
             continue
         data_type = dtype_to_onnx(tensor.dtype)
-        if dtype_to_onnx(tensor.export_dtype) != data_type:  # converted on export (float8): keep the values
-            continue
+        if dtype_to_onnx(tensor.export_dtype) != data_type or data_type in _PACKED_TYPES:
+            continue  # converted or packed on export (float32 -> float8, int4 pairs): keep the values
         stub = onnx.TensorProto(name=tensor.name, dims=values.shape, data_type=data_type,
                                 data_location=onnx.TensorProto.EXTERNAL)
         stub.external_data.add(key="location", value=IN_MEMORY_LOCATION)
         stub.external_data.add(key="length", value=str(values.nbytes))
         swapped.append((tensor, values))
         tensor._values = LazyValues(stub)
-    return swapped
 
 
 def to_model_proto(graph: gs.Graph, *, weights: bool = True) -> onnx.ModelProto:
@@ -284,8 +284,10 @@ def to_model_proto(graph: gs.Graph, *, weights: bool = True) -> onnx.ModelProto:
     read from a file already are: for shape inference, which needs no values beyond shape-like
     constants, and which would otherwise serialise every int8 weight into one protobuf (over its 2 GB
     limit for an SDXL-size UNet, and a copy of them in memory)."""
-    swapped = [] if weights else _stub_memory_values(graph)
+    swapped: list[tuple[gs.Constant, np.ndarray]] = []
     try:
+        if not weights:
+            _stub_memory_values(graph, swapped)
         model = gs.export_onnx(graph, do_type_check=False)
     finally:
         for tensor, values in swapped:

@@ -45,7 +45,7 @@ from qcompile.config import CalibKind, CalibSpec, CompileConfig
 from qcompile.errors import UserError
 from qcompile.evaluation.evaluate import HELD_OUT_SEED_OFFSET, evaluate_artifact, held_out_inputs
 from qcompile.evaluation.report import format_table
-from qcompile.export_child import ModelSource
+from qcompile.export_child import ModelSource, exports_in_child
 from qcompile.graph_io import copy_graph, load_graph, save_graph
 from qcompile.manifest import (
     FP32_TARGET,
@@ -151,6 +151,8 @@ def export_canonical(adapter, folder: Path, *, opset: int, ctx: PassContext,
     from qcompile.export import export_onnx
 
     scratch = folder / ".export"
+    if exports_in_child(adapter, source):
+        release_torch_weights(adapter)  # the child loads its own copy; this one is never read again
     raw = export_onnx(adapter, scratch / "exported.onnx", opset=opset, source=source)
     graph = load_graph(raw.onnx_path)
     PassManager(canonicalize_passes(), fixed_point=True, name="canonicalize").run(graph, ctx)

@@ -245,3 +245,27 @@ def test_observed_sizes_are_the_sizes_onnxruntime_computes(reference):
     assert not wrong, list(wrong.items())[:5]
     assert all(predicted[n] == 4 * actual[n].size for n in names if shapes[n] is not None)
     assert all(predicted[n] >= 4 * actual[n].size for n in unresolved)
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_sizes_of_every_tensor_of_a_symbolic_unet_export(exporter, tmp_path):
+    """Both exporters keep latent size and prompt length symbolic; the legacy one computes attention's
+    reshapes through Shape -> Gather -> Div chains ONNX's own inference cannot follow. Every tensor's
+    size still comes out exactly as onnxruntime computes it, at a size other than the export's."""
+    from qcompile.export import export_onnx
+    from qcompile.models.source import resolve_model
+
+    adapter = resolve_model("builtin:tiny-sd-unet")
+    path = export_onnx(adapter, tmp_path / "model.onnx", exporters=(exporter,)).onnx_path
+    graph = load_graph(path)
+    names = quantizable_tensors(graph)
+    feeds = adapter.dummy_inputs(batch=1, seed=0, sizes={a.name: a.alternative() for axes in
+                                                           adapter.input_axes().values() for a in axes
+                                                           if a.dynamic and a.name != "batch"})
+    shapes = concrete_shapes(onnx.load(str(path), load_external_data=False),
+                             {k: v.shape for k, v in feeds.items()}, names)
+    exposed = expose_tensors(path, names)
+    values = make_session(exposed).run(names, feeds)
+    exposed.unlink()
+    wrong = {n: (shapes[n], v.shape) for n, v in zip(names, values, strict=True) if shapes[n] != v.shape}
+    assert not wrong, (len(wrong), list(wrong.items())[:5])
