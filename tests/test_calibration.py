@@ -138,3 +138,18 @@ def test_data_driven_buckets_put_the_edge_where_ranges_jump():
     # Each bucket's range comes from its own timesteps only.
     low, high = (estimate_ranges(table, Estimator.MAX, b.timestep_indices)["a"] for b in two)
     assert (low.hi, high.hi) == (1.0, 8.0)
+
+
+def test_histogram_counts_do_not_depend_on_the_chunking(monkeypatch):
+    """The histogram is binned a chunk at a time to bound its temporaries; counts add exactly."""
+    from qcompile.calibration import stats
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((2, 5, 300, 70)) * np.exp(rng.uniform(-15, 15, (2, 5, 1, 1)))).astype(np.float32)
+    x[0, 0, :3] = 0.0
+    x[1, 2, :2] = -1e-30
+    whole = stats.magnitude_histogram(x)
+    monkeypatch.setattr(stats, "HISTOGRAM_CHUNK", 4097)
+    chunked = stats.magnitude_histogram(x)
+    np.testing.assert_array_equal(whole, chunked)
+    assert int(whole.sum()) == x.size and int(whole[0].sum()) == int((x < 0).sum())
