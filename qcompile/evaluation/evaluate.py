@@ -21,7 +21,7 @@ from qcompile.calibration.inputs import InputSet, synthetic_inputs
 from qcompile.config import FidelitySettings, TargetName, Thresholds
 from qcompile.evaluation.fidelity import evaluate_sampling, sample_grid_png
 from qcompile.evaluation.report import make_report, summarize, write_reports
-from qcompile.evaluation.validate import compare_on_inputs
+from qcompile.evaluation.validate import compare_on_inputs, validation_batch
 from qcompile.manifest import Manifest
 from qcompile.runtime import OnnxRunner
 from qcompile.target import DeviceEvidence, load_target
@@ -112,7 +112,8 @@ def evaluate_artifact(folder: Path, adapter, *, held_out: InputSet, thresholds: 
                                    f"/cfg{settings.sampler.guidance}"
         images["Samples: fp32 (left) and quantized (right), same seeds"] = sample_grid_png(result)
     else:
-        steps = compare_on_inputs(reference, runner, held_out, bucket_of=runner.bucket_of)
+        steps = compare_on_inputs(reference, runner, held_out, bucket_of=runner.bucket_of,
+                                  batch=validation_batch(fp32_path, held_out))
         why = uninformative_inputs(held_out, model.sample_input)
         if why is not None:
             print(f"[qcompile] warning: the validation inputs cannot judge this artifact: {why}", flush=True)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import onnx
 from tqdm import tqdm
 
 from qcompile.calibration.inputs import InputSet
+from qcompile.calibration.shapes import concrete_shapes
 from qcompile.evaluation.metrics import cosine, sqnr_db
 from qcompile.target import Runner
 
@@ -23,6 +27,23 @@ class StepResult:
     def as_dict(self) -> dict[str, object]:
         return {"timestep": self.timestep, "bucket": self.bucket, "eps_sqnr_db": round(self.eps_sqnr_db, 4),
                 "eps_cos": round(self.eps_cos, 6), "cfg_gap_ratio": self.cfg_gap_ratio}
+
+
+# Rows validated per run: at most VALIDATION_BATCH, fewer when the model's largest tensor for that many
+# rows would pass VALIDATION_TENSOR_BYTES (an SD UNet's attention scores at 64x64 latents are 512 MiB a
+# row: four rows at once held 12 GiB in onnxruntime).
+VALIDATION_BATCH = 4
+VALIDATION_TENSOR_BYTES = 256 << 20
+
+
+def validation_batch(onnx_path: Path, inputs: InputSet) -> int:
+    """Rows per run for `inputs` on the float model at `onnx_path` (see VALIDATION_TENSOR_BYTES)."""
+    row = {k: (v.shape if k in inputs.unbatched else (1, *v.shape[1:])) for k, v in inputs.arrays.items()}
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    names = [v.name for v in model.graph.value_info]
+    sizes = [4 * math.prod(s) for s in concrete_shapes(model, row, names).values() if s is not None]
+    largest = max(sizes, default=0)
+    return max(1, min(VALIDATION_BATCH, VALIDATION_TENSOR_BYTES // largest if largest else VALIDATION_BATCH))
 
 
 def run_inputs(runner: Runner, inputs: InputSet, *, batch: int = 4, desc: str = "running") -> np.ndarray:
