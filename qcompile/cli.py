@@ -95,7 +95,7 @@ def _quant_args(p: argparse.ArgumentParser) -> None:
                         "--mixed-precision, --mixed-precision-cfg-gap and/or --max-float-layers, per bucket)")
     g.add_argument("--mixed-precision-cfg-gap", type=float, default=None, metavar="R",
                    help="per-bucket target: CFG-gap ratio at most R at every timestep of the bucket's rows")
-    g.add_argument("--mixed-precision-candidates", type=int, default=32, metavar="N",
+    g.add_argument("--mixed-precision-candidates", type=int, default=None, metavar="N",
                    help="per bucket, measure the sensitivity of only the N layers whose activations quantize "
                         "worst there by the statistics (default 32)")
     g.add_argument("--bias-correction", action="store_true",

@@ -154,6 +154,10 @@ class Thresholds:
         return out
 
 
+# Per-bucket mixed precision measures this many candidate layers one by one in each bucket.
+DEFAULT_BUCKET_CANDIDATES = 32
+
+
 @dataclass(frozen=True, kw_only=True)
 class CompileConfig:
     model: str  # folder, pipeline folder (with component) or builtin:<name>
@@ -185,7 +189,7 @@ class CompileConfig:
     # `mixed_precision_candidates` layers whose activations quantize worst in the bucket.
     mixed_precision_per_bucket: bool = False
     mixed_precision_cfg_gap: float | None = None
-    mixed_precision_candidates: int = 32
+    mixed_precision_candidates: int | None = None  # None: DEFAULT_BUCKET_CANDIDATES
     # Bias correction (qcompile.bias_correction): per bucket, each quantized layer's mean output error per
     # channel on calibration rows, measured on the target's runtime, subtracted from its bias.
     bias_correction: bool = False
@@ -200,6 +204,11 @@ class CompileConfig:
     thresholds: Thresholds = field(default_factory=Thresholds)
     fidelity: FidelitySettings = field(default_factory=FidelitySettings)  # models that can sample
 
+    @property
+    def bucket_candidates(self) -> int:
+        """Layers measured one by one per bucket by per-bucket mixed precision."""
+        return DEFAULT_BUCKET_CANDIDATES if self.mixed_precision_candidates is None else self.mixed_precision_candidates
+
     def __post_init__(self) -> None:
         if self.buckets < 1:
             raise UserError(f"--buckets {self.buckets}: needs at least one bucket")
@@ -210,8 +219,11 @@ class CompileConfig:
         gap = self.mixed_precision_cfg_gap
         if gap is not None and not gap > 0:
             raise UserError(f"--mixed-precision-cfg-gap {gap}: needs a positive number")
-        if self.mixed_precision_candidates < 1:
-            raise UserError(f"--mixed-precision-candidates {self.mixed_precision_candidates}: needs at least 1")
+        if self.mixed_precision_candidates is not None:
+            if self.mixed_precision_candidates < 1:
+                raise UserError(f"--mixed-precision-candidates {self.mixed_precision_candidates}: needs at least 1")
+            if not self.mixed_precision_per_bucket:
+                raise UserError("--mixed-precision-candidates: a per-bucket setting; add --mixed-precision-per-bucket")
         if self.mixed_precision_per_bucket:
             if self.mixed_precision_sqnr_db is None and gap is None and self.max_float_layers is None:
                 raise UserError("--mixed-precision-per-bucket: needs a target (--mixed-precision SQNR_DB, "

@@ -409,7 +409,7 @@ def _bucket_mixed_precision(cfg: CompileConfig, target: Target, adapter, exporte
         m = bucket_mixed_precision(graph, exported.path, target, ranges, rows, excluded,
                                    bucket=b.index, timestep_input=names.timestep, template=template,
                                    folder=scratch / f"sensitivity{b.index}", targets=targets, max_wide=budget,
-                                   candidates=cfg.mixed_precision_candidates, probe_map=_probe_map(cfg))
+                                   candidates=cfg.bucket_candidates, probe_map=_probe_map(cfg))
         gap = "" if m.reached.cfg_gap_max is None else \
             f", CFG gap {m.all_quantized.cfg_gap_max:.3f} -> {m.reached.cfg_gap_max:.3f}"
         print(f"[qcompile] bucket {b.index}: {len(m.wide_layers)} layer(s) {kept}, probe SQNR "
@@ -542,7 +542,7 @@ def _per_bucket_record(cfg: CompileConfig, decisions: Decisions, caps, wide: str
     ms = decisions.bucket_mixed
     return {"per_bucket": True, "target_sqnr_db": cfg.mixed_precision_sqnr_db,
             "target_cfg_gap": cfg.mixed_precision_cfg_gap, "max_layers_per_bucket": cfg.max_float_layers,
-            "candidates_per_bucket": cfg.mixed_precision_candidates,
+            "candidates_per_bucket": cfg.bucket_candidates,
             "reached_sqnr_db": round(min(m.reached.sqnr_db for m in ms), 3),
             "all_quantized_sqnr_db": round(min(m.all_quantized.sqnr_db for m in ms), 3),
             "targets_met": all(m.met for m in ms), "layers": sorted({n for m in ms for n in m.wide_layers}),

@@ -158,6 +158,8 @@ def test_bias_correction_lowers_each_layers_mean_error(tmp_path):
      "--mixed-precision-cfg-gap 0.0: needs a positive number"),
     (["--target", "qnn-w8a8", "--mixed-precision-per-bucket", "--max-float-layers", "2", "--smoothquant", "0.5"],
      "--mixed-precision-per-bucket and --smoothquant: not together"),
+    (["--target", "qnn-w8a8", "--mixed-precision", "30", "--mixed-precision-candidates", "8"],
+     "--mixed-precision-candidates: a per-bucket setting; add --mixed-precision-per-bucket"),
 ])
 def test_refused_in_one_line(tmp_path, capsys, args, message):
     out = tmp_path / "x"
