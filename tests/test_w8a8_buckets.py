@@ -26,6 +26,17 @@ MODEL = "builtin:tiny-unet2d"
 FAST = ["--calib", "synthetic:6", "--validate", "2"]
 
 
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """The float model exported once and calibrated once (4 timesteps: two per bucket at --buckets 2);
+    the builds below start from them, as `--from-export` and `--calib-cache` users do."""
+    root = tmp_path_factory.mktemp("w8a8")
+    assert main(["export", MODEL, "--out", str(root / "export")]) == 0
+    assert main(["calibrate", MODEL, "--from-export", str(root / "export"), "--calib", "synthetic:4",
+                 "--calib-cache", str(root / "cache")]) == 0
+    return ["--from-export", str(root / "export"), "--calib-cache", str(root / "cache"), "--validate", "2"]
+
+
 def _read(folder):
     return json.loads((folder / "manifest.json").read_text()), json.loads((folder / "report.json").read_text())
 
@@ -108,11 +119,11 @@ def _stored_bytes(path):
     return total, wide, out
 
 
-def test_qnn_w8a8_buckets_raise_their_own_layers_and_record_the_cost(tmp_path):
+def test_qnn_w8a8_buckets_raise_their_own_layers_and_record_the_cost(tmp_path, made):
     out = tmp_path / "qnn"
     code = main(["build", MODEL, "--target", "qnn-w8a8", "--buckets", "2", "--mixed-precision-per-bucket",
-                 "--max-float-layers", "2", "--mixed-precision-candidates", "2", "--device-samples", "0", *FAST,
-                 "--out", str(out)])
+                 "--max-float-layers", "2", "--mixed-precision-candidates", "2", "--device-samples", "0",
+                 "--static-batch", "1", *made, "--out", str(out)])
     folder = out if code == 0 else tmp_path / "qnn.failed"
     manifest, report = _read(folder)
     q = manifest["quantization"]
@@ -134,10 +145,10 @@ def test_qnn_w8a8_buckets_raise_their_own_layers_and_record_the_cost(tmp_path):
     assert [b.get("precision", {}).get("layers") for b in report["buckets"]] == [b["layers"] for b in buckets]
 
 
-def test_bias_correction_lowers_each_layers_mean_error(tmp_path):
+def test_bias_correction_lowers_each_layers_mean_error(tmp_path, made):
     out = tmp_path / "bc"
     code = main(["build", MODEL, "--target", "ort-int8", "--buckets", "2", "--bias-correction", "--calib",
-                 "synthetic:16", "--validate", "2", "--out", str(out)])
+                 "synthetic:16", "--validate", "2", "--from-export", made[1], "--out", str(out)])
     folder = out if code == 0 else tmp_path / "bc.failed"
     manifest, _ = _read(folder)
     for b in manifest["buckets"]:
@@ -168,20 +179,20 @@ def test_refused_in_one_line(tmp_path, capsys, args, message):
     assert len(err) == 1 and message in err[0] and not out.exists()
 
 
-def test_cfg_gap_target_needs_guided_rows(tmp_path, capsys):
+def test_cfg_gap_target_needs_guided_rows(tmp_path, capsys, made):
     out = tmp_path / "x"
     code = main(["build", MODEL, "--target", "qnn-w8a8", "--buckets", "2", "--mixed-precision-per-bucket",
-                 "--mixed-precision-cfg-gap", "0.5", *FAST, "--out", str(out)])
+                 "--mixed-precision-cfg-gap", "0.5", *made, "--out", str(out)])
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("qcompile:")]
     assert code == 2 and len(err) == 1 and "no classifier-free guidance pairs" in err[0] and not out.exists()
 
 
-def test_tflite_buckets_keep_their_own_layers_float(tmp_path):
+def test_tflite_buckets_keep_their_own_layers_float(tmp_path, made):
     pytest.importorskip("ai_edge_litert.interpreter", reason="ai-edge-litert is not installed")
     out = tmp_path / "tfl"
     code = main(["build", MODEL, "--target", "tflite-int8", "--full-integer", "--buckets", "2",
                  "--mixed-precision-per-bucket", "--max-float-layers", "2", "--mixed-precision-candidates", "2",
-                 *FAST, "--out", str(out)])
+                 *made, "--out", str(out)])
     folder = out if code == 0 else tmp_path / "tfl.failed"
     manifest, report = _read(folder)
     buckets = [b["precision"] for b in manifest["buckets"]]

@@ -11,7 +11,10 @@ Builds, from one float export and one calibration cache (no model run for calibr
   k4-mp     qnn-w8a8, 4 buckets, --mixed-precision-per-bucket with the targets given here
   k4-mp1    qnn-w8a8, 4 buckets, per bucket exactly its one most sensitive layer raised (of 4 measured)
   w8a16     qnn-w8a16, one bucket
-and evaluates each on onnxruntime's CPU EP running the HTP's Q/DQ graphs (what the build's evaluation
+A row may name its activation range estimator after a colon (`k4:mse`, `k4-mp1:percentile`; max
+otherwise, the build's default): each bucket's ranges then come from that estimator over the
+bucket's own timesteps; its folder is `k4-mse`. The rows are built in the order given and
+evaluates each on onnxruntime's CPU EP running the HTP's Q/DQ graphs (what the build's evaluation
 runs) over the same paired images (10 classes x --per-class, DDIM 20 steps, guidance 2.5): mean
 sample PSNR against fp32 (free sampling from the same noise), the CFG-gap ratio per step (teacher
 forced on the float trajectories; the max over steps), and the fraction of activation bytes and of
@@ -29,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from qcompile import api
-from qcompile.config import FidelitySettings, TargetName, Thresholds
+from qcompile.config import Estimator, FidelitySettings, TargetName, Thresholds
 from qcompile.evaluation.fidelity import evaluate_sampling
 from qcompile.evaluation.metrics import psnr_db
 from qcompile.manifest import Manifest
@@ -38,9 +41,25 @@ from qcompile.runtime import OnnxRunner
 from qcompile.target import load_target
 
 ROWS = ("k1", "k4", "k4-bc", "k4-mp", "k4-mp1", "w8a16")
+ESTIMATORS = tuple(e.value for e in Estimator)
 
 
-def settings_of(row: str, args: argparse.Namespace) -> dict:
+def row_name(text: str) -> str:
+    """`row` or `row:estimator`, checked against ROWS and the estimators (argparse type)."""
+    row, _, estimator = text.partition(":")
+    if row not in ROWS or (estimator and estimator not in ESTIMATORS):
+        raise argparse.ArgumentTypeError(f"{text!r}: a row is one of {', '.join(ROWS)}, optionally "
+                                         f"followed by :estimator ({', '.join(ESTIMATORS)})")
+    return text
+
+
+def settings_of(name: str, args: argparse.Namespace) -> dict:
+    row, _, estimator = name.partition(":")
+    settings = _row_settings(row, args)
+    return {**settings, "estimator": estimator} if estimator else settings
+
+
+def _row_settings(row: str, args: argparse.Namespace) -> dict:
     base = {"target": "qnn-w8a8", "buckets": 4}
     if row == "k1":
         return {"target": "qnn-w8a8", "buckets": 1}
@@ -58,7 +77,7 @@ def settings_of(row: str, args: argparse.Namespace) -> dict:
 
 
 def build(row: str, args: argparse.Namespace) -> tuple[Path, float]:
-    out = args.out / row
+    out = args.out / row.replace(":", "-")
     if (out / "manifest.json").is_file():
         return out, 0.0
     t0 = time.perf_counter()
@@ -90,7 +109,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--export", type=Path, required=True)
     ap.add_argument("--calib-cache", type=Path, required=True)
-    ap.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
+    ap.add_argument("--rows", nargs="+", type=row_name, default=list(ROWS),
+                    help="rows, each optionally with :estimator (k4:mse)")
     ap.add_argument("--per-class", type=int, default=20, help="images per class (10 classes)")
     ap.add_argument("--target-sqnr", type=float, default=None, help="k4-mp: per-bucket probe SQNR target (dB)")
     ap.add_argument("--target-cfg-gap", type=float, default=None, help="k4-mp: per-bucket CFG-gap target")
@@ -119,7 +139,8 @@ def main() -> None:
         worst: dict[float, float] = {}
         for t, g in gaps:
             worst[t] = max(worst.get(t, 0.0), g)
-        row = {"row": name, "target": manifest.target, "buckets": len(manifest.buckets),
+        row = {"row": name, "target": manifest.target, "estimator": manifest.calibration.estimator,
+               "buckets": len(manifest.buckets),
                "sample_psnr_db": round(float(per_image.mean()), 3), "images": len(per_image),
                "cfg_gap_max": round(max(worst.values()), 3), "steps_gap_over_1": sum(g > 1 for g in worst.values()),
                **fractions(manifest), "build_s": round(build_s, 1), "eval_s": round(time.perf_counter() - t0, 1),
@@ -131,8 +152,9 @@ def main() -> None:
         row["gain_stderr_db"] = round(float(diff.std() / np.sqrt(len(diff))), 3)
         rows.append(row)
         print({k: v for k, v in row.items() if not k.startswith("_")}, flush=True)
-    cols = ["row", "target", "buckets", "sample_psnr_db", "gain_vs_first_db", "gain_stderr_db", "cfg_gap_max",
-            "steps_gap_over_1", "wide_act_bytes_mean", "wide_act_bytes_max", "wide_macs_mean", "layers_raised"]
+    cols = ["row", "target", "estimator", "buckets", "sample_psnr_db", "gain_vs_first_db", "gain_stderr_db",
+            "cfg_gap_max", "steps_gap_over_1", "wide_act_bytes_mean", "wide_act_bytes_max", "wide_macs_mean",
+            "layers_raised"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
     (args.out / "table.md").write_text("\n".join(lines) + f"\n\n{rows[0]['images']} paired images, CPU EP\n")
