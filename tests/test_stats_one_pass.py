@@ -222,18 +222,23 @@ def test_a_graph_without_value_info_is_cut_with_inferred_types(tmp_path):
     assert_same_tables(whole, collect_stats(path, graph, recording, names=names, budget_bytes=1))
 
 
-def test_observed_sizes_are_the_sizes_onnxruntime_computes(reference):
+@pytest.mark.parametrize("how", ["symbolic inference", "expressions alone"])
+def test_observed_sizes_are_the_sizes_onnxruntime_computes(reference, how, monkeypatch):
     """The export has symbolic latent and prompt axes; the sizes the cut is planned with are the ones a
     recorded row really produces (every observed tensor exposed in one run of one row): exact for every
     tensor whose shape resolves, never below the truth for the few that do not (attention's
-    batch*heads reshapes)."""
+    batch*heads reshapes). The same holds where onnxruntime's symbolic inference cannot run and the
+    exported dims are evaluated as expressions alone."""
+    from qcompile.calibration import shapes as shapes_module
+
+    if how == "expressions alone":
+        monkeypatch.setattr(shapes_module, "_ort_symbolic", lambda pinned: {})
     path, graph, recording = reference
     names = quantizable_tensors(graph)
     declared = {n: graph.tensors()[n].shape for n in names}
     assert sum(any(not isinstance(d, int) for d in (s or [None])) for s in declared.values()) > len(names) // 2
     inputs, _ = next(recording.shards())
-    row = {k: (1, *v.shape[1:]) for k, v in inputs.arrays.items()}
-    shapes = concrete_shapes(onnx.load(str(path), load_external_data=False), row, names)
+    shapes = concrete_shapes(onnx.load(str(path), load_external_data=False), inputs.row_shapes(), names)
     predicted = observed_row_bytes(path, recording, names)
     exposed = expose_tensors(path, names)
     values = make_session(exposed).run(names, inputs.take(slice(0, 1)))

@@ -27,6 +27,11 @@ class InputSet:
     def count(self) -> int:
         return len(next(v for k, v in self.arrays.items() if k not in self.unbatched))
 
+    def row_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each input's shape for one row (inputs without a batch axis whole): what a model's tensor
+        sizes per row are computed from."""
+        return {k: (tuple(v.shape) if k in self.unbatched else (1, *v.shape[1:])) for k, v in self.arrays.items()}
+
     def take(self, sl: slice) -> dict[str, np.ndarray]:
         return {k: (v if k in self.unbatched else v[sl]) for k, v in self.arrays.items()}
 

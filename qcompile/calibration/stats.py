@@ -159,8 +159,7 @@ def observed_row_bytes(onnx_path: Path, recording: Recording, names: Sequence[st
     export with symbolic axes has no sizes of its own (see `shapes.py`). A tensor whose size cannot be
     resolved counts as the largest one that can, so a cut never underestimates it."""
     inputs, _ = next(recording.shards())
-    row = {k: (v.shape if k in inputs.unbatched else (1, *v.shape[1:])) for k, v in inputs.arrays.items()}
-    shapes = concrete_shapes(onnx.load(str(onnx_path), load_external_data=False), row, names)
+    shapes = concrete_shapes(onnx.load(str(onnx_path), load_external_data=False), inputs.row_shapes(), names)
     sizes = {n: None if s is None else 4 * math.prod(s) for n, s in shapes.items()}
     largest = max((b for b in sizes.values() if b is not None), default=1 << 20)
     return {n: largest if b is None else b for n, b in sizes.items()}

@@ -38,10 +38,9 @@ VALIDATION_TENSOR_BYTES = 256 << 20
 
 def validation_batch(onnx_path: Path, inputs: InputSet) -> int:
     """Rows per run for `inputs` on the float model at `onnx_path` (see VALIDATION_TENSOR_BYTES)."""
-    row = {k: (v.shape if k in inputs.unbatched else (1, *v.shape[1:])) for k, v in inputs.arrays.items()}
     model = onnx.load(str(onnx_path), load_external_data=False)
-    names = [v.name for v in model.graph.value_info]
-    sizes = [4 * math.prod(s) for s in concrete_shapes(model, row, names).values() if s is not None]
+    names = [o for node in model.graph.node for o in node.output if o]  # value_info may be absent
+    sizes = [4 * math.prod(s) for s in concrete_shapes(model, inputs.row_shapes(), names).values() if s is not None]
     largest = max(sizes, default=0)
     return max(1, min(VALIDATION_BATCH, VALIDATION_TENSOR_BYTES // largest if largest else VALIDATION_BATCH))
 
