@@ -11,6 +11,7 @@ Builds, from one float export and one calibration cache (no model run for calibr
   k4-mp     qnn-w8a8, 4 buckets, --mixed-precision-per-bucket with the targets given here
   k4-mp1    qnn-w8a8, 4 buckets, per bucket exactly its one most sensitive layer raised (of 4 measured)
   w8a16     qnn-w8a16, one bucket
+Any bucket count can replace the 4 (`k20`, `k20-mp1`: with DDIM 20 steps, one bucket per step).
 A row may name its activation range estimator after a colon (`k4:mse`, `k4-mp1:percentile`; max
 otherwise, the build's default): each bucket's ranges then come from that estimator over the
 bucket's own timesteps; its folder is `k4-mse`. The rows are built in the order given and
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
@@ -41,15 +43,16 @@ from qcompile.runtime import OnnxRunner
 from qcompile.target import load_target
 
 ROWS = ("k1", "k4", "k4-bc", "k4-mp", "k4-mp1", "w8a16")
+ROW = re.compile(r"k([1-9][0-9]*)(-bc|-mp|-mp1)?|w8a16")
 ESTIMATORS = tuple(e.value for e in Estimator)
 
 
 def row_name(text: str) -> str:
-    """`row` or `row:estimator`, checked against ROWS and the estimators (argparse type)."""
+    """`row` or `row:estimator`, checked against ROW and the estimators (argparse type)."""
     row, _, estimator = text.partition(":")
-    if row not in ROWS or (estimator and estimator not in ESTIMATORS):
-        raise argparse.ArgumentTypeError(f"{text!r}: a row is one of {', '.join(ROWS)}, optionally "
-                                         f"followed by :estimator ({', '.join(ESTIMATORS)})")
+    if not ROW.fullmatch(row) or (estimator and estimator not in ESTIMATORS):
+        raise argparse.ArgumentTypeError(f"{text!r}: a row is one of {', '.join(ROWS)} (any bucket count for the "
+                                         f"4), optionally followed by :estimator ({', '.join(ESTIMATORS)})")
     return text
 
 
@@ -60,20 +63,19 @@ def settings_of(name: str, args: argparse.Namespace) -> dict:
 
 
 def _row_settings(row: str, args: argparse.Namespace) -> dict:
-    base = {"target": "qnn-w8a8", "buckets": 4}
-    if row == "k1":
-        return {"target": "qnn-w8a8", "buckets": 1}
-    if row == "k4":
-        return base
-    if row == "k4-bc":
+    if row == "w8a16":
+        return {"target": "qnn-w8a16", "buckets": 1}
+    buckets, variant = ROW.fullmatch(row).groups()
+    base = {"target": "qnn-w8a8", "buckets": int(buckets)}
+    if variant == "-bc":
         return {**base, "bias_correction": True}
-    if row == "k4-mp":
+    if variant == "-mp":
         return {**base, "mixed_precision_per_bucket": True, "mixed_precision_sqnr_db": args.target_sqnr,
                 "mixed_precision_cfg_gap": args.target_cfg_gap, "max_float_layers": args.max_layers,
                 "mixed_precision_candidates": args.candidates}
-    if row == "k4-mp1":
+    if variant == "-mp1":
         return {**base, "mixed_precision_per_bucket": True, "max_float_layers": 1, "mixed_precision_candidates": 4}
-    return {"target": "qnn-w8a16", "buckets": 1}
+    return base
 
 
 def build(row: str, args: argparse.Namespace) -> tuple[Path, float]:
