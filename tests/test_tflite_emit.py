@@ -143,3 +143,16 @@ def test_external_weights_stream_to_the_file(tmp_path):
     interpreter = litert.Interpreter(model_path=str(path), num_threads=2)
     got = interpreter.get_signature_runner("bucket_0")(x=x)["y"]
     np.testing.assert_allclose(got, _reference(x, 0), atol=0.2 + 1e-6)
+
+
+def test_with_outputs_keeps_the_named_tensors_readable():
+    """The device check's probe: a copy whose subgraph also outputs an intermediate int8 tensor, which
+    the interpreter (no preserve-all) then holds after a run, with the same result as the original."""
+    data = emit.serialize(_fc_model())
+    probe = emit.with_outputs(data, 0, [1])  # tensor 1: x_q, the QUANTIZE output
+    x = np.random.default_rng(6).standard_normal((2, K)).astype(np.float32)
+    interpreter = litert.Interpreter(model_content=probe, num_threads=2)
+    got = interpreter.get_signature_runner("bucket_0")(x=x)["y"]
+    np.testing.assert_array_equal(got, _run(data, "bucket_0", x))
+    want_q = np.clip(np.round(x / np.float32(0.05)) + 3, -128, 127).astype(np.int8)
+    np.testing.assert_array_equal(interpreter.get_tensor(1, 0), want_q)
