@@ -118,3 +118,41 @@ def test_weights_past_the_flatbuffer_limit(monkeypatch):
     data = emit.serialize(model)  # auto: the weights go after the flatbuffer
     x = np.ones((2, K), np.float32)
     np.testing.assert_allclose(_run(data, "bucket_0", x), _reference(x, 0), atol=0.2 + 1e-6)
+
+
+def test_external_weights_stream_to_the_file(tmp_path):
+    """write_tflite writes the bytes serialize() returns, without holding the file in memory: with
+    the weights after the flatbuffer (how a model past 2 GiB is written) the memory it allocates stays
+    far under the weights' size, and the LiteRT interpreter loads the file from disk."""
+    import tracemalloc
+
+    model = _fc_model()
+    rng = np.random.default_rng(4)
+    for i in range(4):  # 16 MiB of further weights in four buffers (read by nothing: size, not arithmetic)
+        model.constant(model.subgraphs[0], f"extra_{i}", rng.integers(-127, 128, (1024, 4096)).astype(np.int8))
+    tracemalloc.start()
+    try:
+        path = emit.write_tflite(model, tmp_path / "model.tflite", external_data=True)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert model.data_bytes > 16 << 20
+    assert peak < model.data_bytes / 8, f"writing allocated {peak} bytes for {model.data_bytes} bytes of weights"
+    assert path.read_bytes() == emit.serialize(model, external_data=True)
+    x = np.random.default_rng(5).standard_normal((2, K)).astype(np.float32)
+    interpreter = litert.Interpreter(model_path=str(path), num_threads=2)
+    got = interpreter.get_signature_runner("bucket_0")(x=x)["y"]
+    np.testing.assert_allclose(got, _reference(x, 0), atol=0.2 + 1e-6)
+
+
+def test_with_outputs_keeps_the_named_tensors_readable():
+    """The device check's probe: a copy whose subgraph also outputs an intermediate int8 tensor, which
+    the interpreter (no preserve-all) then holds after a run, with the same result as the original."""
+    data = emit.serialize(_fc_model())
+    probe = emit.with_outputs(data, 0, [1])  # tensor 1: x_q, the QUANTIZE output
+    x = np.random.default_rng(6).standard_normal((2, K)).astype(np.float32)
+    interpreter = litert.Interpreter(model_content=probe, num_threads=2)
+    got = interpreter.get_signature_runner("bucket_0")(x=x)["y"]
+    np.testing.assert_array_equal(got, _run(data, "bucket_0", x))
+    want_q = np.clip(np.round(x / np.float32(0.05)) + 3, -128, 127).astype(np.int8)
+    np.testing.assert_array_equal(interpreter.get_tensor(1, 0), want_q)

@@ -1,7 +1,9 @@
-"""Scale benchmark: an SD-class UNet with random weights, built for ort-int8, measured per stage.
+"""Scale benchmark: an SD-class UNet with random weights, built for ort-int8 (or tflite-int8),
+measured per stage.
 
     python tools/bench_scale.py --quick                      # a small UNet, a few minutes
     python tools/bench_scale.py --config sd15-32 [--out out/scale] [--calib synthetic:8]
+    python tools/bench_scale.py --config sd15-64 --target tflite-int8 --reuse out/scale/sd15-64
 
 For the config it makes the random-weight model folder (seeded), runs `qcompile build MODEL --target
 ort-int8 --calib CALIB` as a subprocess and records, per build stage (from the build's own
@@ -11,7 +13,14 @@ from /proc). Then from the artifact: output cosine and SQNR against fp32 on held
 median). NVIDIA ModelOpt's ONNX int8 is measured on the same float model and calibration rows when
 `modelopt` is importable (optional extra `peers`, or `--modelopt-python` naming another environment's
 interpreter); otherwise the table says it was not run.
-Writes OUT/scale.json and OUT/scale.md (one table per config; docs/scale.md collects them).
+`--target tflite-int8` builds the same model for tflite-int8 and for its float baseline tflite-fp32
+(both at the static batch `--batch`, default 1) and times the two .tflite files side by side in the
+LiteRT interpreter (XNNPACK, interleaved runs: tools/bench_tflite.py), with their XNNPACK partition
+and operator counts; ModelOpt writes ONNX, so it has no row there. `--reuse DIR` (an earlier run's
+folder for the same config) takes DIR's model, float export and a copy of its calibration cache
+instead of exporting and calibrating again (at 64x64 calibration alone takes minutes).
+Writes OUT/scale.json and OUT/scale.md (one table per config; docs/scale.md collects them), or
+scale-tflite-int8.json / .md for `--target tflite-int8`.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -208,6 +218,26 @@ def modelopt_row(model: Path, artifact: Path, fp32: Path, work: Path, feed, args
             "fp32_s": t32, "int8_s": t8}
 
 
+def build_cmd(model: Path, target: str, out: Path, cache: Path, args, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "qcompile.cli", "build", str(model), "--target", target, "--calib", args.calib,
+            "--seed", str(args.seed), "--out", str(out), "--calib-cache", str(cache), "--min-sqnr-db", "-1000",
+            *extra, *args.build_args.split()]
+
+
+def tflite_latency(fp32: Path, int8: Path, args) -> dict:
+    """The two .tflite files timed side by side in the LiteRT interpreter (tools/bench_tflite.py)."""
+    from bench_tflite import side_by_side  # sibling tools (tools/ is on sys.path when run); needs ai_edge_litert
+    from interleave import speedup
+
+    rows = side_by_side({"fp32": fp32, "int8": int8}, args.threads, args.runs)
+    paired = speedup(rows["fp32"].pop("timing"), rows["int8"].pop("timing"))
+    fp, q = rows["fp32"], rows["int8"]
+    return {"fp32_s": fp["median_ms"] / 1e3, "int8_s": q["median_ms"] / 1e3, "speedup_paired": paired.as_dict(),
+            "speedup_text": paired.describe(), "fp32_text": fp["text"], "int8_text": q["text"],
+            "xnnpack_partitions": [fp["xnnpack_partitions"], q["xnnpack_partitions"]],
+            "operators": [fp["operators"], q["operators"]]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", choices=sorted(CONFIGS), default="sd15-32")
@@ -216,8 +246,15 @@ def main() -> None:
     ap.add_argument("--calib", default="synthetic:8")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--runs", type=int, default=10)
-    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--target", choices=("ort-int8", "tflite-int8"), default="ort-int8",
+                    help="tflite-int8: also builds tflite-fp32 and times both in the LiteRT interpreter")
+    ap.add_argument("--reuse", type=Path, metavar="DIR",
+                    help="an earlier run's folder of the same config: reuse its model, float export and (a copy "
+                         "of) its calibration cache")
+    ap.add_argument("--runs", type=int, help="timed rounds (default 10 for ort-int8, 20 for tflite-int8)")
+    ap.add_argument("--batch", type=int,
+                    help="ort-int8: batch of the timed runs (default 2); tflite-int8: the static batch both .tflite "
+                         "files are built for (default 1)")
     ap.add_argument("--modelopt-python", default=sys.executable,
                     help="interpreter that runs ModelOpt (its [onnx] extra pins its own onnxruntime, so it may "
                          "live in another virtual environment)")
@@ -226,39 +263,62 @@ def main() -> None:
     ap.add_argument("--build-args", default="", help="extra qcompile build options (one string)")
     args = ap.parse_args()
     config = "quick" if args.quick else args.config
+    tflite = args.target == "tflite-int8"
+    args.runs = args.runs or (20 if tflite else 10)
+    args.batch = args.batch or (1 if tflite else 2)
     work = args.out / config
-    model = work / "model"
+    reuse = args.reuse
+    if reuse is not None and not (reuse / "artifact" / "manifest.json").is_file():
+        ap.error(f"--reuse {reuse}: no earlier run there (artifact/manifest.json is missing)")
+    model = (reuse or work) / "model"
     if not (model / "config.json").is_file():
         t0 = time.perf_counter()
         subprocess.run([sys.executable, __file__, "--_make", config, str(model), str(args.seed)], check=True)
         print(f"[bench] made {model} in {time.perf_counter() - t0:.0f}s", flush=True)
     weights = files_bytes(model, [p.name for p in model.glob("*.safetensors")])
-    artifact = work / "artifact"
-    cmd = [sys.executable, "-m", "qcompile.cli", "build", str(model), "--target", "ort-int8", "--calib", args.calib,
-           "--seed", str(args.seed), "--out", str(artifact), "--calib-cache", str(work / "calib-cache"),
-           "--min-sqnr-db", "-1000", *args.build_args.split()]
-    for old in (work / "calib-cache",):
-        subprocess.run(["rm", "-rf", str(old)], check=True)
-    stages = run_measured(cmd, work / "build.log")
+    work.mkdir(parents=True, exist_ok=True)
+    cache = work / "calib-cache"
+    if reuse is None or reuse.resolve() != work.resolve():
+        subprocess.run(["rm", "-rf", str(cache)], check=True)
+    if reuse is not None and not cache.exists():
+        shutil.copytree(reuse / "calib-cache", cache)  # a copy: the earlier run's cache stays as it was
+    export = ["--from-export", str(reuse / "artifact")] if reuse is not None else []
+    static = ["--static-batch", str(args.batch)] if tflite else []
+    artifact = work / ("tflite-int8" if tflite else "artifact")
+    stages = run_measured(build_cmd(model, args.target, artifact, cache, args, *export, *static),
+                          work / ("build-tflite-int8.log" if tflite else "build.log"))
     report = json.loads((artifact / "report.json").read_text())
     manifest = json.loads((artifact / "manifest.json").read_text())
-    fp32 = artifact / manifest["source"]["fp32_model"]
-    int8 = artifact / manifest["buckets"][0]["files"][0]
-    feed = make_feed(manifest, args.batch)
-    t32, t8 = latency(fp32, int8, feed, args.threads, args.runs)
     summary = report["summary"]
-    row = {"config": config, "unet": CONFIGS[config], "calib": args.calib, "weights_bytes": weights,
+    row = {"config": config, "unet": CONFIGS[config], "calib": args.calib, "target": args.target,
+           "reused": str(reuse) if reuse else None, "weights_bytes": weights,
            "stages": stages, "build_seconds": sum(s["seconds"] for s in stages),
            "peak_rss": max(s["peak"] for s in stages),
            "eps_cos_mean": summary.get("eps_cos_mean"), "eps_sqnr_db_mean": summary.get("eps_sqnr_db_mean"),
            "eps_sqnr_db_min": summary.get("eps_sqnr_db_min"),
-           "fp32_bytes": files_bytes(fp32.parent, [fp32.name, fp32.name + ".data"]),
            "int8_bytes": files_bytes(artifact, manifest["buckets"][0]["files"]),
-           "batch": args.batch, "threads": args.threads, "fp32_s": t32, "int8_s": t8,
-           "peers": [modelopt_row(model, artifact, fp32, work / "modelopt", feed, args)]}
-    (work / "scale.json").write_text(json.dumps(row, indent=2))
+           "batch": args.batch, "threads": args.threads, "runs": args.runs}
+    if tflite:
+        baseline = work / "tflite-fp32"
+        fp32_stages = run_measured(build_cmd(model, "tflite-fp32", baseline, cache, args,
+                                             "--from-export", str(artifact), *static), work / "build-tflite-fp32.log")
+        fp32_file = baseline / json.loads((baseline / "manifest.json").read_text())["buckets"][0]["files"][0]
+        int8_file = artifact / manifest["buckets"][0]["files"][0]
+        row.update(fp32_bytes=fp32_file.stat().st_size, peers=[],
+                   fp32_build={"seconds": sum(s["seconds"] for s in fp32_stages),
+                               "peak_rss": max(s["peak"] for s in fp32_stages)},
+                   **tflite_latency(fp32_file, int8_file, args))
+    else:
+        fp32 = artifact / manifest["source"]["fp32_model"]
+        int8 = artifact / manifest["buckets"][0]["files"][0]
+        feed = make_feed(manifest, args.batch)
+        t32, t8 = latency(fp32, int8, feed, args.threads, args.runs)
+        row.update(fp32_bytes=files_bytes(fp32.parent, [fp32.name, fp32.name + ".data"]), fp32_s=t32, int8_s=t8,
+                   peers=[modelopt_row(model, artifact, fp32, work / "modelopt", feed, args)])
+    stem = "scale-tflite-int8" if tflite else "scale"
+    (work / f"{stem}.json").write_text(json.dumps(row, indent=2))
     text = table(row)
-    (work / "scale.md").write_text(text)
+    (work / f"{stem}.md").write_text(text)
     print(text)
 
 
@@ -269,14 +329,15 @@ def gib(n: float) -> str:
 def table(r: dict) -> str:
     w = r["weights_bytes"]
     lines = [f"### {r['config']}: UNet2DConditionModel({', '.join(f'{k}={v}' for k, v in r['unet'].items())})",
-             "", f"fp32 weights {gib(w)}; `--target ort-int8 --calib {r['calib']}`", "",
+             "", f"fp32 weights {gib(w)}; `--target {r.get('target', 'ort-int8')} --calib {r['calib']}`"
+             + (f" (model, float export and calibration cache of {r['reused']})" if r.get("reused") else ""), "",
              "| stage | wall s | peak RSS (tree) | of which file-backed | x weights |", "|---|---|---|---|---|"]
     lines += [f"| {s['stage']} | {s['seconds']:.1f} | {gib(s['peak'])} | {gib(s.get('peak_file', 0))} | "
               f"{s['peak'] / w:.2f} |" for s in r["stages"]]
     lines += [f"| **build** | {r['build_seconds']:.1f} | {gib(r['peak_rss'])} | | {r['peak_rss'] / w:.2f} |", "",
               "| method | eps cos mean | eps SQNR dB mean / min | size vs fp32 | fp32 s | int8 s | speed-up "
               f"(batch {r['batch']}, {r['threads']} threads) |", "|---|---|---|---|---|---|---|",
-              f"| qcompile ort-int8 | {r['eps_cos_mean']:.4f} | {r['eps_sqnr_db_mean']:.2f} / "
+              f"| qcompile {r.get('target', 'ort-int8')} | {r['eps_cos_mean']:.4f} | {r['eps_sqnr_db_mean']:.2f} / "
               f"{r['eps_sqnr_db_min']:.2f} | {r['int8_bytes'] / r['fp32_bytes']:.3f} | {r['fp32_s']:.3f} | "
               f"{r['int8_s']:.3f} | {r['fp32_s'] / r['int8_s']:.2f}x |"]
     for p in r["peers"]:
@@ -287,6 +348,14 @@ def table(r: dict) -> str:
                          f"{p['eps_cos_mean']:.4f} | {p['eps_sqnr_db_mean']:.2f} / {p['eps_sqnr_db_min']:.2f} | "
                          f"{p['int8_bytes'] / r['fp32_bytes']:.3f} | {p['fp32_s']:.3f} | {p['int8_s']:.3f} | "
                          f"{p['fp32_s'] / p['int8_s']:.2f}x |")
+    if r.get("target") == "tflite-int8":
+        fb = r["fp32_build"]
+        lines += ["", f"LiteRT interpreter, XNNPACK, {r['threads']} threads, static batch {r['batch']}, "
+                      f"{r['runs']} interleaved rounds: fp32 {r['fp32_text']}, "
+                      f"int8 {r['int8_text']}, paired speed-up {r['speedup_text']}; XNNPACK partitions fp32 / int8 "
+                      f"{r['xnnpack_partitions'][0]} / {r['xnnpack_partitions'][1]}, operators "
+                      f"{r['operators'][0]} / {r['operators'][1]}. The tflite-fp32 build: {fb['seconds']:.1f} s, "
+                      f"peak {gib(fb['peak_rss'])}."]
     return "\n".join(lines) + "\n"
 
 

@@ -54,6 +54,22 @@ def tflite_type(dtype: np.dtype) -> str:
 def serialize(model: ModelBuilder, *, external_data: bool | None = None) -> bytes:
     """The .tflite file's bytes. `external_data` forces (True) or forbids (False) weights after the
     flatbuffer; by default they go there only when they would not fit inside it."""
+    return b"".join(_pieces(model, external_data))
+
+
+def write_tflite(model: ModelBuilder, path: Path, *, external_data: bool | None = None) -> Path:
+    """Write the file `serialize` describes, piece by piece: with the weights after the flatbuffer
+    (a model past 2 GiB, e.g. SD 1.5's UNet in fp32, 3.4 GB) the file is never held in memory whole,
+    where joining it first cost two more copies of the weights at the build's peak."""
+    path = Path(path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        for piece in _pieces(model, external_data):
+            f.write(piece)
+    return path
+
+
+def _pieces(model: ModelBuilder, external_data: bool | None):
+    """The file in order: the flatbuffer, then (external data) each buffer after its zero padding."""
     fits = model.data_bytes <= FLATBUFFER_LIMIT - TABLE_MARGIN
     if external_data is None:
         external_data = not fits
@@ -61,7 +77,8 @@ def serialize(model: ModelBuilder, *, external_data: bool | None = None) -> byte
         if not fits:
             raise UserError(f"tflite: {model.data_bytes} bytes of weights do not fit under the flatbuffer limit "
                             f"of {FLATBUFFER_LIMIT} bytes (2 GiB); write them after it (external data)")
-        return _finish(_model_t(model, inline=True), model.data_bytes)
+        yield _finish(_model_t(model, inline=True), model.data_bytes)
+        return
     # Pack once with placeholder offsets (non-zero, so the packed size does not change), then again.
     placeholder = [(2, b.size) for b in model.buffers]
     head = _finish(_model_t(model, inline=False, offsets=placeholder))
@@ -70,20 +87,13 @@ def serialize(model: ModelBuilder, *, external_data: bool | None = None) -> byte
         offsets.append((pos if b.size else 0, b.size))
         pos = _round_up(pos + b.size, BUFFER_ALIGN)
     head = _finish(_model_t(model, inline=False, offsets=offsets))
-    out = bytearray(head)
+    yield head
+    written = len(head)
     for b, (off, size) in zip(model.buffers, offsets, strict=True):
         if size:
-            out.extend(b"\0" * (off - len(out)))
-            out.extend(b.tobytes())
-    return bytes(out)
-
-
-def write_tflite(model: ModelBuilder, path: Path, *, external_data: bool | None = None) -> Path:
-    data = serialize(model, external_data=external_data)
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        Path(tmp).write_bytes(data)
-    return path
+            yield bytes(off - written)
+            yield memoryview(np.ascontiguousarray(b)).cast("B")  # the buffer's own bytes, not a copy
+            written = off + size
 
 
 def with_metadata(data: bytes, info: dict) -> bytes:
@@ -91,7 +101,34 @@ def with_metadata(data: bytes, info: dict) -> bytes:
     same runner and evaluation can drive it. Buffers stored after the flatbuffer are brought inside it;
     other tables are kept as they are."""
     S = deps.schema()
-    model_t = S.ModelT.InitFromPackedBuf(bytearray(data), 0)
+    model_t = _unpacked(S, data)
+    buffer_cls = _aligned_buffer_class(S)
+    model_t.metadata = [md for md in (model_t.metadata or []) if md.name not in (METADATA_KEY, METADATA_KEY.encode())]
+    md = S.MetadataT()
+    md.name = METADATA_KEY
+    md.buffer = len(model_t.buffers)
+    model_t.buffers.append(buffer_cls(np.frombuffer(json.dumps(info, sort_keys=True).encode(), np.uint8)))
+    model_t.metadata.append(md)
+    return _finish(model_t, len(data))
+
+
+def with_outputs(data: bytes, subgraph: int, tensors) -> bytes:
+    """A copy of a .tflite (under 2 GiB) whose subgraph `subgraph` also outputs `tensors`. The
+    interpreter's memory planner never reuses an output, so they can be read after a run, where
+    `experimental_preserve_all_tensors` would keep every float intermediate as well: 9.9 GB for SD
+    1.5's int8 UNet at 64x64 latents (its attention scores alone 5 GB), against 0.47 GB of int8 tensors."""
+    S = deps.schema()
+    model_t = _unpacked(S, data)
+    sg = model_t.subgraphs[subgraph]
+    have = [int(t) for t in (sg.outputs if sg.outputs is not None else [])]
+    extra = [int(t) for t in dict.fromkeys(tensors) if int(t) not in set(have)]
+    sg.outputs = np.asarray(have + extra, np.int32)
+    return _finish(model_t, len(data))
+
+
+def _unpacked(S, data: bytes):
+    """The object-API model of `data`, every buffer inside it and 16-byte aligned when packed again."""
+    model_t = S.ModelT.InitFromPackedBuf(data, 0)
     buffer_cls = _aligned_buffer_class(S)
 
     def raw(b) -> np.ndarray | None:
@@ -100,13 +137,7 @@ def with_metadata(data: bytes, info: dict) -> bytes:
         return None if b.data is None else np.asarray(b.data, np.uint8)
 
     model_t.buffers = [buffer_cls(raw(b)) for b in model_t.buffers]
-    model_t.metadata = [md for md in (model_t.metadata or []) if md.name not in (METADATA_KEY, METADATA_KEY.encode())]
-    md = S.MetadataT()
-    md.name = METADATA_KEY
-    md.buffer = len(model_t.buffers)
-    model_t.buffers.append(buffer_cls(np.frombuffer(json.dumps(info, sort_keys=True).encode(), np.uint8)))
-    model_t.metadata.append(md)
-    return _finish(model_t, len(data))
+    return model_t
 
 
 def set_metadata(model: ModelBuilder, info: dict) -> None:
