@@ -240,16 +240,26 @@ def scale(docs: Path) -> dict | None:
     if not path.is_file():
         return None
     rows = json.loads(path.read_text())
-    lines = ["| config | fp32 weights | build s | peak RSS (x weights) | eps cos mean | int8 vs fp32 |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| config | target | fp32 weights | build s | peak RSS (x weights) | eps cos mean | int8 vs fp32 |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         w = r["weights_bytes"]
-        lines.append(f"| {r['config']} | {w / 2**30:.2f} GiB | {r['build_seconds']:.0f} | "
+        reused = " (export and calibration reused)" if r.get("reused") else ""
+        lines.append(f"| {r['config']} | {scale_target(r)}{reused} | {w / 2**30:.2f} GiB | {r['build_seconds']:.0f} | "
                      f"{r['peak_rss'] / 2**30:.2f} GiB ({r['peak_rss'] / w:.2f}x) | {r['eps_cos_mean']:.4f} | "
-                     f"{r['fp32_s'] / r['int8_s']:.2f}x (batch {r['batch']}, {r['threads']} threads) |")
-    return {"title": SCALE_TITLE, "command": "python tools/bench_scale.py --config CONFIG",
+                     f"{r['fp32_s'] / r['int8_s']:.2f}x ({scale_runtime(r)}, batch {r['batch']}, "
+                     f"{r['threads']} threads) |")
+    return {"title": SCALE_TITLE, "command": "python tools/bench_scale.py --config CONFIG [--target tflite-int8]",
             "note": "From docs/scale.json, written by the benchmark (docs/scale.md has each run's stages).",
             "table": "\n".join(lines), "rows": rows}
+
+
+def scale_target(row: dict) -> str:
+    return row.get("target", "ort-int8")  # rows written before the benchmark took --target are ort-int8
+
+
+def scale_runtime(row: dict) -> str:
+    return "LiteRT vs tflite-fp32" if scale_target(row).startswith("tflite") else "onnxruntime CPU"
 
 
 def with_scale(sections: list[dict], docs: Path) -> list[dict]:
@@ -290,10 +300,12 @@ def summary(sections: list[dict]) -> str:
         if r["config"] == "quick":
             continue
         w = r["weights_bytes"]
-        lines.append(f"| `{r['config']}` UNet ({w / 2**30:.1f} GiB fp32), `ort-int8` build | "
+        reused = " (export and calibration reused)" if r.get("reused") else ""
+        baseline = "tflite-fp32 (LiteRT, batch 1)" if scale_target(r).startswith("tflite") else "fp32"
+        lines.append(f"| `{r['config']}` UNet ({w / 2**30:.1f} GiB fp32), `{scale_target(r)}` build{reused} | "
                      f"{r['build_seconds']:.0f} s, peak {r['peak_rss'] / 2**30:.2f} GiB = {r['peak_rss'] / w:.2f}x "
                      f"the weights, eps cos {r['eps_cos_mean']:.4f}, int8 {r['fp32_s'] / r['int8_s']:.2f}x "
-                     "faster than fp32 |")
+                     f"faster than {baseline} |")
     return "\n".join(lines)
 
 
