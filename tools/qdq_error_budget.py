@@ -167,25 +167,32 @@ def work_folder(folder: Path, manifest: Manifest, root: Path) -> Path:
     return work
 
 
-def plot(results: list[dict], path: Path) -> None:
+def plot(results: list[dict], path: Path, least: float = 0.02) -> None:
+    """Stacked shares per bucket: the kinds holding at least `least` of some bucket's error, the rest as one."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    kinds = sorted({k["kind"] for r in results for k in r["kinds"]},
-                   key=lambda k: -sum(x["error_share"] for r in results for x in r["kinds"] if x["kind"] == k))
-    fig, ax = plt.subplots(figsize=(8, 4))
+    def share(r: dict, kind: str) -> float:
+        return next((x["error_share"] for x in r["kinds"] if x["kind"] == kind), 0.0)
+
+    shown = sorted({k["kind"] for r in results for k in r["kinds"] if k["error_share"] >= least},
+                   key=lambda k: -sum(share(r, k) for r in results))
+    colors = plt.get_cmap("tab20").colors
+    fig, ax = plt.subplots(figsize=(7, 4))
+    labels = [f"bucket {r['bucket']}\n{r['sqnr_db']} dB" for r in results]
     bottom = np.zeros(len(results))
-    for kind in kinds:
-        share = np.array([next((x["error_share"] for x in r["kinds"] if x["kind"] == kind), 0.0) for r in results])
-        ax.bar([f"bucket {r['bucket']}\n{r['sqnr_db']} dB" for r in results], share, bottom=bottom, label=kind)
-        bottom += share
-    ax.set_ylabel("share of the output error power")
-    ax.set_title("quantization error by kind of activation, per timestep bucket")
-    ax.legend(fontsize=7, ncol=2, bbox_to_anchor=(1.0, 1.0), loc="upper left")
+    for i, kind in enumerate([*shown, "other kinds"]):
+        values = np.array([share(r, kind) if kind in shown else 1.0 - sum(share(r, k) for k in shown)
+                           for r in results])
+        ax.bar(labels, values, bottom=bottom, label=kind, color=colors[i % len(colors)])
+        bottom += values
+    ax.set_ylabel("share of the activation error power")
+    ax.set_title("activation quantization error by kind, per timestep bucket")
+    ax.legend(fontsize=8, bbox_to_anchor=(1.0, 1.0), loc="upper left")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
 
 
 def table(results: list[dict]) -> str:
