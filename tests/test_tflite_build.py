@@ -13,10 +13,28 @@ from qcompile.targets.tflite.runner import read_metadata
 pytest.importorskip("ai_edge_litert.interpreter", reason="ai-edge-litert is not installed")
 
 
-def test_tiny_sd_unet_builds_for_tflite_int8(tmp_path):
+def test_tiny_sd_unet_builds_for_tflite_int8(tmp_path, monkeypatch):
+    from qcompile.runtime import OnnxRunner
+    from qcompile.targets.tflite import target as tflite_target
+
+    # Which models are open when the evaluation runs the float model and the device check compares
+    # tensors: the evaluation's interpreter must be closed for both (an SD 1.5 UNet's int8 weights
+    # twice over, beside the float model's or the check's own interpreter).
+    runners, open_at_float, open_at_check = [], [], []
+    make_runner, run_float = tflite_target.TfliteInt8Target.runner, OnnxRunner.run_bucket
+    check = tflite_target.quantized_tensor_agreement
+    monkeypatch.setattr(tflite_target.TfliteInt8Target, "runner",
+                        lambda self, *a: runners.append(make_runner(self, *a)) or runners[-1])
+    monkeypatch.setattr(OnnxRunner, "run_bucket",
+                        lambda self, *a: open_at_float.append([r.loaded for r in runners]) or run_float(self, *a))
+    monkeypatch.setattr(tflite_target, "quantized_tensor_agreement",
+                        lambda *a, **k: open_at_check.append([r.loaded for r in runners]) or check(*a, **k))
     cfg = CompileConfig(model="builtin:tiny-sd-unet", target=TargetName.TFLITE_INT8, out_dir=tmp_path / "out",
                         calib=CalibSpec.parse("synthetic:8"), validate_count=4, buckets=2)
     result = build(cfg)
+    assert len(runners) == 1 and open_at_check == [[False], [False]], open_at_check
+    assert any(open_at_float) and not any(any(opened) for opened in open_at_float), open_at_float
+    assert not runners[0].loaded  # let go after the device check
     s, m = result.report["summary"], result.manifest
     assert result.report["runtime"]["name"] == "litert"
     assert s["eps_cos_min"] >= 0.99, s

@@ -99,11 +99,14 @@ def test_buckets_are_signatures_of_one_file_sharing_weights(canonical, tmp_path)
     assert int8_weights > 5000 and extra <= single_size - int8_weights  # no weight stored twice
     manifest = manifest_for(files, ((0.0, 500.0), (500.0, 1000.0)))
     runner = target.runner(two_dir, manifest)
-    assert len(runner.programs) == 2 and runner.bucket_of(100.0) == 0 and runner.bucket_of(700.0) == 1
+    assert runner.buckets == 2 and runner.bucket_of(100.0) == 0 and runner.bucket_of(700.0) == 1
+    assert not runner.loaded  # the interpreter opens on the first run
     feed = _inputs(2, 9, 3.0)
-    for program, compiled, k in zip(runner.programs, graphs, range(2), strict=True):
+    for compiled, k in zip(graphs, range(2), strict=True):
         ref = run_onnx_static(save_graph(compiled.graph.copy(), tmp_path / f"b{k}.onnx"), feed, BATCH)
-        assert cosine(ref, program.run(feed)) > 0.9999
+        assert cosine(ref, runner.run_bucket(k, feed)) > 0.9999
+    runner.release()  # let go, then opened again on the next run, with the same result
+    assert not runner.loaded and cosine(ref, runner.run_bucket(1, feed)) > 0.9999
 
 
 def _q_output(graph, tensor):

@@ -118,6 +118,10 @@ def evaluate_artifact(folder: Path, adapter, *, held_out: InputSet, thresholds: 
         if why is not None:
             print(f"[qcompile] warning: the validation inputs cannot judge this artifact: {why}", flush=True)
             summary_extra["validation_warning"] = why
+    # The device check opens what it needs itself (a runner reloads on its next run): what the
+    # comparison loaded is let go first, so the check's own models never sit beside it.
+    reference.release()
+    runner.release()
     evidence = DeviceEvidence(adapter, held_out, reference, runner, settings.sampler, settings.device_samples)
     print(f"[qcompile] checking the artifact on the device ({target.name.value})", flush=True)
     device = target.device_checks(folder, manifest, evidence)

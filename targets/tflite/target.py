@@ -132,12 +132,15 @@ class TfliteInt8Target(_TfliteTarget):
                 continue
             feed = held_out.take(rows)
             qdq = folder / entry["qdq"]
+            # One model open at a time: the tensor check's interpreter and sessions, then onnxruntime on
+            # the Q/DQ graph, then the evaluation's interpreter, let go again before the next bucket.
             tensors = quantized_tensor_agreement(folder / MODEL_FILE, key, qdq, entry["quantized"], feed,
                                                  batch=self.options_of(manifest).batch)
             local = max(tensors, key=lambda t: (t.local_max_lsb, t.local_fraction_differ), default=None)
             e2e = max(tensors, key=lambda t: (t.max_lsb, t.fraction_differ), default=None)
-            output_sqnr = sqnr_db(run_onnx_static(qdq, feed, self.options_of(manifest).batch),
-                                  runner.run_bucket(k, feed))
+            expected = run_onnx_static(qdq, feed, self.options_of(manifest).batch)
+            output_sqnr = sqnr_db(expected, runner.run_bucket(k, feed))
+            runner.release()
             buckets.append({
                 "bucket": k, "signature": key, "inputs": len(rows), "int8_tensors": len(tensors),
                 "local_max_lsb": local.local_max_lsb if local else 0,
