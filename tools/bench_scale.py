@@ -290,6 +290,7 @@ def main() -> None:
     report = json.loads((artifact / "report.json").read_text())
     manifest = json.loads((artifact / "manifest.json").read_text())
     summary = report["summary"]
+    int8_file = artifact / manifest["buckets"][0]["files"][0]
     row = {"config": config, "unet": CONFIGS[config], "calib": args.calib, "target": args.target,
            "reused": str(reuse) if reuse else None, "weights_bytes": weights,
            "stages": stages, "build_seconds": sum(s["seconds"] for s in stages),
@@ -303,16 +304,14 @@ def main() -> None:
         fp32_stages = run_measured(build_cmd(model, "tflite-fp32", baseline, cache, args,
                                              "--from-export", str(artifact), *static), work / "build-tflite-fp32.log")
         fp32_file = baseline / json.loads((baseline / "manifest.json").read_text())["buckets"][0]["files"][0]
-        int8_file = artifact / manifest["buckets"][0]["files"][0]
         row.update(fp32_bytes=fp32_file.stat().st_size, peers=[],
                    fp32_build={"seconds": sum(s["seconds"] for s in fp32_stages),
                                "peak_rss": max(s["peak"] for s in fp32_stages)},
                    **tflite_latency(fp32_file, int8_file, args))
     else:
         fp32 = artifact / manifest["source"]["fp32_model"]
-        int8 = artifact / manifest["buckets"][0]["files"][0]
         feed = make_feed(manifest, args.batch)
-        t32, t8 = latency(fp32, int8, feed, args.threads, args.runs)
+        t32, t8 = latency(fp32, int8_file, feed, args.threads, args.runs)
         row.update(fp32_bytes=files_bytes(fp32.parent, [fp32.name, fp32.name + ".data"]), fp32_s=t32, int8_s=t8,
                    peers=[modelopt_row(model, artifact, fp32, work / "modelopt", feed, args)])
     stem = "scale-tflite-int8" if tflite else "scale"

@@ -72,15 +72,18 @@ def without_points(model: onnx.ModelProto, points: Iterable[str]) -> onnx.ModelP
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph, points = out.graph, set(points)
+    dequantizers: dict[str, list] = {}  # quantized tensor -> the DequantizeLinear nodes reading it
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear":
+            dequantizers.setdefault(node.input[0], []).append(node)
     bypass: dict[str, str] = {}
     dropped = []
     for q in graph.node:
         if q.name in points:
             dropped.append(q)
-            for dq in graph.node:
-                if dq.op_type == "DequantizeLinear" and dq.input[0] == q.output[0]:
-                    bypass[dq.output[0]] = q.input[0]
-                    dropped.append(dq)
+            for dq in dequantizers.get(q.output[0], ()):
+                bypass[dq.output[0]] = q.input[0]
+                dropped.append(dq)
 
     def resolve(value: str) -> str:
         while value in bypass:
@@ -107,12 +110,13 @@ class BucketBudget:
         self.file = manifest.bucket_files(folder)[bucket]
         self.model = onnx.load(str(self.file), load_external_data=False)
         self.kinds = point_kinds(self.model)
+        self.target = load_target(TargetName.parse(manifest.target))
 
     def sqnr(self, float_points: Iterable[str]) -> float:
         variant = self.work / self.file.name
         assert not variant.is_symlink(), variant
         onnx.save(without_points(self.model, float_points), str(variant))
-        runner = load_target(TargetName.parse(self.manifest.target)).runner(self.work, self.manifest)
+        runner = self.target.runner(self.work, self.manifest)
         got = np.concatenate([runner.run(feed) for _, feed in self.rows.inputs.batches(BATCH)])
         runner.release()
         return sqnr_db(self.reference, got)

@@ -244,8 +244,8 @@ def scale(docs: Path) -> dict | None:
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         w = r["weights_bytes"]
-        reused = " (export and calibration reused)" if r.get("reused") else ""
-        lines.append(f"| {r['config']} | {scale_target(r)}{reused} | {w / 2**30:.2f} GiB | {r['build_seconds']:.0f} | "
+        lines.append(f"| {r['config']} | {scale_target(r)}{scale_reused(r)} | {w / 2**30:.2f} GiB | "
+                     f"{r['build_seconds']:.0f} | "
                      f"{r['peak_rss'] / 2**30:.2f} GiB ({r['peak_rss'] / w:.2f}x) | {r['eps_cos_mean']:.4f} | "
                      f"{r['fp32_s'] / r['int8_s']:.2f}x ({scale_runtime(r)}, batch {r['batch']}, "
                      f"{r['threads']} threads) |")
@@ -260,6 +260,10 @@ def scale_target(row: dict) -> str:
 
 def scale_runtime(row: dict) -> str:
     return "LiteRT vs tflite-fp32" if scale_target(row).startswith("tflite") else "onnxruntime CPU"
+
+
+def scale_reused(row: dict) -> str:
+    return " (export and calibration reused)" if row.get("reused") else ""
 
 
 def with_scale(sections: list[dict], docs: Path) -> list[dict]:
@@ -300,9 +304,8 @@ def summary(sections: list[dict]) -> str:
         if r["config"] == "quick":
             continue
         w = r["weights_bytes"]
-        reused = " (export and calibration reused)" if r.get("reused") else ""
         baseline = "tflite-fp32 (LiteRT, batch 1)" if scale_target(r).startswith("tflite") else "fp32"
-        lines.append(f"| `{r['config']}` UNet ({w / 2**30:.1f} GiB fp32), `{scale_target(r)}` build{reused} | "
+        lines.append(f"| `{r['config']}` UNet ({w / 2**30:.1f} GiB fp32), `{scale_target(r)}` build{scale_reused(r)} | "
                      f"{r['build_seconds']:.0f} s, peak {r['peak_rss'] / 2**30:.2f} GiB = {r['peak_rss'] / w:.2f}x "
                      f"the weights, eps cos {r['eps_cos_mean']:.4f}, int8 {r['fp32_s'] / r['int8_s']:.2f}x "
                      f"faster than {baseline} |")
